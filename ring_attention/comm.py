@@ -1,0 +1,124 @@
+"""Point-to-point exchange between the ranks of a ring, distributed or simulated.
+
+Every ring algorithm here is written once against :class:`Ring`: a loop over the steps,
+and inside it a loop over ``ring.ranks``, the ranks this process runs. A
+:class:`ProcessGroupRing` runs one rank and moves tensors with batched P2P
+(``torch.distributed.batch_isend_irecv``); a :class:`SimulatedRing` runs every rank in
+one process, one after another, and "moves" a tensor by handing it to the receiving
+rank's slot. The kernels and merges are the same code in both, so what a one-device
+benchmark measures is what a rank runs.
+
+An exchange is a *shift*: every rank ``r`` sends to ``(r + shift) % R`` and receives
+from ``(r - shift) % R``. All ranks post the same shifts in the same order, each shift
+as one batch of P2P operations, so there is a single send/recv order and no deadlock.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+# What a receiver expects from a sender: a list of (shape, dtype) per tensor.
+Spec = Sequence[tuple[tuple[int, ...], torch.dtype]]
+
+
+class Pending:
+    """An exchange in flight; :meth:`wait` returns ``{rank: [received tensors]}``."""
+
+    def __init__(self, received: dict[int, list[torch.Tensor]], requests=(), keep_alive=()):
+        self._received = received
+        self._requests = list(requests)
+        self._keep_alive = keep_alive  # send buffers must live until the transfer is done
+
+    def wait(self) -> dict[int, list[torch.Tensor]]:
+        for req in self._requests:
+            req.wait()
+        self._requests, self._keep_alive = [], ()
+        return self._received
+
+
+class Ring:
+    """A ring of ``size`` ranks, of which this process runs ``ranks``."""
+
+    size: int
+    ranks: tuple[int, ...]
+
+    def exchange(
+        self, shift: int, sends: dict[int, list[torch.Tensor]], specs: dict[int, Spec], device
+    ) -> Pending:
+        """Every run rank ``r`` sends ``sends[r]`` to ``(r+shift) % R`` and receives ``specs[r]``.
+
+        A rank missing from ``sends`` (``specs``) sends (receives) nothing at this shift;
+        the plans on both sides agree on that, so nothing waits for a message never sent.
+        """
+        raise NotImplementedError
+
+    def all_gather_ints(self, values: list[int], device) -> list[list[int]]:
+        """Every rank's ``values`` (same length everywhere), in rank order."""
+        raise NotImplementedError
+
+
+class SimulatedRing(Ring):
+    """All ``size`` ranks in this process; an exchange is a hand-over, no copy."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.ranks = tuple(range(size))
+
+    def exchange(self, shift, sends, specs, device):
+        received = {}
+        for r, spec in specs.items():
+            got = sends[(r - shift) % self.size]
+            if [tuple(t.shape) for t in got] != [tuple(s) for s, _ in spec]:
+                raise RuntimeError("ring plan mismatch: the sender's and receiver's shapes differ")
+            received[r] = list(got)
+        return Pending(received)
+
+    def all_gather_ints(self, values, device):
+        return [list(values) for _ in self.ranks]
+
+
+class ProcessGroupRing(Ring):
+    """This process is one rank of ``group``; tensors travel by batched P2P."""
+
+    def __init__(self, group):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("a process group was given but torch.distributed is not initialized")
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.ranks = (self.rank,)
+
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+    def exchange(self, shift, sends, specs, device):
+        me = self.rank
+        dst, src = self._global((me + shift) % self.size), self._global((me - shift) % self.size)
+        outgoing = [t.contiguous() for t in sends.get(me, ())]
+        incoming = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs.get(me, ())]
+        ops = [dist.P2POp(dist.isend, t, dst, self.group) for t in outgoing]
+        ops += [dist.P2POp(dist.irecv, t, src, self.group) for t in incoming]
+        requests = dist.batch_isend_irecv(ops) if ops else []
+        return Pending({me: incoming} if me in specs else {}, requests, outgoing)
+
+    def all_gather_ints(self, values, device):
+        mine = torch.tensor(values, dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(every, mine, group=self.group)
+        return [t.tolist() for t in every]
+
+
+def make_ring(group, ring_size) -> Ring:
+    """The ring a public call runs on: the process group's, or a simulated one."""
+    if group is None:
+        return SimulatedRing(ring_size)
+    ring = ProcessGroupRing(group)
+    if ring_size is not None and ring_size != ring.size:
+        raise ValueError(
+            f"ring_size={ring_size} does not match the process group's size {ring.size}; "
+            "pass one or the other"
+        )
+    return ring

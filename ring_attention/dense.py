@@ -1,0 +1,34 @@
+"""Full attention through torch's fused SDPA: the speed anchor every benchmark compares with."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ._checks import check_flag, check_qkv, check_scale
+
+
+def dense_attention(q, k, v, *, causal=False, scale=None):
+    """Full (optionally causal) attention, ``W = 1`` or ``W = [j <= i]``.
+
+    Args:
+        q: ``[B, N, H, D]``; k, v: ``[B, N, Hkv, D]`` with ``H % Hkv == 0``.
+        causal: keep only keys at or before the query.
+        scale: score scale, ``1/sqrt(D)`` by default.
+
+    Returns:
+        ``[B, N, H, D]`` in the input dtype. Runs
+        :func:`torch.nn.functional.scaled_dot_product_attention` (flash / efficient /
+        CPU flash kernels) on ``[B, H, N, D]`` views; differentiable.
+    """
+    _, _, h, hkv, d = check_qkv(q, k, v)
+    scale = check_scale(scale, d)
+    causal = check_flag(causal, "causal")
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=h != hkv,
+    )
+    return out.transpose(1, 2)

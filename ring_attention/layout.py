@@ -1,0 +1,79 @@
+"""How a global sequence is laid out over the ranks of a ring.
+
+- ``contiguous``: rank ``r`` holds positions ``[r*N/R, (r+1)*N/R)``.
+- ``zigzag``: the sequence is cut into ``2R`` chunks; rank ``r`` holds chunk ``r`` then
+  chunk ``2R-1-r``, which balances causal work across ranks.
+
+A shard is described by its *intervals* of global positions, in the order the rank
+stores them. Within a shard, positions increase with the local row index in both
+layouts, which the causal block logic relies on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_layout(layout) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
+    return layout
+
+
+def check_ring_size(ring_size) -> int:
+    if ring_size is None:
+        return 1
+    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < 1:
+        raise ValueError(f"ring_size must be a positive integer or None, got {ring_size!r}")
+    return ring_size
+
+
+def chunks_per_rank(layout: str) -> int:
+    return 2 if layout == "zigzag" else 1
+
+
+def check_divisible(seq_len: int, ring_size: int, layout: str) -> None:
+    parts = ring_size * chunks_per_rank(layout)
+    if seq_len % parts:
+        raise ValueError(
+            f"sequence length N={seq_len} must be divisible by {parts} "
+            f"({'2R' if layout == 'zigzag' else 'R'}) for ring size R={ring_size} "
+            f"with the {layout} layout"
+        )
+
+
+def shard_intervals(seq_len: int, ring_size: int, rank: int, layout: str) -> tuple[tuple[int, int], ...]:
+    """The ``(start, stop)`` global position ranges rank ``rank`` holds, in storage order."""
+    if layout == "contiguous":
+        n = seq_len // ring_size
+        return ((rank * n, (rank + 1) * n),)
+    c = seq_len // (2 * ring_size)
+    first, second = rank, 2 * ring_size - 1 - rank
+    return ((first * c, (first + 1) * c), (second * c, (second + 1) * c))
+
+
+def shard_positions(seq_len: int, ring_size: int, rank: int, layout: str) -> torch.Tensor:
+    """Global positions of a rank's rows, in storage order."""
+    return torch.cat([torch.arange(a, b) for a, b in shard_intervals(seq_len, ring_size, rank, layout)])
+
+
+def split(x: torch.Tensor, ring_size: int, layout: str, dim: int = 1) -> list[torch.Tensor]:
+    """Natural-order tensor -> the shard of every rank (differentiable)."""
+    n = x.shape[dim]
+    out = []
+    for r in range(ring_size):
+        pieces = [x.narrow(dim, a, b - a) for a, b in shard_intervals(n, ring_size, r, layout)]
+        out.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim))
+    return out
+
+
+def join(shards: list[torch.Tensor], layout: str, dim: int = 1) -> torch.Tensor:
+    """Every rank's shard -> the natural-order tensor (differentiable). Inverse of :func:`split`."""
+    if layout == "contiguous":
+        return torch.cat(shards, dim=dim)
+    ring_size = len(shards)
+    halves = [s.chunk(2, dim=dim) for s in shards]
+    ordered = [halves[r][0] for r in range(ring_size)] + [halves[r][1] for r in reversed(range(ring_size))]
+    return torch.cat(ordered, dim=dim)

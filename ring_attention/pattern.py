@@ -1,0 +1,188 @@
+"""Dilated attention patterns (LongNet) as data, plus the pure mask functions they define.
+
+A :class:`DilatedPattern` is a list of ``(segment_length, dilation_rate)`` pairs and a
+mode saying how the pairs combine. Everything here is plain index arithmetic on global
+positions: the mask functions are small, pure and composable (in the spirit of
+attention-gym), and both the dense reference and the fast kernels derive their
+selections from them, so the two cannot drift apart.
+
+See ``SEMANTICS.md`` for the contract; in short, for pair ``k`` with effective segment
+length ``w' = min(w, N)`` and rate ``r``, head ``h`` keeps position ``p`` when
+``(p mod w') mod r == h mod r``, and a query attends to a key when both are kept and lie
+in the same segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import torch
+
+MODES = ("mixture", "head_groups")
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class DilatedPattern:
+    """Segment lengths and dilation rates of LongNet dilated attention.
+
+    Args:
+        segment_lengths: ``w_k``, positive integers, one per pair.
+        dilation_rates: ``r_k``, positive integers with ``r_k <= w_k``, one per pair.
+            ``r_k`` need not divide ``w_k``.
+        mode: ``"mixture"`` (every head runs every pair; the pairs' results are mixed by
+            their softmax denominators, as in the LongNet paper) or ``"head_groups"``
+            (heads are split into ``K`` contiguous groups and group ``k`` runs pair ``k``).
+
+    Raises:
+        ValueError / TypeError naming the offending field.
+    """
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    mode: str = "mixture"
+
+    def __post_init__(self):
+        for name in ("segment_lengths", "dilation_rates"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise TypeError(f"{name} must be a sequence of integers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        ws, rs = self.segment_lengths, self.dilation_rates
+        if len(ws) == 0:
+            raise ValueError("segment_lengths is empty: a pattern needs at least one (w, r) pair")
+        if len(ws) != len(rs):
+            raise ValueError(
+                f"segment_lengths has {len(ws)} entries but dilation_rates has {len(rs)}: "
+                "they must pair up one to one"
+            )
+        ws = tuple(_positive_int(w, f"segment_lengths[{i}]") for i, w in enumerate(ws))
+        rs = tuple(_positive_int(r, f"dilation_rates[{i}]") for i, r in enumerate(rs))
+        for i, (w, r) in enumerate(zip(ws, rs)):
+            if r > w:
+                raise ValueError(f"dilation_rates[{i}] = {r} exceeds segment_lengths[{i}] = {w}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
+        object.__setattr__(self, "segment_lengths", ws)
+        object.__setattr__(self, "dilation_rates", rs)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.segment_lengths)
+
+    def effective_segment_lengths(self, seq_len: int) -> tuple[int, ...]:
+        """``w'_k = min(w_k, N)``; raises ``ValueError`` unless ``N % w'_k == 0`` for every ``k``."""
+        out = []
+        for w in self.segment_lengths:
+            w_eff = min(w, seq_len)
+            if seq_len % w_eff:
+                raise ValueError(
+                    f"sequence length N={seq_len} is not divisible by segment length w={w}: "
+                    "every effective segment length min(w, N) must divide N"
+                )
+            out.append(w_eff)
+        return tuple(out)
+
+    def heads_of_pair(self, num_heads: int) -> tuple[range, ...]:
+        """The query heads that run each pair: all of them (mixture) or pair ``k``'s group."""
+        if self.mode == "mixture":
+            return tuple(range(num_heads) for _ in self.segment_lengths)
+        k = self.num_pairs
+        if num_heads < k:
+            raise ValueError(
+                f"head_groups mode needs at least as many heads as pairs: H={num_heads} < K={k}"
+            )
+        return tuple(range(i * num_heads // k, (i + 1) * num_heads // k) for i in range(k))
+
+    def check(self, seq_len: int, num_heads: int) -> None:
+        """Validate this pattern against a sequence length and a head count."""
+        self.effective_segment_lengths(seq_len)
+        self.heads_of_pair(num_heads)
+
+
+def as_pattern(pattern) -> DilatedPattern:
+    if not isinstance(pattern, DilatedPattern):
+        raise TypeError(f"pattern must be a ring_attention.DilatedPattern, got {type(pattern).__name__}")
+    return pattern
+
+
+# --- mask functions: pure, on global positions --------------------------------------------
+
+
+def head_offset(head: int, rate: int) -> int:
+    """The paper's rule: head ``h`` keeps the positions congruent to ``h mod r``."""
+    return head % rate
+
+
+def selected(positions: torch.Tensor, segment: int, rate: int, offset: int) -> torch.Tensor:
+    """``sel(h, p)``: whether positions are kept by a head with this offset."""
+    return (positions % segment) % rate == offset
+
+
+def same_segment(q_pos: torch.Tensor, k_pos: torch.Tensor, segment: int) -> torch.Tensor:
+    return (q_pos[:, None] // segment) == (k_pos[None, :] // segment)
+
+
+def causal(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def pair_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, segment: int, rate: int, offset: int
+) -> torch.Tensor:
+    """``M_k[h]`` without causality: both positions kept and in the same segment."""
+    keep_q = selected(q_pos, segment, rate, offset)
+    keep_k = selected(k_pos, segment, rate, offset)
+    return same_segment(q_pos, k_pos, segment) & keep_q[:, None] & keep_k[None, :]
+
+
+def weights(
+    pattern: DilatedPattern | None, seq_len: int, num_heads: int, *, is_causal: bool = False
+) -> torch.Tensor:
+    """The explicit integer weights ``W[h, i, j]`` of SEMANTICS.md, shape ``[H, N, N]``.
+
+    Memory is ``H * N * N``: for the reference and tests only.
+    """
+    pos = torch.arange(seq_len)
+    if pattern is None:
+        w = torch.ones(num_heads, seq_len, seq_len, dtype=torch.int64)
+    else:
+        w = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64)
+        segments = pattern.effective_segment_lengths(seq_len)
+        for seg, rate, heads in zip(segments, pattern.dilation_rates, pattern.heads_of_pair(num_heads)):
+            for h in heads:
+                w[h] += pair_mask(pos, pos, seg, rate, head_offset(h, rate))
+    if is_causal:
+        w = w * causal(pos, pos)
+    return w
+
+
+def computed_pairs(
+    pattern: DilatedPattern | None, seq_len: int, num_heads: int, *, is_causal: bool = False
+) -> int:
+    """How many (head, query, key) score entries a kernel computes, summed over pairs.
+
+    This is the effective work of the fast path (a key covered by two pairs is computed
+    twice in mixture mode), counted in closed form without building ``W``. Causal
+    blocks count their lower triangle including the diagonal.
+    """
+    if pattern is None:
+        per = seq_len * (seq_len + 1) // 2 if is_causal else seq_len * seq_len
+        return num_heads * per
+    total = 0
+    segments = pattern.effective_segment_lengths(seq_len)
+    for seg, rate, heads in zip(segments, pattern.dilation_rates, pattern.heads_of_pair(num_heads)):
+        for h in heads:
+            o = head_offset(h, rate)
+            m = len(range(o, seg, rate))  # rows kept per segment
+            per = m * (m + 1) // 2 if is_causal else m * m
+            total += (seq_len // seg) * per
+    return total

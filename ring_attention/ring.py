@@ -1,0 +1,58 @@
+"""Ring attention: full (or causal) attention over a sequence sharded across a ring.
+
+Each rank keeps its queries. At ring step ``d = 1 .. R-1`` rank ``r`` receives the K/V
+shard of rank ``r - d`` by batched P2P (every rank posts the same shift, so there is one
+send/recv order and no deadlock); the next step is posted before the current block is
+computed, so communication overlaps compute. Each block's ``(out, lse)`` merges into the
+rank's running result by log-sum-exp in float32. The backward recomputes nothing in
+forward's place: it re-exchanges K/V, keeps dQ local, and sends the dK/dV of every
+received block back to its owner, accumulated in float32.
+
+- Causal: a block whose keys all come after the queries is skipped (never computed,
+  never sent); the diagonal block is block-causal; blocks below it are full.
+- ``zigzag`` layout: rank ``r`` holds chunks ``r`` and ``2R-1-r``, so every rank does
+  the same causal work.
+- Grouped-query attention: only the ``Hkv`` kv heads travel.
+
+Full attention is the dilated pattern ``(N, 1)``, so the per-rank steps are the ones of
+:mod:`ring_attention.ring_dilated`: same plan builder, same kernels, same merges.
+"""
+
+from __future__ import annotations
+
+from .plans import dilated_plan
+from .ring_checks import check_ring_inputs
+from .ring_dilated import run_on_ring
+
+
+def ring_attention(
+    q, k, v, *, group=None, ring_size=None, causal=False, scale=None, layout="contiguous",
+    checkpoint=False,
+):
+    """Full attention over a ring of ranks (SEMANTICS.md, section Ring).
+
+    Args:
+        q: ``[B, n, H, D]``; k, v: ``[B, n, Hkv, D]``. With ``group``, this rank's shard
+            (``n = N / R``) in ``layout``; without, the whole sequence in natural order.
+        group: a ``torch.distributed`` process group, or ``None`` to run every rank's
+            steps in this process (the one-device simulation).
+        ring_size: ``R`` for the simulation (``None`` means 1); with ``group`` it must be
+            ``None`` or the group's size.
+        causal: keep keys at or before the query, in global positions.
+        scale: score scale, ``1/sqrt(D)`` by default.
+        layout: ``"contiguous"`` or ``"zigzag"``.
+        checkpoint: recompute the forward in backward instead of storing activations.
+
+    Returns:
+        This rank's output shard, or the whole output in natural order.
+
+    Raises:
+        ValueError / TypeError naming the problem, on every rank of the group.
+    """
+    ring, shapes, scale, causal, layout = check_ring_inputs(
+        q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout
+    )
+    plan = dilated_plan(
+        None, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, q.device
+    )
+    return run_on_ring(plan, ring, scale, layout, q, k, v, checkpoint=checkpoint)

@@ -1,0 +1,77 @@
+"""Ring dilated attention: LongNet's pattern over a sequence sharded across a ring.
+
+Each rank holds one shard (``contiguous`` or ``zigzag`` layout). A segment that lies
+inside a shard is computed locally with no communication. A segment spanning ranks
+exchanges only its kept (dilated) K/V rows, and only between ranks that hold that
+segment: at ring step ``d`` rank ``r - d`` sends rank ``r`` the kept rows of the
+segments they share, about ``w / r`` rows per pair instead of ``w``. Partial results
+merge by log-sum-exp in float32; the backward sends dK/dV of received rows back to
+their owner. The exchange plan is built in :mod:`ring_attention.plans` and run by
+:mod:`ring_attention.packed`, for a process group or a one-process simulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils.checkpoint
+
+from . import layout as _layout
+from . import pattern as _pattern
+from ._checks import check_flag
+from .comm import make_ring
+from .packed import PackedAttention
+from .plans import dilated_plan
+from .ring_checks import check_ring_inputs
+
+
+def ring_dilated_attention(
+    q, k, v, pattern, *, group=None, ring_size=None, causal=False, scale=None,
+    layout="contiguous", checkpoint=False,
+):
+    """Dilated attention over a ring of ranks.
+
+    Args:
+        q: ``[B, n, H, D]``; k, v: ``[B, n, Hkv, D]``. With ``group``, this rank's shard
+            (``n = N / R``) in ``layout``; without, the whole sequence in natural order.
+        pattern: a :class:`~ring_attention.DilatedPattern`.
+        group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all ranks), or ``None`` to simulate the ring in this process.
+        ring_size: ``R`` for the simulation; with ``group`` it must be ``None`` or the
+            group's size.
+        causal, scale: as in :func:`~ring_attention.dilated_attention`, on global positions.
+        layout: ``"contiguous"`` or ``"zigzag"``.
+        checkpoint: recompute the forward in backward instead of storing activations.
+
+    Returns:
+        This rank's output shard (with ``group``) or the whole output in natural order.
+        The result does not depend on ``R`` or ``layout`` beyond rounding.
+
+    Raises:
+        ValueError / TypeError for malformed inputs; in a process group every rank
+        raises, so a bad shard on one rank never leaves the others waiting.
+    """
+    _pattern.as_pattern(pattern)
+    ring, shapes, scale, causal, layout = check_ring_inputs(
+        q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
+        pattern=pattern,
+    )
+    plan = dilated_plan(
+        pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, q.device
+    )
+    return run_on_ring(plan, ring, scale, layout, q, k, v, checkpoint=checkpoint)
+
+
+def run_on_ring(plan, ring, scale, layout, q, k, v, *, checkpoint=False):
+    """Run a packed plan: one rank's shard, or every rank's in turn on the whole sequence."""
+    checkpoint = check_flag(checkpoint, "checkpoint")
+
+    def run(q, k, v):
+        if len(ring.ranks) == 1:  # this process runs one rank: q, k, v are its shard
+            return PackedAttention.apply(plan, ring, scale, q, k, v)[0]
+        shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
+        outs = PackedAttention.apply(plan, ring, scale, *shards[0], *shards[1], *shards[2])
+        return _layout.join(list(outs), layout)
+
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
+    return run(q, k, v)
