@@ -15,7 +15,7 @@ as one batch of P2P operations, so there is a single send/recv order and no dead
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -110,15 +110,3 @@ class ProcessGroupRing(Ring):
         dist.all_gather(every, mine, group=self.group)
         return [t.tolist() for t in every]
 
-
-def make_ring(group, ring_size) -> Ring:
-    """The ring a public call runs on: the process group's, or a simulated one."""
-    if group is None:
-        return SimulatedRing(ring_size)
-    ring = ProcessGroupRing(group)
-    if ring_size is not None and ring_size != ring.size:
-        raise ValueError(
-            f"ring_size={ring_size} does not match the process group's size {ring.size}; "
-            "pass one or the other"
-        )
-    return ring

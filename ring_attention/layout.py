@@ -54,11 +54,6 @@ def shard_intervals(seq_len: int, ring_size: int, rank: int, layout: str) -> tup
     return ((first * c, (first + 1) * c), (second * c, (second + 1) * c))
 
 
-def shard_positions(seq_len: int, ring_size: int, rank: int, layout: str) -> torch.Tensor:
-    """Global positions of a rank's rows, in storage order."""
-    return torch.cat([torch.arange(a, b) for a, b in shard_intervals(seq_len, ring_size, rank, layout)])
-
-
 def split(x: torch.Tensor, ring_size: int, layout: str, dim: int = 1) -> list[torch.Tensor]:
     """Natural-order tensor -> the shard of every rank (differentiable)."""
     n = x.shape[dim]

@@ -36,3 +36,20 @@ def merge(out_a, lse_a, out_b, lse_b):
     inv = 1.0 / torch.where(total > 0, total, torch.ones_like(total))
     out = out_a.to(acc) * (exp_a * inv).unsqueeze(-1) + out_b.to(acc) * (exp_b * inv).unsqueeze(-1)
     return out, lse
+
+
+def merge_into_(out_acc, lse_acc, out_b, lse_b) -> None:
+    """In-place :func:`merge` of ``(out_b, lse_b)`` into the accumulators (views allowed).
+
+    ``out_acc``/``lse_acc`` are in the accumulation dtype; same -inf handling as
+    :func:`merge`, without allocating a new output.
+    """
+    lse_b = lse_b.to(lse_acc.dtype)
+    top = torch.maximum(lse_acc, lse_b)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    exp_a = torch.exp(lse_acc - top)
+    exp_b = torch.exp(lse_b - top)
+    total = exp_a + exp_b
+    inv = 1.0 / torch.where(total > 0, total, torch.ones_like(total))
+    out_acc.mul_((exp_a * inv).unsqueeze(-1)).add_(out_b.to(out_acc.dtype) * (exp_b * inv).unsqueeze(-1))
+    lse_acc.copy_(top + torch.log(total))

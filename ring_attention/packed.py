@@ -31,7 +31,7 @@ import torch
 
 from . import kernels
 from .comm import Ring
-from .merge import accumulation_dtype, merge
+from .merge import accumulation_dtype, merge, merge_into_
 
 Index = Union[slice, torch.Tensor]
 
@@ -153,6 +153,9 @@ def _block_forward(blk: Block, q, k_src, v_src, out_acc, lse_acc, scale: float) 
         if c.fresh:
             put(out_acc, rows, blk.heads, o.to(out_acc.dtype))
             put(lse_acc, rows, blk.heads, lse.to(lse_acc.dtype))
+        elif isinstance(rows, slice) and isinstance(blk.heads, slice):
+            # Evenly spaced rows and heads: the accumulators' views merge in place.
+            merge_into_(take(out_acc, rows, blk.heads), take(lse_acc, rows, blk.heads), o, lse)
         else:
             o, lse = merge(take(out_acc, rows, blk.heads), take(lse_acc, rows, blk.heads), o, lse)
             put(out_acc, rows, blk.heads, o)

@@ -19,7 +19,8 @@ as functions of ``N``. Simulated rings run every rank's steps in one process.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from .dense import dense_attention
 from .dilated import dilated_attention

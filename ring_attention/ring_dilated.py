@@ -18,7 +18,6 @@ import torch.utils.checkpoint
 from . import layout as _layout
 from . import pattern as _pattern
 from ._checks import check_flag
-from .comm import make_ring
 from .packed import PackedAttention
 from .plans import dilated_plan
 from .ring_checks import check_ring_inputs
