@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import pattern as _pattern
@@ -75,7 +76,9 @@ class MultiheadDilatedAttention(nn.Module):
         group, ring_size, layout: run as ring dilated attention (see
             :func:`~ring_attention.ring_dilated_attention`); a plain single-device
             dilated attention when both are ``None``.
-        causal, checkpoint: as in :func:`~ring_attention.dilated_attention`.
+        causal: as in :func:`~ring_attention.dilated_attention`.
+        checkpoint: checkpoint the whole layer (projections and attention): backward
+            recomputes it from the layer's inputs instead of storing its activations.
     """
 
     def __init__(
@@ -103,9 +106,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.checkpoint = checkpoint
         self.attention = RingDilatedAttention(
-            pattern, group=group, ring_size=ring_size, causal=causal, layout=layout,
-            checkpoint=checkpoint,
+            pattern, group=group, ring_size=ring_size, causal=causal, layout=layout
         )
 
     def forward(
@@ -127,10 +130,18 @@ class MultiheadDilatedAttention(nn.Module):
                 raise ValueError(f"{name} must be a 3-d tensor with last dimension embed_dim={self.embed_dim}, got {shape}")
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if self.checkpoint and torch.is_grad_enabled():
+            # Checkpoint the whole layer: only its inputs are stored, and the projections
+            # as well as the attention are recomputed in backward.
+            out = torch.utils.checkpoint.checkpoint(self._layer, query, key, value, use_reentrant=False)
+        else:
+            out = self._layer(query, key, value)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _layer(self, query, key, value):
         b, n, _ = query.shape
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(b, key.shape[1], self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(b, value.shape[1], self.num_kv_heads, self.head_dim)
         a = self.attention(q, k, v)
-        out = self.out_proj(a.reshape(b, n, self.embed_dim))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        return self.out_proj(a.reshape(b, n, self.embed_dim))
