@@ -91,3 +91,23 @@ def test_ring_and_ring_dilated_match_reference(world, tmp_path):
     for i, (case, phrase) in enumerate(BAD):
         messages = [pr[len(cases) + i]["raised"] for pr in per_rank]
         assert any(phrase in m for m in messages), f"{case}: no rank named the problem: {messages}"
+
+
+def test_torchrun_example_checks_itself():
+    """The README's torchrun example runs, and reports OK on every rank."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_port", str(_free_port()), str(root / "examples" / "ring_check.py"),
+        "--seq-len", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(" OK") == 8, proc.stdout
+    assert "MISMATCH" not in proc.stdout
