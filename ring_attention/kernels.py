@@ -33,11 +33,17 @@ def _use_cuda_flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The fused ops read the head dim as contiguous: copy only when it is not."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def attention_forward(q, k, v, *, causal: bool, scale: float):
     """Attention of one block. Returns ``(out [B,H,L,D] in q.dtype, lse [B,H,L] float)``.
 
     ``lse`` is float32 (float64 for float64 inputs).
     """
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=None, scale=scale
@@ -52,6 +58,7 @@ def attention_forward(q, k, v, *, causal: bool, scale: float):
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
     lse = lse.contiguous()
+    dout, q, k, v, out = (_unit_stride(x) for x in (dout, q, k, v, out))
     if q.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale

@@ -1,0 +1,153 @@
+"""The block kernel: forward (out, lse) and backward-with-global-stats vs plain math."""
+
+import pytest
+import torch
+
+from ring_attention import kernels
+
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+
+
+def _rand(shape, dtype, seed, scale=1.0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _plain(q, k, v, mask, scale):
+    """Plain float64 softmax attention of ``[B, H, L, D]`` tensors with a boolean mask."""
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double()) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", torch.exp(s - lse[..., None]), v.double()), lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "causal, lq, lk", [(False, 7, 7), (False, 5, 11), (False, 12, 3), (True, 7, 7), (True, 16, 16)]
+)
+def test_attention_forward_matches_plain_math(dtype, causal, lq, lk):
+    # causal blocks are square diagonal blocks (top-left aligned)
+    b, h, d, scale = 2, 3, 8, 0.3
+    q, k, v = (_rand((b, h, n, d), dtype, s) for s, n in ((0, lq), (1, lk), (2, lk)))
+    mask = torch.ones(lq, lk, dtype=torch.bool)
+    if causal:
+        mask = mask.tril()
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale)
+    assert out.dtype == dtype and out.shape == (b, h, lq, d)
+    assert lse.dtype == torch.promote_types(dtype, torch.float32) and lse.shape == (b, h, lq)
+    exp_out, exp_lse = _plain(q, k, v, mask, scale)
+    torch.testing.assert_close(out.double(), exp_out, **TOL[dtype])
+    lse_tol = TOL[dtype] if dtype in (torch.float64, torch.float32) else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse.double(), exp_lse, **lse_tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_math_fallback_matches_plain_math(dtype):
+    # the CUDA float32 fallback, exercised directly on CPU
+    q, k, v = (_rand((1, 2, 6, 4), dtype, s) for s in range(3))
+    for causal in (False, True):
+        mask = torch.ones(6, 6, dtype=torch.bool)
+        if causal:
+            mask = mask.tril()
+        out, lse = kernels._math_forward(q, k, v, causal=causal, scale=0.7)
+        exp_out, exp_lse = _plain(q, k, v, mask, 0.7)
+        torch.testing.assert_close(out.double(), exp_out, **TOL[dtype])
+        torch.testing.assert_close(lse.double(), exp_lse, **TOL[dtype])
+        dout = _rand(q.shape, dtype, 9)
+        grads = kernels._math_backward(dout, q, k, v, out, lse, causal=causal, scale=0.7)
+        qq, kk, vv = (t.detach().double().requires_grad_() for t in (q, k, v))
+        expected = torch.autograd.grad((_plain(qq, kk, vv, mask, 0.7)[0] * dout.double()).sum(), (qq, kk, vv))
+        for a, e in zip(grads, expected):
+            torch.testing.assert_close(a.double(), e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_kernel", ["cpu", "math"])
+def test_attention_backward_with_global_stats_is_share_of_global_gradient(dtype, use_kernel):
+    """Keys split into a past block (full) and a diagonal block (causal).
+
+    Each block's backward, given the rows' *global* out/lse, returns that block's share;
+    dQ summed over blocks and dK/dV per block equal autograd of the plain global math.
+    """
+    b, h, lq, lpast, d, scale = 2, 2, 6, 5, 8, 0.4
+    q = _rand((b, h, lq, d), dtype, 0)
+    k_past, v_past = _rand((b, h, lpast, d), dtype, 1), _rand((b, h, lpast, d), dtype, 2)
+    k_diag, v_diag = _rand((b, h, lq, d), dtype, 3), _rand((b, h, lq, d), dtype, 4)
+    dout = _rand((b, h, lq, d), dtype, 5)
+
+    # global plain math (float64, autograd)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k_past, v_past, k_diag, v_diag)]
+    qq, kp, vp, kd, vd = leaves
+    mask = torch.cat([torch.ones(lq, lpast, dtype=torch.bool), torch.ones(lq, lq, dtype=torch.bool).tril()], 1)
+    out64, lse64 = _plain(qq, torch.cat([kp, kd], 2), torch.cat([vp, vd], 2), mask, scale)
+    expected = torch.autograd.grad((out64 * dout.double()).sum(), leaves)
+
+    backward = kernels.attention_backward if use_kernel == "cpu" else kernels._math_backward
+    acc = torch.promote_types(dtype, torch.float32)
+    out = out64.detach().to(dtype)
+    lse = lse64.detach().to(acc)
+    dq1, dk1, dv1 = backward(dout, q, k_past, v_past, out, lse, causal=False, scale=scale)
+    dq2, dk2, dv2 = backward(dout, q, k_diag, v_diag, out, lse, causal=True, scale=scale)
+    got = [dq1.double() + dq2.double(), dk1, dv1, dk2, dv2]
+    tol = TOL[dtype] if dtype != torch.bfloat16 else dict(rtol=5e-2, atol=5e-2)
+    for a, e in zip(got, expected):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a.double(), e, **tol)
+
+
+def test_attention_backward_with_own_stats_differs_from_global():
+    # guards the test above: a block's own lse gives a different (wrong) share
+    q, k1, v1, k2, v2 = (_rand((1, 1, 4, 4), torch.float64, s) for s in range(5))
+    dout = _rand((1, 1, 4, 4), torch.float64, 9)
+    own_out, own_lse = kernels.attention_forward(q, k1, v1, causal=False, scale=0.5)
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    g_out, g_lse = _plain(q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), mask, 0.5)
+    a = kernels.attention_backward(dout, q, k1, v1, own_out, own_lse, causal=False, scale=0.5)
+    b = kernels.attention_backward(dout, q, k1, v1, g_out, g_lse, causal=False, scale=0.5)
+    assert not torch.allclose(a[2], b[2])
+
+
+def test_kv_head_index():
+    assert kernels.kv_head_index(6, 2).tolist() == [0, 0, 0, 1, 1, 1]
+    assert kernels.kv_head_index(4, 4).tolist() == [0, 1, 2, 3]
+    assert kernels.kv_head_index(4, 1).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_expand_and_fold_kv_heads(dim):
+    x = _rand((2, 3, 4, 5), torch.float64, 0)
+    hkv = x.shape[dim]
+    e = kernels.expand_kv_heads(x, 3 * hkv, dim)
+    assert e.shape[dim] == 3 * hkv
+    for h in range(3 * hkv):
+        torch.testing.assert_close(e.select(dim, h), x.select(dim, h // 3), rtol=0, atol=0)
+    assert kernels.expand_kv_heads(x, hkv, dim) is x
+    # fold is the adjoint of expand: <expand(x), y> == <x, fold(y)>
+    y = _rand(e.shape, torch.float64, 1)
+    f = kernels.fold_kv_heads(y, hkv, dim)
+    assert f.shape == x.shape
+    torch.testing.assert_close((e * y).sum(), (x * f).sum())
+    for h in range(hkv):
+        manual = sum(y.select(dim, 3 * h + j) for j in range(3))
+        torch.testing.assert_close(f.select(dim, h), manual)
+    assert kernels.fold_kv_heads(y, 3 * hkv, dim) is y
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_attention_forward_non_unit_stride_head_dim(which):
+    t = [_rand((1, 2, 6, 4), torch.float64, s) for s in range(3)]
+    buf = torch.zeros(1, 2, 6, 4, 2, dtype=torch.float64)
+    strided = buf[..., 0]
+    strided.copy_(t[which])
+    args = list(t)
+    args[which] = strided
+    out, lse = kernels.attention_forward(*args, causal=False, scale=0.5)
+    exp_out, exp_lse = _plain(*t, torch.ones(6, 6, dtype=torch.bool), 0.5)
+    torch.testing.assert_close(out, exp_out)
+    torch.testing.assert_close(lse, exp_lse)

@@ -1,0 +1,219 @@
+"""DilatedPattern: validation, effective segments, head groups, weights, work count."""
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ring_attention as ra
+from ring_attention import pattern as P
+from tests.strategies import naive_weights, patterns
+
+# --- validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(segment_lengths=(), dilation_rates=()), ValueError, "segment_lengths is empty"),
+        (dict(segment_lengths=(4, 8), dilation_rates=(1,)), ValueError, "dilation_rates has 1"),
+        (dict(segment_lengths=(0,), dilation_rates=(1,)), ValueError, r"segment_lengths\[0\]"),
+        (dict(segment_lengths=(4, -8), dilation_rates=(1, 1)), ValueError, r"segment_lengths\[1\]"),
+        (dict(segment_lengths=(4,), dilation_rates=(0,)), ValueError, r"dilation_rates\[0\]"),
+        (dict(segment_lengths=(4,), dilation_rates=(-1,)), ValueError, r"dilation_rates\[0\]"),
+        (dict(segment_lengths=(4.0,), dilation_rates=(1,)), TypeError, r"segment_lengths\[0\]"),
+        (dict(segment_lengths=(4,), dilation_rates=(1.5,)), TypeError, r"dilation_rates\[0\]"),
+        (dict(segment_lengths=(True,), dilation_rates=(1,)), TypeError, r"segment_lengths\[0\]"),
+        (dict(segment_lengths=(4,), dilation_rates=(True,)), TypeError, r"dilation_rates\[0\]"),
+        (dict(segment_lengths=(4,), dilation_rates=("1",)), TypeError, r"dilation_rates\[0\]"),
+        (dict(segment_lengths=4, dilation_rates=(1,)), TypeError, "segment_lengths"),
+        (dict(segment_lengths="48", dilation_rates=(1,)), TypeError, "segment_lengths"),
+        (dict(segment_lengths=(4,), dilation_rates=1), TypeError, "dilation_rates"),
+        (dict(segment_lengths=(4, 8), dilation_rates=(1, 9)), ValueError, r"dilation_rates\[1\] = 9 exceeds"),
+        (dict(segment_lengths=(4,), dilation_rates=(1,), mode="mix"), ValueError, "unknown mode 'mix'"),
+        (dict(segment_lengths=(4,), dilation_rates=(1,), mode=None), ValueError, "unknown mode"),
+    ],
+)
+def test_invalid_pattern_fields(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ra.DilatedPattern(**kwargs)
+
+
+def test_pattern_normalizes_to_int_tuples():
+    p = ra.DilatedPattern([8, 16], [1, 2])
+    assert p.segment_lengths == (8, 16) and p.dilation_rates == (1, 2)
+    assert all(type(x) is int for x in p.segment_lengths + p.dilation_rates)
+    assert p.mode == "mixture" and p.num_pairs == 2
+    assert hash(p) == hash(ra.DilatedPattern((8, 16), (1, 2)))
+    # r == w is allowed, r need not divide w
+    ra.DilatedPattern((6, 5), (6, 3))
+
+
+def test_pattern_is_frozen():
+    p = ra.DilatedPattern((8,), (1,))
+    with pytest.raises(AttributeError):
+        p.mode = "head_groups"
+
+
+# --- effective segment lengths and head groups ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ws, n, expected",
+    [((4, 8, 16), 16, (4, 8, 16)), ((4, 100), 8, (4, 8)), ((32,), 12, (12,)), ((1,), 7, (1,))],
+)
+def test_effective_segment_lengths(ws, n, expected):
+    p = ra.DilatedPattern(ws, (1,) * len(ws))
+    assert p.effective_segment_lengths(n) == expected
+
+
+@pytest.mark.parametrize("ws, n, bad", [((4, 8), 12, 8), ((5,), 12, 5), ((3, 4), 9, 4)])
+def test_effective_segment_lengths_not_dividing(ws, n, bad):
+    p = ra.DilatedPattern(ws, (1,) * len(ws))
+    with pytest.raises(ValueError, match=rf"N={n}.*w={bad}"):
+        p.effective_segment_lengths(n)
+    with pytest.raises(ValueError, match=rf"N={n}.*w={bad}"):
+        p.check(n, 4)
+
+
+@given(h=st.integers(1, 40), k=st.integers(1, 8))
+def test_heads_of_pair_head_groups(h, k):
+    p = ra.DilatedPattern((1,) * k, (1,) * k, mode="head_groups")
+    if h < k:
+        with pytest.raises(ValueError, match=f"H={h} < K={k}"):
+            p.heads_of_pair(h)
+        return
+    groups = p.heads_of_pair(h)
+    assert len(groups) == k
+    for i, g in enumerate(groups):
+        lo = math.floor(Fraction(i * h, k))
+        hi = math.floor(Fraction((i + 1) * h, k))
+        assert list(g) == list(range(lo, hi))
+        assert len(g) >= 1
+    # contiguous partition of all heads
+    assert [x for g in groups for x in g] == list(range(h))
+
+
+@given(h=st.integers(1, 12), k=st.integers(1, 5))
+def test_heads_of_pair_mixture(h, k):
+    p = ra.DilatedPattern((1,) * k, (1,) * k, mode="mixture")
+    assert [list(g) for g in p.heads_of_pair(h)] == [list(range(h))] * k
+
+
+# --- weights and computed_pairs against a literal reading of SEMANTICS.md ------------
+
+
+def _naive_pair_masks(pattern, n, h, causal):
+    """``{(k, head): M_k[head]}`` (as nested lists) for every head that runs pair ``k``."""
+    out = {}
+    ks = range(len(pattern.segment_lengths))
+    for kk in ks:
+        w = min(pattern.segment_lengths[kk], n)
+        r = pattern.dilation_rates[kk]
+        if pattern.mode == "mixture":
+            heads = range(h)
+        else:
+            heads = [x for x in range(h) if math.floor(Fraction(kk * h, len(ks))) <= x < math.floor(Fraction((kk + 1) * h, len(ks)))]
+        for head in heads:
+            o = head % r
+            m = [[0] * n for _ in range(n)]
+            for i in range(n):
+                for j in range(n):
+                    same = i // w == j // w
+                    sel_i = (i % w) % r == o
+                    sel_j = (j % w) % r == o
+                    ok = (not causal) or j <= i
+                    m[i][j] = int(same and sel_i and sel_j and ok)
+            out[(kk, head)] = m
+    return out
+
+
+@st.composite
+def _pattern_case(draw, max_n=24):
+    n = draw(st.integers(1, max_n))
+    h = draw(st.sampled_from([1, 2, 3, 4, 6, 8]))
+    pattern = draw(patterns(n, h))
+    causal = draw(st.booleans())
+    return n, h, pattern, causal
+
+
+@given(_pattern_case())
+def test_weights_match_naive_loop(case):
+    n, h, pattern, causal = case
+    w = P.weights(pattern, n, h, is_causal=causal)
+    assert w.shape == (h, n, n) and w.dtype == torch.int64
+    expected = naive_weights(pattern, n, h, causal)
+    assert torch.equal(w, expected)
+    # mixture: a key covered by two pairs counts twice; head_groups: weights are 0/1
+    if pattern.mode == "head_groups":
+        assert int(w.max()) <= 1
+    else:
+        assert int(w.max()) <= pattern.num_pairs
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_weights_full_attention(causal):
+    w = P.weights(None, 5, 3, is_causal=causal)
+    assert torch.equal(w, naive_weights(None, 5, 3, causal))
+
+
+def test_weights_mixture_double_counts_overlap():
+    # pairs (4,1) and (8,2): head 0 keeps even positions in pair 2, so (0, 2) is covered twice
+    p = ra.DilatedPattern((4, 8), (1, 2))
+    w = P.weights(p, 8, 2)
+    assert w[0, 0, 2] == 2 and w[0, 0, 1] == 1 and w[1, 1, 3] == 2 and w[1, 0, 4] == 0
+    assert w[0, 0, 4] == 1  # only pair 2 (segment 8, even positions)
+    assert w[0, 1, 5] == 0  # odd rows are not kept by head 0 in pair 2, different segment in pair 1
+
+
+def test_weights_rate_not_dividing_segment():
+    # LongNet-style r not dividing w: w=5, r=3, head 1 keeps offsets 1, 4 of each segment
+    p = ra.DilatedPattern((5,), (3,))
+    w = P.weights(p, 10, 3)
+    kept_h1 = [i for i in range(10) if w[1, i].any()]
+    assert kept_h1 == [1, 4, 6, 9]
+    assert w[1, 1, 4] == 1 and w[1, 1, 6] == 0  # different segments
+    kept_h2 = [i for i in range(10) if w[2, i].any()]
+    assert kept_h2 == [2, 7]
+
+
+def test_weights_segment_longer_than_sequence():
+    p = ra.DilatedPattern((100,), (3,))
+    w = P.weights(p, 6, 1)
+    # effective segment 6: head 0 keeps positions 0 and 3, all in one segment
+    expected = torch.zeros(1, 6, 6, dtype=torch.int64)
+    for i in (0, 3):
+        for j in (0, 3):
+            expected[0, i, j] = 1
+    assert torch.equal(w, expected)
+
+
+def test_weights_rejects_bad_n_and_few_heads():
+    with pytest.raises(ValueError, match="N=6.*w=4"):
+        P.weights(ra.DilatedPattern((4,), (1,)), 6, 1)
+    with pytest.raises(ValueError, match="H=1 < K=2"):
+        P.weights(ra.DilatedPattern((4, 4), (1, 2), mode="head_groups"), 8, 1)
+
+
+@given(_pattern_case(max_n=32))
+def test_computed_pairs_counts_mask_nonzeros(case):
+    n, h, pattern, causal = case
+    expected = sum(sum(map(sum, m)) for m in _naive_pair_masks(pattern, n, h, causal).values())
+    assert P.computed_pairs(pattern, n, h, is_causal=causal) == expected
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_computed_pairs_full(causal):
+    n, h = 7, 3
+    expected = h * (n * (n + 1) // 2 if causal else n * n)
+    assert P.computed_pairs(None, n, h, is_causal=causal) == expected
+
+
+def test_as_pattern():
+    p = ra.DilatedPattern((4,), (1,))
+    assert P.as_pattern(p) is p
+    with pytest.raises(TypeError, match="DilatedPattern"):
+        P.as_pattern(((4,), (1,)))
