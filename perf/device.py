@@ -1,0 +1,134 @@
+"""Device detection, the device slug used for baselines, and the benchmark profiles.
+
+A *profile* fixes what is measured on a device: sequence lengths, dtypes, shapes,
+rounds, and which variants run at the largest lengths. The CPU profile keeps the whole
+suite to a few minutes on a 2-core machine; the CUDA profile goes from 1K to 128K tokens
+in float16 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import re
+
+import torch
+
+# Variants kept at the lengths where running the whole registry would be too slow.
+LARGE_N_VARIANTS = (
+    "dense",
+    "StandardRingAttention",
+    "RingAttention-ring4",
+    "ImprovedDilatedAttention",
+    "RingDilatedV2-ring4",
+    "Production",
+    "Production-checkpoint",
+    "longnet",
+    "ring-zigzag-causal4",
+    "longnet-ring4-zigzag-causal",
+)
+CPU_LARGE_N_VARIANTS = (
+    "dense",
+    "StandardRingAttention",
+    "RingAttention-ring4",
+    "ImprovedDilatedAttention",
+    "RingDilatedV2-ring4",
+    "Production",
+    "longnet",
+    "longnet-ring4-zigzag-causal",
+)
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """What the suite measures on one kind of device.
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"``.
+        seq_lens: sequence lengths ``N``.
+        dtypes: dtype names (``torch`` attribute names).
+        batch, heads, head_dim: ``B``, ``H``, ``D``.
+        all_variants_max_n: above this ``N`` only ``large_n_variants`` run.
+        large_n_variants: the variants kept above ``all_variants_max_n``.
+        full_reference_max_n: up to this ``N`` the error is measured against the full dense
+            reference (output and gradients); above it, on sampled query rows of the output.
+        warmup_rounds: untimed rounds before timing.
+    """
+
+    device: str
+    seq_lens: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    all_variants_max_n: int = 2048
+    large_n_variants: tuple[str, ...] = LARGE_N_VARIANTS
+    full_reference_max_n: int = 1024
+    warmup_rounds: int = 1
+
+    def rounds(self, seq_len: int) -> int:
+        """Timed rounds at ``seq_len``: fewer at the expensive lengths."""
+        if self.device == "cuda":
+            return 10 if seq_len <= 16384 else 5 if seq_len <= 65536 else 3
+        return 7 if seq_len <= 1024 else 5 if seq_len <= 2048 else 3
+
+    def variants_at(self, seq_len: int, names) -> list[str]:
+        """The registry names that run at ``seq_len``."""
+        if seq_len <= self.all_variants_max_n:
+            return list(names)
+        return [n for n in names if n in self.large_n_variants]
+
+
+CPU_PROFILE = Profile(
+    device="cpu",
+    seq_lens=(1024, 2048, 4096),
+    dtypes=("float32",),
+    all_variants_max_n=2048,
+    large_n_variants=CPU_LARGE_N_VARIANTS,
+    warmup_rounds=1,
+)
+
+CUDA_PROFILE = Profile(
+    device="cuda",
+    seq_lens=(1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
+    dtypes=("float16", "bfloat16"),
+    all_variants_max_n=16384,
+    large_n_variants=LARGE_N_VARIANTS,
+    full_reference_max_n=1024,
+    warmup_rounds=2,
+)
+
+
+def pick_device(requested: str = "auto") -> str:
+    """``"cuda"`` when asked for or available (``auto``), else ``"cpu"``."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--perf-device cuda asked for, but torch.cuda.is_available() is False")
+    return requested
+
+
+def profile_for(device: str) -> Profile:
+    return CUDA_PROFILE if device == "cuda" else CPU_PROFILE
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_name(device: str) -> str:
+    """Human-readable name: the GPU's name, or the CPU architecture and core count."""
+    if device == "cuda":
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    import os
+
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: str) -> str:
+    """Baseline folder name: ``cpu-x86_64`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    if device == "cuda":
+        return "cuda-" + slugify(torch.cuda.get_device_name(torch.cuda.current_device()))
+    return "cpu-" + slugify(platform.machine()).replace("-", "_")

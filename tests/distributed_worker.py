@@ -1,0 +1,186 @@
+"""One rank of a real gloo ring, run as a script by tests/test_distributed.py.
+
+    RANK=r WORLD_SIZE=R MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/distributed_worker.py CASES OUT
+
+``CASES`` is a JSON list of cases; every rank runs all of them in order, in one process
+group, and writes ``OUT/rank{r}.json`` (rewritten after every case, so a hang still shows
+how far each rank got). Tensors never leave the process: each rank builds the same seeded
+global tensors, takes its own shard, and records plain numbers (max errors against the
+dense reference on the whole sequence, or the exception a bad call raised).
+
+Case kinds:
+
+- ``ok``: forward and dq/dk/dv of this rank's shard (backward of ``sum(out * g)`` with a
+  seeded global ``g`` split the same way), compared with ``reference_attention`` on the
+  full sequence. Optional ``subgroup``: run on ``dist.new_group(subgroup)`` instead of
+  the world (ranks outside it record ``skipped``).
+- ``bad``: a malformed call; records ``"Type: message"`` of what it raised, or ``None``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import ring_attention as ra
+from ring_attention import layout as _layout
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _pattern(spec):
+    if spec is None:
+        return None
+    segments, rates, mode = spec
+    return ra.DilatedPattern(tuple(segments), tuple(rates), mode=mode)
+
+
+def _global_tensors(case):
+    """The same global q, k, v, g on every rank (seeded CPU generator)."""
+    b, n, h, hkv, d = case["shape"]
+    dtype = DTYPES[case.get("dtype", "float64")]
+    gen = torch.Generator().manual_seed(case["seed"])
+    q = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, n, hkv, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, n, hkv, d, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v, g
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def run_ok(case, group, rank, world):
+    q, k, v, g = _global_tensors(case)
+    layout, causal, scale = case["layout"], case["causal"], case.get("scale")
+    pattern = _pattern(case.get("pattern"))
+
+    # Oracle: the dense reference on the whole natural-order sequence.
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = ra.reference_attention(*full, pattern=pattern, causal=causal, scale=scale)
+    ref_grads = torch.autograd.grad(ref, full, g)
+
+    def mine(t):
+        return _layout.split(t, world, layout)[rank].contiguous()
+
+    shard = [mine(t).requires_grad_() for t in (q, k, v)]
+    kwargs = dict(group=group, causal=causal, scale=scale, layout=layout)
+    if case.get("checkpoint"):
+        kwargs["checkpoint"] = True
+    if case.get("pass_ring_size"):
+        kwargs["ring_size"] = world
+    if pattern is None:
+        out = ra.ring_attention(*shard, **kwargs)
+    else:
+        out = ra.ring_dilated_attention(*shard, pattern, **kwargs)
+    grads = torch.autograd.grad(out, shard, mine(g))
+    result = {
+        "shape_ok": tuple(out.shape) == tuple(shard[0].shape),
+        "dtype_ok": out.dtype == q.dtype and all(gr.dtype == q.dtype for gr in grads),
+        "finite": bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(gr).all()) for gr in grads),
+        "out": _max_err(out, mine(ref)),
+        "dq": _max_err(grads[0], mine(ref_grads[0])),
+        "dk": _max_err(grads[1], mine(ref_grads[1])),
+        "dv": _max_err(grads[2], mine(ref_grads[2])),
+        # Sizes of what was compared, so a test can tell a trivially small check apart.
+        "ref_out_max": mine(ref).abs().max().item(),
+        "ref_dk_max": mine(ref_grads[1]).abs().max().item(),
+    }
+    return result
+
+
+def run_bad(case, group, rank, world):
+    """A malformed call; returns what this rank raised (or None)."""
+    n_local = case["n_local"]
+    if rank == 1:
+        n_local += case.get("extra_rows_on_rank1", 0)
+    h, hkv = case.get("heads", (2, 2))
+    if rank == 1 and "heads_on_rank1" in case:
+        h, hkv = case["heads_on_rank1"]
+    dtype = torch.float64
+    if rank == 1 and case.get("dtype_on_rank1"):
+        dtype = DTYPES[case["dtype_on_rank1"]]
+    gen = torch.Generator().manual_seed(rank)
+    q = torch.randn(1, n_local, h, 4, generator=gen, dtype=dtype)
+    k = torch.randn(1, n_local, hkv, 4, generator=gen, dtype=dtype)
+    v = torch.randn(1, n_local, hkv, 4, generator=gen, dtype=dtype)
+    layout = case.get("layout", "contiguous")
+    if rank == 1 and "layout_on_rank1" in case:
+        layout = case["layout_on_rank1"]
+    causal = case.get("causal", False)
+    if rank == 1 and "causal_on_rank1" in case:
+        causal = case["causal_on_rank1"]
+    kwargs = dict(group=group, layout=layout, causal=causal)
+    if "ring_size" in case:
+        kwargs["ring_size"] = case["ring_size"]
+    pattern = _pattern(case.get("pattern"))
+    if rank == 1 and "pattern_on_rank1" in case:
+        pattern = _pattern(case["pattern_on_rank1"])
+    try:
+        if pattern is None:
+            ra.ring_attention(q, k, v, **kwargs)
+        else:
+            ra.ring_dilated_attention(q, k, v, pattern, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the type is part of what the test checks
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def main(cases_path, out_dir):
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    with open(cases_path) as f:
+        cases = json.load(f)
+    out_path = os.path.join(out_dir, f"rank{rank}.json")
+    results = []
+
+    def dump():
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f)
+        os.replace(tmp, out_path)
+
+    # Subgroups must be created by every rank, in the same order.
+    subgroups = {}
+    for case in cases:
+        key = tuple(case.get("subgroup") or ())
+        if key and key not in subgroups:
+            subgroups[key] = dist.new_group(list(key))
+    try:
+        for case in cases:
+            start = time.perf_counter()
+            try:
+                key = tuple(case.get("subgroup") or ())
+                group, g_rank, g_world = dist.group.WORLD, rank, world
+                if key:
+                    if rank not in key:
+                        results.append({"name": case["name"], "skipped": True})
+                        dump()
+                        continue
+                    group, g_rank, g_world = subgroups[key], key.index(rank), len(key)
+                if case["kind"] == "ok":
+                    res = run_ok(case, group, g_rank, g_world)
+                else:
+                    res = {"raised": run_bad(case, group, g_rank, g_world)}
+            except Exception:  # noqa: BLE001 - reported to the test, which fails on it
+                res = {"crash": traceback.format_exc()}
+            res["name"] = case["name"]
+            res["seconds"] = time.perf_counter() - start
+            results.append(res)
+            dump()
+    finally:
+        dump()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
