@@ -8,6 +8,9 @@ names the problem, instead of the healthy ranks blocking in a receive that never
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -50,7 +53,7 @@ def check_ring_inputs(q, k, v, *, group, ring_size, causal, scale, layout, patte
         return (ring, *_local_checks(q, k, v, ring_size, layout, causal, scale, pattern, False))
 
     ring = ProcessGroupRing(group)
-    error, result, summary = None, None, [0] * 9
+    error, result, summary = None, None, [0] * 11
     try:
         if ring_size_arg is not None and ring_size_arg != ring.size:
             raise ValueError(
@@ -62,6 +65,8 @@ def check_ring_inputs(q, k, v, *, group, ring_size, causal, scale, layout, patte
         summary = [
             1, shapes.seq_len, shapes.batch, shapes.heads, shapes.kv_heads, shapes.head_dim,
             SUPPORTED_DTYPES.index(q.dtype), int(result[2]), _layout.LAYOUTS.index(result[3]),
+            zlib.crc32(repr(pattern).encode()),  # every rank must build the same plan
+            struct.unpack("<q", struct.pack("<d", result[1]))[0],  # the scale's bits
         ]
     except (ValueError, TypeError) as exc:
         error = exc
@@ -72,7 +77,7 @@ def check_ring_inputs(q, k, v, *, group, ring_size, causal, scale, layout, patte
     if bad:
         raise ValueError(f"ranks {bad} of the ring rejected their inputs; see the error raised there")
     if any(s != every[0] for s in every):
-        names = ("ok", "N", "B", "H", "Hkv", "D", "dtype", "causal", "layout")
+        names = ("ok", "N", "B", "H", "Hkv", "D", "dtype", "causal", "layout", "pattern", "scale")
         diffs = [
             f"{name}: " + ", ".join(f"rank {r}={s[i]}" for r, s in enumerate(every))
             for i, name in enumerate(names)

@@ -254,12 +254,6 @@ def test_bad_input_raises_on_every_rank(world_results, index):
     assert all(phrase in r or "rejected" in r for r in raised), raised
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: the ranks' input summary (ring_checks.check_ring_inputs) leaves out the "
-    "pattern, so ranks with different patterns build different plans: rank 1 dies with SIGABRT "
-    "(gloo 'Received data size doesn't match expected size') and rank 0 returns without an error",
-)
 def test_different_patterns_across_ranks_raise_on_every_rank(tmp_path):
     """Rank 1 passes another dilation rate (same shapes): every rank must raise ValueError."""
     case = dict(name="bad-rank1-other-pattern", kind="bad", n_local=8, heads=(2, 2),
