@@ -34,6 +34,8 @@ def pytest_addoption(parser):
     group.addoption("--perf-dtype", default=None, help="comma-separated dtypes (overrides the profile)")
     group.addoption("--perf-rounds", type=int, default=None, help="timed rounds (overrides the profile)")
     group.addoption("--perf-warmup", type=int, default=None, help="warm-up rounds (overrides the profile)")
+    group.addoption("--perf-threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (overrides the profile; the CPU profile uses 1)")
 
 
 def _profile(config) -> _device.Profile:
@@ -48,6 +50,8 @@ def _profile(config) -> _device.Profile:
         prof = dataclasses.replace(prof, dtypes=tuple(config.getoption("--perf-dtype").split(",")))
     if config.getoption("--perf-warmup") is not None:
         prof = dataclasses.replace(prof, warmup_rounds=config.getoption("--perf-warmup"))
+    if config.getoption("--perf-threads") is not None:
+        prof = dataclasses.replace(prof, threads=config.getoption("--perf-threads"))
     config._perf_profile = prof
     return prof
 
@@ -74,6 +78,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["cuda"] = torch.version.cuda
     machine_info["python_version"] = platform.python_version()
+    machine_info["torch_threads"] = prof.threads or torch.get_num_threads()
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +88,12 @@ def profile(request) -> _device.Profile:
 
 @pytest.fixture(scope="session")
 def warm_process(profile):
-    """Warm the process before the first benchmark: thread pools, kernels, the profiler.
+    """Set the profile's thread count, then warm the process: thread pools, kernels, the profiler.
 
-    Without it the first benchmark of a session (dense, the SDPA anchor of its group) reads
-    tens of percent slow, and every ratio to SDPA of that group with it. About a second.
+    Without it the first benchmark of a session reads tens of percent slow. About a second.
     """
+    if profile.threads is not None:
+        torch.set_num_threads(profile.threads)
     shape = (profile.batch, min(profile.seq_lens), profile.heads, profile.head_dim)
     dtype = getattr(torch, profile.dtypes[0])
     leaves = [torch.randn(shape, device=profile.device, dtype=dtype).requires_grad_() for _ in range(3)]
@@ -101,12 +107,6 @@ def warm_process(profile):
     while time.perf_counter() < deadline:
         step()
     measure.sync(profile.device)
-
-
-@pytest.fixture(scope="session")
-def sdpa_cache() -> dict:
-    """SDPA medians per ``(N, dtype, causal, pass)``, measured once per run."""
-    return {}
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ in float16 and bfloat16.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import re
 
@@ -55,6 +56,11 @@ class Profile:
         full_reference_max_n: up to this ``N`` the error is measured against the full dense
             reference (output and gradients); above it, on sampled query rows of the output.
         warmup_rounds: untimed rounds before timing.
+        threads: ``torch.set_num_threads`` for the run (``None``: torch's default). The CPU
+            profile runs on one thread: intra-op parallel regions wait for their slowest
+            thread, so on a 2-core machine one busy neighbouring process slowed a
+            two-thread run 2.4x, and unevenly (many small kernels suffer more than one
+            large SDPA call): even the ratio to SDPA moved by up to +400%.
     """
 
     device: str
@@ -67,6 +73,7 @@ class Profile:
     large_n_variants: tuple[str, ...] = LARGE_N_VARIANTS
     full_reference_max_n: int = 1024
     warmup_rounds: int = 1
+    threads: int | None = None
 
     def rounds(self, seq_len: int) -> int:
         """Timed rounds at ``seq_len``: fewer at the expensive lengths."""
@@ -88,6 +95,7 @@ CPU_PROFILE = Profile(
     all_variants_max_n=2048,
     large_n_variants=CPU_LARGE_N_VARIANTS,
     warmup_rounds=1,
+    threads=1,
 )
 
 CUDA_PROFILE = Profile(
@@ -118,17 +126,44 @@ def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU model, precise enough that two machines sharing it time the suite alike.
+
+    Linux's ``model name`` alone can be too coarse: virtual machines report "AMD EPYC" for
+    generations whose speed differs threefold (seen on this project's CI hosts), so the
+    family and model numbers follow it where ``/proc/cpuinfo`` has them. Elsewhere:
+    ``platform.processor()``, or the architecture.
+    """
+    fields = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def device_name(device: str) -> str:
-    """Human-readable name: the GPU's name, or the CPU architecture and core count."""
+    """Human-readable name: the GPU's name, or the CPU model and core count."""
     if device == "cuda":
         return torch.cuda.get_device_name(torch.cuda.current_device())
-    import os
-
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def device_slug(device: str) -> str:
-    """Baseline folder name: ``cpu-x86_64`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    """Baseline folder name, one per kind of device whose timings compare.
+
+    ``cuda-nvidia-h100-80gb-hbm3`` (pytest-benchmark's own key names no GPU), or, on CPU, the
+    architecture, CPU model and core count: ``cpu-x86_64-amd-epyc-family-26-model-2-2cores``.
+    """
     if device == "cuda":
         return "cuda-" + slugify(torch.cuda.get_device_name(torch.cuda.current_device()))
-    return "cpu-" + slugify(platform.machine()).replace("-", "_")
+    arch = slugify(platform.machine()).replace("-", "_")
+    return f"cpu-{arch}-{slugify(cpu_model())}-{os.cpu_count()}cores"

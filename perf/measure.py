@@ -2,6 +2,8 @@
 
 Timing: the timed callables end with :func:`sync` and the untimed setup calls it too, so a
 ``time.perf_counter`` pair brackets exactly the device work (CUDA kernels are asynchronous).
+The ratio to SDPA pairs each timed round with an SDPA round just before it
+(:func:`paired_ratio`).
 
 Memory: the extra bytes a call needs beyond what was allocated before it (inputs excluded).
 CUDA reads the caching allocator's peak; CPU replays the allocation events recorded by
@@ -26,20 +28,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], device: str, rounds: int, warmup: int,
-                   setup: Callable[[], object] | None = None) -> float:
-    """Median wall time of ``fn`` over ``rounds`` synchronized runs after ``warmup`` runs."""
-    times = []
-    for i in range(warmup + rounds):
-        if setup is not None:
-            setup()
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn: Callable[[], object], device: str, setup: Callable[[], object] | None = None) -> float:
+    """Wall time of one synchronized call of ``fn`` (``setup`` runs first, untimed)."""
+    if setup is not None:
+        setup()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def paired_ratio(times, anchor_times) -> float:
+    """Median over rounds of ``times[i] / anchor_times[i]``.
+
+    The anchor (SDPA) is timed right before each round of the variant, so a machine whose
+    speed drifts during the run (a neighbour's load, clock changes) moves both sides of
+    each pair alike; one SDPA median per group, taken at another moment, does not cancel
+    it (seen here: +30% on a whole group of benchmarks).
+    """
+    if len(times) != len(anchor_times) or not times:
+        raise ValueError(f"need one anchor time per round: {len(times)} rounds, {len(anchor_times)} anchors")
+    return statistics.median(t / a for t, a in zip(times, anchor_times))
 
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:

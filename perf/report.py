@@ -44,11 +44,13 @@ def markdown(run: dict, title: str = "Benchmark report") -> str:
         f"# {title}",
         "",
         f"Device: {info.get('device_name', '?')} (`{info.get('perf_device', '?')}`), "
-        f"torch {info.get('torch', '?')}, run {run.get('datetime', '?')}.",
+        f"torch {info.get('torch', '?')} on {info.get('torch_threads', '?')} thread(s), "
+        f"run {run.get('datetime', '?')}.",
         "",
         "Time is the median over fixed rounds after warm-up rounds; memory is the peak extra "
         "allocation of a separate untimed run (inputs excluded); relative speed is SDPA time / variant "
-        "time for the same shape, dtype, causal flag and pass, measured in the same run; % of SDPA "
+        "time for the same shape, dtype, causal flag and pass, SDPA timed right before each round of the "
+        "variant (median of the per-round ratios); % of SDPA "
         "compares effective TFLOP/s. Max error is the max abs difference from the dense reference "
         "(full reference up to the profile's limit, sampled query rows of the output above it).",
         "",

@@ -23,7 +23,7 @@ TINY = ["--", "-k", "(dense or Production-N) and not bwd", "--perf-n=256", "--pe
 def _perf(tmp_path, *args):
     cmd = [sys.executable, "-m", "perf", "--device=cpu", f"--baselines-dir={tmp_path / 'baselines'}",
            f"--reports-dir={tmp_path / 'reports'}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="2")  # the CPU profile pins one thread itself
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -52,7 +52,9 @@ def test_saved_baseline_and_report(saved):
         e = b["extra_info"]
         assert e["peak_memory_bytes"] > 0 and 0 < e["max_error"] < 1e-4 and e["ratio_to_sdpa"] > 0
         assert e["tflops"] > 0 and e["tokens_per_s"] > 0 and e["N"] == 256 and e["pass"] == "fwd"
+        assert e["threads"] == device.CPU_PROFILE.threads == 1
     assert run["machine_info"]["perf_device"] == device.device_slug("cpu")
+    assert run["machine_info"]["torch_threads"] == 1
     report = tmp / "reports" / device.device_slug("cpu")
     assert "| Production | 256 |" in (report / "report.md").read_text()
     assert (report / "report.png").stat().st_size > 0
@@ -82,4 +84,16 @@ def test_gate_fails_against_planted_better_baseline(saved, tmp_path):
     assert "not confirmed" not in out
     for arm in ("[time]", "[memory]", "[ratio]"):  # correctness: see test_perf_gate.py
         assert arm in out, out
+    assert "perf gate: FAIL" in out
+
+
+def test_gate_fails_on_planted_code_regression(saved):
+    """A slower, bigger, wrong block kernel (perf/tests/planted_regression.py) fails every arm."""
+    tmp, _ = saved
+    rc, out = _perf(tmp, *TINY, "-p", "perf.tests.planted_regression")
+    assert rc == 1, out
+    failures = [line for line in out.splitlines() if line.strip().startswith("FAIL [")]
+    for arm in ("time", "memory", "correctness", "ratio"):
+        assert any(f"[{arm}] test_attention[Production-N256" in line for line in failures), out
+    assert not any("dense" in line for line in failures), out  # SDPA does not call the kernel
     assert "perf gate: FAIL" in out

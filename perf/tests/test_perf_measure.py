@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import statistics
+import time
 
 import pytest
 import torch
@@ -41,9 +43,11 @@ def test_cpu_peak_memory_is_measured():
     assert 64 << 20 <= big < 80 << 20
 
 
-def test_median_seconds_and_slug():
-    assert measure.median_seconds(lambda: sum(range(1000)), "cpu", rounds=3, warmup=1) > 0
-    assert re.fullmatch(r"cpu-[a-z0-9_]+", device.device_slug("cpu"))
+def test_seconds_and_slug():
+    calls = []
+    assert measure.seconds(lambda: time.sleep(0.01), "cpu", setup=lambda: (calls.append(1), time.sleep(0.05))) < 0.04
+    assert calls == [1]  # setup ran, outside the timed region
+    assert re.fullmatch(r"cpu-[a-z0-9_]+(-[a-z0-9]+)*-[0-9]+cores", device.device_slug("cpu"))
     assert device.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
@@ -55,3 +59,25 @@ def test_profiles():
     assert any(registry.VARIANTS[n].seed for n in cpu.variants_at(4096, names))
     cuda = device.CUDA_PROFILE
     assert max(cuda.seq_lens) >= 131072 and set(cuda.dtypes) == {"float16", "bfloat16"}
+
+
+def test_cpu_model_tells_apart_generations_with_one_name(tmp_path):
+    """Virtual machines call several EPYC generations "AMD EPYC": the family keeps their baselines apart."""
+    block = "processor\t: {cpu}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n" \
+            "model name\t: AMD EPYC\n\n"
+    zen2, zen5 = tmp_path / "zen2", tmp_path / "zen5"
+    zen2.write_text(block.format(cpu=0, family=23, model=1) + block.format(cpu=1, family=23, model=1))
+    zen5.write_text(block.format(cpu=0, family=26, model=2))
+    assert device.cpu_model(str(zen2)) == "AMD EPYC (family 23, model 1)"
+    assert device.cpu_model(str(zen5)) == "AMD EPYC (family 26, model 2)"
+    assert device.cpu_model(str(tmp_path / "absent"))  # no /proc: falls back to platform, never empty
+
+
+def test_paired_ratio_cancels_drift():
+    """A machine slowing down 2x during the run moves each round's pair alike: the ratio stays put."""
+    anchor = [0.010 * (1 + i / 4) for i in range(5)]  # drifts from 1x to 2x
+    times = [1.5 * a for a in anchor]
+    assert measure.paired_ratio(times, anchor) == pytest.approx(1.5)
+    assert statistics.median(times) / anchor[0] > 2.2  # what one early SDPA median would have said
+    with pytest.raises(ValueError, match="one anchor time per round"):
+        measure.paired_ratio(times, anchor[1:])
