@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         print("perf: no benchmark JSON was written; nothing to report", file=sys.stderr)
         return 2
     run = gate.load(run_json)
-    md, png = report.write(run, out_dir, title=f"ring_attention benchmarks on {slug}")
+    md, png = report.write(run, out_dir)
     print(f"perf: report {md} and {png}")
 
     if args.save_baseline:

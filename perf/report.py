@@ -38,8 +38,9 @@ def rows(run: dict) -> list[dict]:
     return out
 
 
-def markdown(run: dict, title: str = "Benchmark report") -> str:
+def markdown(run: dict, title: str | None = None) -> str:
     info = run.get("machine_info", {})
+    title = title or f"ring_attention benchmarks on {info.get('perf_device', '?')}"
     lines = [
         f"# {title}",
         "",
@@ -108,7 +109,7 @@ def plot(run: dict, path) -> None:
     plt.close(fig)
 
 
-def write(run: dict, outdir, title: str = "Benchmark report") -> tuple[Path, Path]:
+def write(run: dict, outdir, title: str | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.png`` under ``outdir``; return their paths."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,6 @@ def test_rows_sorted_and_speed(baseline_run):
 
 def test_write_png(tmp_path, baseline_run):
     md, png = report.write(baseline_run, tmp_path / "out")
-    assert md.read_text().startswith("# ")
+    assert md.read_text().startswith("# ring_attention benchmarks on cpu-test\n")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
