@@ -103,7 +103,7 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         return
     stats = benchmark.stats.stats
     median, times = stats.median, list(stats.data)
-    sdpa_times = sdpa_times[-len(times):] if variant.kind != "dense" else times  # drop the warm-up rounds
+    sdpa_times = sdpa_times[-len(times):] if sdpa_times else times  # less warm-up; dense is its own anchor
     sdpa_median = statistics.median(sdpa_times)
     flops = variant.flops(b, n, h, d, backward=backward)
     anchor = registry.Variant("sdpa", "The SDPA anchor of this benchmark.", "dense", causal=variant.causal)

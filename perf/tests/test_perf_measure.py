@@ -45,7 +45,7 @@ def test_cpu_peak_memory_is_measured():
 
 def test_seconds_and_slug():
     calls = []
-    assert measure.seconds(lambda: time.sleep(0.01), "cpu", setup=lambda: (calls.append(1), time.sleep(0.05))) < 0.04
+    assert measure.seconds(lambda: None, "cpu", setup=lambda: (calls.append(1), time.sleep(0.5))) < 0.25
     assert calls == [1]  # setup ran, outside the timed region
     assert re.fullmatch(r"cpu-[a-z0-9_]+(-[a-z0-9]+)*-[0-9]+cores", device.device_slug("cpu"))
     assert device.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
