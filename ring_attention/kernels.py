@@ -1,21 +1,37 @@
 """One attention block with its log-sum-exp: the fused kernel every variant calls.
 
 Layout here is the fused ops' ``[B, H, L, D]``; the public functions use ``[B, N, H, D]``
-and transpose (a free view) at the boundary. A block has as many key/value heads as
-query heads: grouped-query callers expand kv heads first (:func:`expand_kv_heads`)
-and fold the gradients back (:func:`fold_kv_heads`).
+and transpose (a free view) at the boundary. ``q``, ``k`` and ``v`` of a block have the
+same number of heads.
 
-``causal`` here is the block-local, top-left aligned mask of a square diagonal block
-(``j <= i`` in block coordinates). Which blocks are diagonal, full or skipped is the
-caller's business: this module knows nothing of global positions.
+``causal`` here is the block-local mask of a *square* diagonal block (``j <= i`` in block
+coordinates). Which blocks are diagonal, full or skipped is the caller's business: this
+module knows nothing of global positions. Square blocks matter: the CPU op aligns a
+causal mask top-left and CUDA flash bottom-right, which agree only when ``Lq == Lk``.
 
-Backends:
+Backends (:func:`backend`), each called only with inputs its kernel accepts:
 
-- CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
-  (float16, bfloat16, float32, float64).
-- CUDA, float16/bfloat16: ``aten._scaled_dot_product_flash_attention`` and its backward.
-- anything else (CUDA float32): an exact math fallback that materializes the block's
-  scores. It is correct but not fast.
+- ``cpu``: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
+  (float16, bfloat16, float32, float64; any head dim).
+- ``flash``: ``aten._scaled_dot_product_flash_attention`` (CUDA, float16/bfloat16, sm80 or
+  newer, flash enabled in ``torch.backends.cuda``). Its kernel requires ``D % 8 == 0`` and
+  ``D <= 256``, loads 16-byte vectors, and puts the batch on the grid's y axis.
+- ``efficient``: ``aten._scaled_dot_product_efficient_attention`` (CUDA, also float32 and
+  older GPUs and ``D > 256``). Head dim a multiple of 8 (half) or 4 (float32); its LSE
+  is padded along L to a multiple of 32; the batch is on the grid's z axis.
+- ``math``: exact matmul/softmax, for anything else (CUDA with both fused kernels
+  disabled, other devices). It materializes scores for at most
+  :data:`MATH_SCORE_BYTES` bytes of query rows at a time (more only when a single row's
+  scores exceed it), never a whole ``L x L`` block.
+
+What every CUDA call gets, whatever the caller passes: the head dim zero-padded to a
+multiple of 8 (zero columns change neither the scores nor the kept columns of the
+output; the scale stays explicit), inputs copied when their storage offset or any
+stride is not 16-byte aligned, and batches above 65,535 split into several launches.
+
+Any finite scale works: a scale the kernels cannot take as a positive float32 (zero,
+negative, subnormal) is folded into ``q``, because the fused ops scale the masked
+``-inf`` scores too and would turn them into NaN.
 
 The backward takes the *final* output and LSE of the query rows (after every merge),
 not this block's own: then ``exp(s - lse)`` are the global probabilities and the
@@ -24,101 +40,231 @@ result is this block's exact share of the gradient of the merged attention.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 aten = torch.ops.aten
 
+# The launch grid's y (flash) or z (efficient) dimension holds the batch: at most 2^16 - 1.
+MAX_GRID_BATCH = 65_535
+# Bytes of float32 scores the math backend materializes per chunk of query rows.
+MATH_SCORE_BYTES = 256 * 2**20
+FLASH_MAX_HEAD_DIM = 256
+_ALIGN_BYTES = 16
+_EFFICIENT_LSE_ALIGN = 32
+_F32 = torch.finfo(torch.float32)
 
-def _use_cuda_flash(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of ``device``; a CPU-only build sees only fake CUDA tensors."""
+    if not torch.cuda.is_available():
+        return (8, 0)  # fake CUDA tensors (FakeTensorMode): trace the sm80+ path
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    """The fused ops read the head dim as contiguous: copy only when it is not."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def backend(q: torch.Tensor) -> str:
+    """The backend a block with ``q [B, H, L, D]`` runs on: cpu, flash, efficient or math."""
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return "math"
+    half = q.dtype != torch.float32
+    padded = _round_up(q.shape[-1], 8)
+    capability = _cuda_capability(q.device)
+    if half and padded <= FLASH_MAX_HEAD_DIM and capability >= (8, 0) and torch.backends.cuda.flash_sdp_enabled():
+        return "flash"
+    bf16_ok = q.dtype != torch.bfloat16 or capability >= (8, 0)
+    if bf16_ok and capability >= (5, 0) and torch.backends.cuda.mem_efficient_sdp_enabled():
+        return "efficient"
+    return "math"
 
 
 def attention_forward(q, k, v, *, causal: bool, scale: float):
-    """Attention of one block. Returns ``(out [B,H,L,D] in q.dtype, lse [B,H,L] float)``.
+    """Attention of one block. Returns ``(out [B,H,L,D] in q.dtype, lse [B,H,L])``.
 
-    ``lse`` is float32 (float64 for float64 inputs).
+    ``lse`` is float32 (float64 for float64 inputs) and contiguous.
     """
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    if q.device.type == "cpu":
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=None, scale=scale
-        )
-        return out, lse
-    if _use_cuda_flash(q):
-        res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        return res[0], res[1]
-    return _math_forward(q, k, v, causal=causal, scale=scale)
+    _check_block(q, k, causal)
+    q, scale, _ = fold_scale(q, scale)
+    kind = backend(q)
+    if kind == "cpu":
+        return _cpu_forward(q, k, v, causal, scale)
+    if kind == "math":
+        return _math_forward(q, k, v, causal=causal, scale=scale)
+    d = q.shape[-1]
+    q, k, v = (_cuda_ready(x) for x in (q, k, v))
+    outs, lses = [], []
+    for start, length in _batch_chunks(q.shape[0]):
+        qb, kb, vb = (x.narrow(0, start, length) for x in (q, k, v))
+        if kind == "flash":
+            res = aten._scaled_dot_product_flash_attention.default(qb, kb, vb, 0.0, causal, False, scale=scale)
+            outs.append(res[0])
+            lses.append(res[1])
+        else:
+            res = aten._scaled_dot_product_efficient_attention.default(
+                qb, kb, vb, None, True, 0.0, causal, scale=scale
+            )
+            outs.append(res[0])
+            lses.append(res[1][..., : q.shape[2]])
+    out, lse = _cat(outs), _cat(lses)
+    return out[..., :d], lse.contiguous()
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
-    lse = lse.contiguous()
-    dout, q, k, v, out = (_unit_stride(x) for x in (dout, q, k, v, out))
-    if q.device.type == "cpu":
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale
+    _check_block(q, k, causal)
+    q, scale, q_factor = fold_scale(q, scale)
+    kind = backend(q)
+    if kind == "cpu":
+        dq, dk, dv = _cpu_backward(dout, q, k, v, out, lse, causal, scale)
+    elif kind == "math":
+        dq, dk, dv = _math_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+    else:
+        d = q.shape[-1]
+        dout, q, k, v, out = (_cuda_ready(x) for x in (dout, q, k, v, out))
+        lse = lse.contiguous()
+        if kind == "efficient":
+            pad = _round_up(lse.shape[-1], _EFFICIENT_LSE_ALIGN) - lse.shape[-1]
+            lse = F.pad(lse, (0, pad)) if pad else lse
+        no_rng = torch.empty(0, dtype=torch.int64, device=q.device)  # read only with dropout
+        grads = []
+        for start, length in _batch_chunks(q.shape[0]):
+            do_b, q_b, k_b, v_b, o_b, lse_b = (x.narrow(0, start, length) for x in (dout, q, k, v, out, lse))
+            if kind == "flash":
+                grads.append(aten._scaled_dot_product_flash_attention_backward.default(
+                    do_b, q_b, k_b, v_b, o_b, lse_b, None, None,
+                    q.shape[2], k.shape[2], 0.0, causal, no_rng, no_rng, scale=scale,
+                )[:3])
+            else:
+                grads.append(aten._scaled_dot_product_efficient_attention_backward.default(
+                    do_b, q_b, k_b, v_b, None, o_b, lse_b, no_rng, no_rng,
+                    0.0, [True, True, True, False], causal, scale=scale,
+                )[:3])
+        dq, dk, dv = (_cat(list(g))[..., :d] for g in zip(*grads))
+    if q_factor != 1.0:
+        dq = dq * q_factor
+    return dq, dk, dv
+
+
+# --- preconditions ----------------------------------------------------------------------
+
+
+def _check_block(q, k, causal: bool) -> None:
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"a causal block must be square, got {q.shape[-2]} query rows and {k.shape[-2]} key rows: "
+            "the CPU and CUDA kernels align non-square causal masks differently"
         )
-    if _use_cuda_flash(q):
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
-        return aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal,
-            empty, empty, scale=scale,
-        )[:3]
-    return _math_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
 
 
-def _math_scores(q, k, *, causal, scale):
+def fold_scale(q, scale: float):
+    """``(q', scale', dq factor)`` with ``q' * scale' == q * scale`` and ``scale'`` a positive
+    normal float32: fused kernels multiply masked ``-inf`` scores by the scale as well."""
+    if _F32.tiny <= scale <= _F32.max:
+        return q, scale, 1.0
+    return q * scale, 1.0, scale
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _aligned(x: torch.Tensor) -> bool:
+    size = x.element_size()
+    if x.stride(-1) != 1 or (x.storage_offset() * size) % _ALIGN_BYTES:
+        return False
+    return all((s * size) % _ALIGN_BYTES == 0 for s in x.stride()[:-1])
+
+
+def _cuda_ready(x: torch.Tensor) -> torch.Tensor:
+    """Head dim padded to a multiple of 8, storage offset and strides 16-byte aligned."""
+    pad = _round_up(x.shape[-1], 8) - x.shape[-1]
+    if pad:
+        return F.pad(x, (0, pad))  # a fresh, contiguous (hence aligned) tensor
+    return x if _aligned(x) else x.clone(memory_format=torch.contiguous_format)
+
+
+def _batch_chunks(batch: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each launch along the batch: at most MAX_GRID_BATCH each."""
+    return [(i, min(MAX_GRID_BATCH, batch - i)) for i in range(0, batch, MAX_GRID_BATCH)]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+# --- CPU ----------------------------------------------------------------------------------
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The CPU op reads the head dim as contiguous: copy only when it is not."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _cpu_forward(q, k, v, causal, scale):
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    return aten._scaled_dot_product_flash_attention_for_cpu.default(
+        q, k, v, 0.0, causal, attn_mask=None, scale=scale
+    )
+
+
+def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out = (_unit_stride(x) for x in (dout, q, k, v, out))
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+        dout, q, k, v, out, lse.contiguous(), 0.0, causal, attn_mask=None, scale=scale
+    )
+
+
+# --- math ---------------------------------------------------------------------------------
+
+
+def _row_chunks(q, k) -> list[tuple[int, int]]:
+    """``(start, length)`` of query-row chunks whose float32 scores fit in MATH_SCORE_BYTES."""
+    b, h, lq, _ = q.shape
+    rows = max(1, MATH_SCORE_BYTES // max(b * h * k.shape[-2] * 4, 1))
+    return [(i, min(rows, lq - i)) for i in range(0, lq, rows)]
+
+
+def _math_probs(q, k, start: int, length: int, *, causal, scale, lse=None):
+    """Scores (or probabilities, given ``lse``) of ``length`` query rows in float32/64."""
     acc = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    s = torch.matmul(q.narrow(2, start, length).to(acc), k.to(acc).transpose(-1, -2)) * scale
     if causal:
-        lq, lk = s.shape[-2:]
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~mask, float("-inf"))
-    return s
+        i = torch.arange(start, start + length, device=q.device).unsqueeze(1)
+        j = torch.arange(k.shape[-2], device=q.device).unsqueeze(0)
+        s = s.masked_fill(j > i, float("-inf"))
+    return s if lse is None else torch.exp(s - lse.narrow(2, start, length).unsqueeze(-1))
 
 
 def _math_forward(q, k, v, *, causal, scale):
-    s = _math_scores(q, k, causal=causal, scale=scale)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    out = torch.matmul(p, v.to(p.dtype))
-    return out.to(q.dtype), lse
+    outs, lses = [], []
+    for start, length in _row_chunks(q, k):
+        s = _math_probs(q, k, start, length, causal=causal, scale=scale)
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse[..., None]), v.to(s.dtype)).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _math_backward(dout, q, k, v, out, lse, *, causal, scale):
-    s = _math_scores(q, k, causal=causal, scale=scale)
-    p = torch.exp(s - lse.unsqueeze(-1))
-    acc = p.dtype
-    do = dout.to(acc)
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    dp = torch.matmul(do, v.to(acc).transpose(-1, -2))
-    delta = (do * out.to(acc)).sum(-1, keepdim=True)
-    ds = p * (dp - delta) * scale
-    dq = torch.matmul(ds, k.to(acc))
-    dk = torch.matmul(ds.transpose(-1, -2), q.to(acc))
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for start, length in _row_chunks(q, k):
+        p = _math_probs(q, k, start, length, causal=causal, scale=scale, lse=lse.to(acc))
+        do = dout.narrow(2, start, length).to(acc)
+        dv += torch.matmul(p.transpose(-1, -2), do)
+        dp = torch.matmul(do, v.to(acc).transpose(-1, -2))
+        delta = (do * out.narrow(2, start, length).to(acc)).sum(-1, keepdim=True)
+        ds = p * (dp - delta) * scale
+        dq.narrow(2, start, length).copy_(torch.matmul(ds, k.to(acc)))
+        dk += torch.matmul(ds.transpose(-1, -2), q.narrow(2, start, length).to(acc))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def kv_head_index(num_heads: int, num_kv_heads: int, device=None) -> torch.Tensor:
-    """``kv(h) = h // (H // Hkv)`` for every query head (grouped-query attention)."""
-    return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
-
-
-def expand_kv_heads(x: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
-    """Repeat kv heads along ``dim`` so that query head ``h`` reads kv head ``kv(h)``."""
-    groups = num_heads // x.shape[dim]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
-
-
-def fold_kv_heads(dx: torch.Tensor, num_kv_heads: int, dim: int) -> torch.Tensor:
-    """Sum the gradients of repeated kv heads back onto ``num_kv_heads`` heads."""
-    h = dx.shape[dim]
-    if h == num_kv_heads:
-        return dx
-    shape = dx.shape[:dim] + (num_kv_heads, h // num_kv_heads) + dx.shape[dim + 1 :]
-    return dx.reshape(shape).sum(dim + 1)

@@ -60,3 +60,16 @@ def test_dense_low_precision(dtype):
 def test_dense_gradcheck():
     q, k, v = _qkv(1, 5, 2, 1, 4, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k, v: ra.dense_attention(q, k, v, causal=True), (q, k, v))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_causal_with_non_positive_scale_matches_reference(scale):
+    # SDPA multiplies its causal -inf mask by the scale: 0 * -inf is NaN without the fold
+    q, k, v = (torch.randn(1, 24, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = ra.dense_attention(q, k, v, causal=True, scale=scale)
+    ref = ra.reference_attention(q, k, v, causal=True, scale=scale)
+    torch.testing.assert_close(out, ref)
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    e = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g, e):
+        torch.testing.assert_close(a, b)

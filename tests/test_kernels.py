@@ -113,32 +113,6 @@ def test_attention_backward_with_own_stats_differs_from_global():
     assert not torch.allclose(a[2], b[2])
 
 
-def test_kv_head_index():
-    assert kernels.kv_head_index(6, 2).tolist() == [0, 0, 0, 1, 1, 1]
-    assert kernels.kv_head_index(4, 4).tolist() == [0, 1, 2, 3]
-    assert kernels.kv_head_index(4, 1).tolist() == [0, 0, 0, 0]
-
-
-@pytest.mark.parametrize("dim", [1, 2])
-def test_expand_and_fold_kv_heads(dim):
-    x = _rand((2, 3, 4, 5), torch.float64, 0)
-    hkv = x.shape[dim]
-    e = kernels.expand_kv_heads(x, 3 * hkv, dim)
-    assert e.shape[dim] == 3 * hkv
-    for h in range(3 * hkv):
-        torch.testing.assert_close(e.select(dim, h), x.select(dim, h // 3), rtol=0, atol=0)
-    assert kernels.expand_kv_heads(x, hkv, dim) is x
-    # fold is the adjoint of expand: <expand(x), y> == <x, fold(y)>
-    y = _rand(e.shape, torch.float64, 1)
-    f = kernels.fold_kv_heads(y, hkv, dim)
-    assert f.shape == x.shape
-    torch.testing.assert_close((e * y).sum(), (x * f).sum())
-    for h in range(hkv):
-        manual = sum(y.select(dim, 3 * h + j) for j in range(3))
-        torch.testing.assert_close(f.select(dim, h), manual)
-    assert kernels.fold_kv_heads(y, 3 * hkv, dim) is y
-
-
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_attention_forward_non_unit_stride_head_dim(which):
     t = [_rand((1, 2, 6, 4), torch.float64, s) for s in range(3)]
@@ -151,3 +125,111 @@ def test_attention_forward_non_unit_stride_head_dim(which):
     exp_out, exp_lse = _plain(*t, torch.ones(6, 6, dtype=torch.bool), 0.5)
     torch.testing.assert_close(out, exp_out)
     torch.testing.assert_close(lse, exp_lse)
+
+
+# --- inputs every kernel must accept ------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7, 1e-300])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("which", ["cpu", "math"])
+def test_any_finite_scale_matches_plain_math(scale, causal, which):
+    # the fused ops scale the masked -inf scores too: a scale <= 0 (or one that is 0 in
+    # float32) turned causal rows into NaN before the scale was folded into q
+    q, k, v = (_rand((1, 2, 20, 8), torch.float64, s) for s in range(3))
+    dout = _rand(q.shape, torch.float64, 7)
+    mask = torch.ones(20, 20, dtype=torch.bool)
+    if causal:
+        mask = mask.tril()
+    exp_out, exp_lse = _plain(q, k, v, mask, scale)
+    if which == "cpu":
+        out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale)
+        grads = kernels.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+    else:
+        fq, fscale, factor = kernels.fold_scale(q, scale)
+        out, lse = kernels._math_forward(fq, k, v, causal=causal, scale=fscale)
+        dq, dk, dv = kernels._math_backward(dout, fq, k, v, out, lse, causal=causal, scale=fscale)
+        grads = (dq * factor, dk, dv)
+    torch.testing.assert_close(out, exp_out)
+    torch.testing.assert_close(lse, exp_lse)
+    qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    expected = torch.autograd.grad((_plain(qq, kk, vv, mask, scale)[0] * dout).sum(), (qq, kk, vv))
+    for got, exp in zip(grads, expected):
+        torch.testing.assert_close(got, exp)
+
+
+def test_causal_block_must_be_square():
+    q = _rand((1, 1, 4, 8), torch.float32, 0)
+    k = _rand((1, 1, 6, 8), torch.float32, 1)
+    with pytest.raises(ValueError, match="causal block must be square"):
+        kernels.attention_forward(q, k, k, causal=True, scale=1.0)
+    with pytest.raises(ValueError, match="causal block must be square"):
+        kernels.attention_backward(q, q, k, k, q, q[..., 0], causal=True, scale=1.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_backend_bounds_its_score_block(monkeypatch, causal):
+    # a score budget of 3 rows x 16 keys x B*H: chunks of 3 query rows, same result
+    q, k, v = (_rand((1, 2, 16, 8), torch.float64, s) for s in range(3))
+    dout = _rand(q.shape, torch.float64, 5)
+    whole_out, whole_lse = kernels._math_forward(q, k, v, causal=causal, scale=0.4)
+    whole = kernels._math_backward(dout, q, k, v, whole_out, whole_lse, causal=causal, scale=0.4)
+    monkeypatch.setattr(kernels, "MATH_SCORE_BYTES", 3 * 16 * 2 * 4)
+    assert [length for _, length in kernels._row_chunks(q, k)] == [3, 3, 3, 3, 3, 1]
+    widest = []
+    real_matmul = torch.matmul
+
+    def spy(a, b):
+        res = real_matmul(a, b)
+        widest.append(res.shape[-2] * res.shape[-1] if res.shape[-1] == 16 else 0)
+        return res
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    out, lse = kernels._math_forward(q, k, v, causal=causal, scale=0.4)
+    grads = kernels._math_backward(dout, q, k, v, out, lse, causal=causal, scale=0.4)
+    monkeypatch.undo()
+    assert max(widest) == 3 * 16  # no L x L block
+    torch.testing.assert_close(out, whole_out)
+    torch.testing.assert_close(lse, whole_lse)
+    for a, b in zip(grads, whole):
+        torch.testing.assert_close(a, b)
+
+
+def test_cuda_ready_pads_head_dim_and_aligns():
+    x = torch.zeros(2, 3, 5, 36, dtype=torch.float16)
+    padded = kernels._cuda_ready(x)
+    assert padded.shape == (2, 3, 5, 40) and padded.is_contiguous()
+    assert torch.equal(padded[..., :36], x) and not padded[..., 36:].any()
+    aligned = torch.zeros(2, 3, 5, 64, dtype=torch.float16)
+    assert kernels._cuda_ready(aligned) is aligned  # nothing to fix: no copy
+    offset_view = torch.zeros(2 * 3 * 5 * 64 + 1, dtype=torch.float16)[1:].view(2, 3, 5, 64)
+    fixed = kernels._cuda_ready(offset_view)
+    assert fixed.storage_offset() == 0 and torch.equal(fixed, offset_view)
+    odd_stride = torch.zeros(2, 3, 5, 65, dtype=torch.float16)[..., :64]  # row stride 130 bytes
+    assert not kernels._aligned(odd_stride)
+    assert kernels._aligned(kernels._cuda_ready(odd_stride))
+
+
+def test_batch_chunks_respect_the_grid_limit():
+    assert kernels._batch_chunks(5) == [(0, 5)]
+    limit = kernels.MAX_GRID_BATCH
+    assert kernels._batch_chunks(2 * limit + 3) == [(0, limit), (limit, limit), (2 * limit, 3)]
+
+
+def test_backend_choice(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert kernels.backend(torch.zeros(1, 1, 1, 8)) == "cpu"
+    with FakeTensorMode():
+        half = torch.empty(1, 1, 4, 36, dtype=torch.float16, device="cuda")
+        wide = torch.empty(1, 1, 4, 264, dtype=torch.float16, device="cuda")
+        single = torch.empty(1, 1, 4, 64, dtype=torch.float32, device="cuda")
+        bf16 = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16, device="cuda")
+        assert kernels.backend(half) == "flash"  # padded to 40
+        assert kernels.backend(wide) == "efficient"
+        assert kernels.backend(single) == "efficient"
+        monkeypatch.setattr(kernels, "_cuda_capability", lambda device: (7, 5))
+        assert kernels.backend(half) == "efficient"
+        assert kernels.backend(bf16) == "math"  # no bf16 before sm80
+        monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda: False)
+        assert kernels.backend(half) == "math"
