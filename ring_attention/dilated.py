@@ -10,14 +10,11 @@ meet which is built in :mod:`ring_attention.plans` and run by
 
 from __future__ import annotations
 
-import torch
-import torch.utils.checkpoint
-
 from . import pattern as _pattern
 from ._checks import check_flag, check_qkv, check_scale
 from .comm import SimulatedRing
-from .packed import PackedAttention
-from .plans import dilated_plan
+from .packed import run_on_ring
+from .plans import ring_plans
 
 
 def dilated_attention(q, k, v, pattern, *, causal=False, scale=None, checkpoint=False):
@@ -33,7 +30,7 @@ def dilated_attention(q, k, v, pattern, *, causal=False, scale=None, checkpoint=
 
     Returns:
         ``[B, N, H, D]`` in the input dtype; rows no pair keeps for a head are 0.
-        Differentiable with exact gradients.
+        Differentiable with exact gradients (double backward is not supported).
 
     Raises:
         ValueError / TypeError for malformed inputs, e.g. ``N`` not divisible by an
@@ -45,11 +42,5 @@ def dilated_attention(q, k, v, pattern, *, causal=False, scale=None, checkpoint=
     scale = check_scale(scale, d)
     causal = check_flag(causal, "causal")
     checkpoint = check_flag(checkpoint, "checkpoint")
-    plan = dilated_plan(pattern, n, h, hkv, causal, 1, "contiguous", q.device)
-
-    def run(q, k, v):
-        return PackedAttention.apply(plan, SimulatedRing(1), scale, q, k, v)[0]
-
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
-    return run(q, k, v)
+    plans = ring_plans(pattern, n, h, hkv, causal, 1, "contiguous", (0,))
+    return run_on_ring(plans, SimulatedRing(1), scale, "contiguous", q, k, v, checkpoint=checkpoint)

@@ -1,20 +1,22 @@
-"""Attention over packed rows: plans of fused-kernel calls and their forward/backward.
+"""Attention over packed rows: running plans of fused-kernel calls, forward and backward.
 
 Dilated attention never looks at an ``N x N`` matrix. For each (pair, head offset) it
 *packs* the rows a head keeps into a dense block, runs the fused kernel on the packed
-block, and merges the result into the rows' running ``(out, lse)``. A :class:`Plan`
-lists those blocks for every rank of a ring; this module runs any plan, forward and
-backward, on any :class:`~ring_attention.comm.Ring`.
+block, and merges the result into the rows' running ``(out, lse)``. A
+:class:`~ring_attention.blocks.RankPlan` lists those blocks for one rank of a ring; this
+module runs the plans of the ranks a process holds on any
+:class:`~ring_attention.comm.Ring`.
 
-Vocabulary:
+Every rank walks the shifts ``1 .. R-1`` in the same order, posting the exchange of
+shift ``s + 1`` before computing shift ``s`` (and, in backward, returning the dK/dV of
+shift ``s`` after computing it). A rank with nothing to send or receive at a shift posts
+nothing, so between any two ranks the messages are posted in the same order on both
+sides.
 
-- a *run* is a maximal stretch of packed rows that lie in one segment and one
-  contiguous interval of the shard; runs of equal length that follow each other batch
-  into one kernel call (:class:`Call`);
-- a :class:`Block` pairs packed query rows of this rank with packed key rows from a
-  *source*: the rank's own shard, or a message another rank sent at a :class:`Step`;
-- a :class:`Step` is one shift of the ring: who sends which rows to whom, and the
-  blocks computed with what arrives.
+The executor decides whether a kernel result is written or merged: a call writes only
+if no call it ran before touched the same cells (same unit and overlapping packed rows,
+or another pair on a shared head). Accumulators start at ``(0, -inf)``, which a merge
+leaves exact, so this is an optimization that no execution order can make wrong.
 
 The backward follows PyTorch's context-parallel recipe: each block's kernel backward is
 called with the rows' *final* output and LSE, which makes its gradient that block's
@@ -24,71 +26,17 @@ dK/dV of received rows travel back to their owner, also in float32.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Union
+import itertools
+import weakref
 
 import torch
+import torch.utils.checkpoint
 
 from . import kernels
+from . import layout as _layout
+from .blocks import Block, Call, Index, Message, RankPlan, Step, index
 from .comm import Ring
 from .merge import accumulation_dtype, merge, merge_into_
-
-Index = Union[slice, torch.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class Call:
-    """One batched kernel call: ``runs`` query runs against as many key runs, pairwise."""
-
-    q_start: int
-    k_start: int
-    runs: int
-    q_len: int
-    k_len: int
-    causal: bool  # diagonal block: the key run is the query run itself
-    fresh: bool  # no earlier call wrote these (row, head) cells: write instead of merge
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-    q_rows: Index  # rows of the query shard, packed order
-    heads: Index  # query heads
-    k_rows: Index  # rows of the key source
-    kv_index: torch.Tensor  # for each query head, its head in the key source
-    source: int | None  # None: the rank's own shard; i: the i-th message received at the step
-    calls: tuple[Call, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Message:
-    rows: Index  # rows of the sender's k/v shard
-    kv_heads: Index  # kv heads sent
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    shift: int
-    sends: dict[int, tuple[Message, ...]]  # rank r sends these to (r + shift) % R
-    blocks: dict[int, tuple[Block, ...]]  # rank r computes these with what it receives
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    ring_size: int
-    local: dict[int, tuple[Block, ...]]
-    steps: tuple[Step, ...]
-
-
-def index_length(index: Index, size: int) -> int:
-    return len(range(*index.indices(size))) if isinstance(index, slice) else index.numel()
-
-
-def sub_index(index: Index, start: int, stop: int) -> Index:
-    """``index[start:stop]`` for a slice or an index tensor."""
-    if isinstance(index, slice):
-        first, _, step = index.indices(1 << 62)
-        return slice(first + start * step, first + stop * step, step)
-    return index[start:stop]
 
 
 def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
@@ -97,18 +45,12 @@ def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
     return x[:, :, heads] if isinstance(heads, slice) else x.index_select(2, heads)
 
 
-def put(x: torch.Tensor, rows: Index, heads: Index, value: torch.Tensor) -> None:
-    """``x[:, rows, heads] = value`` (rows and heads have no repeats)."""
+def put(x: torch.Tensor, rows: Index, heads: slice, value: torch.Tensor) -> None:
+    """``x[:, rows, heads] = value`` (rows have no repeats)."""
     if isinstance(rows, slice):
-        target = x[:, rows]
-        if isinstance(heads, slice):
-            target[:, :, heads] = value
-        else:
-            target.index_copy_(2, heads, value)
-    elif isinstance(heads, slice):
-        x[:, :, heads].index_copy_(1, rows, value)
+        x[:, rows, heads] = value
     else:
-        x[:, rows[:, None], heads] = value
+        x[:, :, heads].index_copy_(1, rows, value)
 
 
 def add_rows(x: torch.Tensor, rows: Index, value: torch.Tensor) -> None:
@@ -132,14 +74,45 @@ def _unruns(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.reshape(batch, -1, *x.shape[2:])
 
 
+def _blocks_in_order(plan: RankPlan):
+    """The rank's blocks in execution order: local first, then by shift."""
+    return itertools.chain(plan.local, *(step.blocks for step in plan.steps.values()))
+
+
+_WRITES: weakref.WeakKeyDictionary[RankPlan, dict[Call, bool]] = weakref.WeakKeyDictionary()
+
+
+def _writes(plan: RankPlan) -> dict[Call, bool]:
+    """For each call, in execution order: whether it is the first to touch its cells."""
+    cached = _WRITES.get(plan)
+    if cached is not None:
+        return cached
+    touched_rows: dict[int, list[tuple[int, int]]] = {}  # unit -> packed query intervals
+    touched_heads: dict[int, set[int]] = {}  # pair -> query heads
+    writes = {}
+    for blk in _blocks_in_order(plan):
+        unit = plan.units[blk.unit]
+        heads = set(unit.heads)
+        shared = any(p != unit.pair and heads & seen for p, seen in touched_heads.items())
+        rows = touched_rows.setdefault(blk.unit, [])
+        for c in blk.calls:
+            lo, hi = c.q_start, c.q_start + c.runs * c.q_len
+            writes[c] = not shared and not any(a < hi and lo < b for a, b in rows)
+            rows.append((lo, hi))
+        touched_heads.setdefault(unit.pair, set()).update(heads)
+    _WRITES[plan] = writes
+    return writes
+
+
 # --- forward ---------------------------------------------------------------------------
 
 
-def _block_forward(blk: Block, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
+def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
     batch = q.shape[0]
-    qb = take(q, blk.q_rows, blk.heads)
-    kb = take(k_src, blk.k_rows, blk.kv_index)
-    vb = take(v_src, blk.k_rows, blk.kv_index)
+    qb = take(q, index(blk.q_rows, q), blk.heads)
+    kv_index = index(blk.kv_index, q)
+    k_rows = index(blk.k_rows, q)
+    kb, vb = take(k_src, k_rows, kv_index), take(v_src, k_rows, kv_index)
     for c in blk.calls:
         o, lse = kernels.attention_forward(
             _runs(qb, c.q_start, c.runs, c.q_len),
@@ -149,13 +122,13 @@ def _block_forward(blk: Block, q, k_src, v_src, out_acc, lse_acc, scale: float) 
             scale=scale,
         )
         o, lse = _unruns(o, batch), _unruns(lse.unsqueeze(-1), batch).squeeze(-1)
-        rows = sub_index(blk.q_rows, c.q_start, c.q_start + c.runs * c.q_len)
-        if c.fresh:
+        rows = index(c.q_rows, q)
+        if writes[c]:
             put(out_acc, rows, blk.heads, o.to(out_acc.dtype))
             put(lse_acc, rows, blk.heads, lse.to(lse_acc.dtype))
-        elif isinstance(rows, slice) and isinstance(blk.heads, slice):
+        elif isinstance(rows, slice):
             # Evenly spaced rows and heads: the accumulators' views merge in place.
-            merge_into_(take(out_acc, rows, blk.heads), take(lse_acc, rows, blk.heads), o, lse)
+            merge_into_(out_acc[:, rows, blk.heads], lse_acc[:, rows, blk.heads], o, lse)
         else:
             o, lse = merge(take(out_acc, rows, blk.heads), take(lse_acc, rows, blk.heads), o, lse)
             put(out_acc, rows, blk.heads, o)
@@ -165,34 +138,39 @@ def _block_forward(blk: Block, q, k_src, v_src, out_acc, lse_acc, scale: float) 
 def _message_tensors(msgs: tuple[Message, ...], k, v) -> list[torch.Tensor]:
     out = []
     for m in msgs:
-        out += [take(k, m.rows, m.kv_heads), take(v, m.rows, m.kv_heads)]
+        rows, heads = index(m.rows, k), index(m.kv_heads, k)
+        out += [take(k, rows, heads), take(v, rows, heads)]
     return out
 
 
-def _message_specs(msgs: tuple[Message, ...], k, dtype) -> list:
-    b, n, hkv, d = k.shape
+def _shapes(k: torch.Tensor, sizes, dtype) -> list:
+    b, _, _, d = k.shape
     spec = []
-    for m in msgs:
-        shape = (b, index_length(m.rows, n), index_length(m.kv_heads, hkv), d)
-        spec += [(shape, dtype), (shape, dtype)]
+    for rows, kv_heads in sizes:
+        spec += [((b, rows, kv_heads, d), dtype)] * 2
     return spec
 
 
-def _post_step(ring: Ring, plan: Plan, i: int, ks, vs):
-    """Post step ``i``'s exchange of k/v rows for every rank this process runs."""
-    step = plan.steps[i]
-    k0 = ks[ring.ranks[0]]
-    sends = {r: _message_tensors(step.sends[r], ks[r], vs[r]) for r in ring.ranks if step.sends.get(r)}
-    specs = {}
+def _post_kv(ring: Ring, plans: dict[int, RankPlan], shift: int, ks, vs):
+    """Post shift ``shift``'s exchange of k/v rows for every rank this process runs."""
+    sends, specs = {}, {}
     for r in ring.ranks:
-        src = (r - step.shift) % plan.ring_size
-        if step.sends.get(src):
-            specs[r] = _message_specs(step.sends[src], k0, k0.dtype)
-    return ring.exchange(step.shift, sends, specs, k0.device)
+        step = plans[r].step(shift)
+        if step.sends:
+            sends[r] = _message_tensors(step.sends, ks[r], vs[r])
+        if step.receives:
+            specs[r] = _shapes(ks[r], step.receives, ks[r].dtype)
+    if not sends and not specs:
+        return None
+    return ring.exchange(shift, sends, specs, ks[ring.ranks[0]].device)
 
 
-def run_forward(plan: Plan, ring: Ring, qs: dict, ks: dict, vs: dict, scale: float):
-    """Run ``plan``; returns ``{rank: (out [B,n,H,D] accumulation dtype, lse [B,n,H])}``."""
+def _wait(pending) -> dict:
+    return {} if pending is None else pending.wait()
+
+
+def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float):
+    """Run the plans; returns ``{rank: (out [B,n,H,D] accumulation dtype, lse [B,n,H])}``."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     state = {}
     for r in ring.ranks:
@@ -201,18 +179,19 @@ def run_forward(plan: Plan, ring: Ring, qs: dict, ks: dict, vs: dict, scale: flo
             torch.zeros(b, n, h, d, dtype=acc, device=qs[r].device),
             torch.full((b, n, h), float("-inf"), dtype=acc, device=qs[r].device),
         )
-    pending = _post_step(ring, plan, 0, ks, vs) if plan.steps else None
+    pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
-        for blk in plan.local[r]:
-            _block_forward(blk, qs[r], ks[r], vs[r], *state[r], scale)
-    for i, step in enumerate(plan.steps):
-        received = pending.wait()
-        if i + 1 < len(plan.steps):
-            pending = _post_step(ring, plan, i + 1, ks, vs)
+        writes = _writes(plans[r])
+        for blk in plans[r].local:
+            _block_forward(blk, writes, qs[r], ks[r], vs[r], *state[r], scale)
+    for shift in range(1, ring.size):
+        received = _wait(pending)
+        pending = _post_kv(ring, plans, shift + 1, ks, vs)
         for r in ring.ranks:
-            for blk in step.blocks.get(r, ()):
+            writes = _writes(plans[r])
+            for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, qs[r], k_msg, v_msg, *state[r], scale)
+                _block_forward(blk, writes, qs[r], k_msg, v_msg, *state[r], scale)
     return state
 
 
@@ -225,12 +204,10 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, dq_acc, dk_src,
     ``dk_src``/``dv_src`` have the key source's shape in the accumulation dtype.
     """
     batch = q.shape[0]
-    qb = take(q, blk.q_rows, blk.heads)
-    kb = take(k_src, blk.k_rows, blk.kv_index)
-    vb = take(v_src, blk.k_rows, blk.kv_index)
-    dob = take(dout, blk.q_rows, blk.heads)
-    ob = take(out, blk.q_rows, blk.heads)
-    lb = take(lse, blk.q_rows, blk.heads)
+    q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
+    qb = take(q, q_rows, blk.heads)
+    kb, vb = take(k_src, k_rows, kv_index), take(v_src, k_rows, kv_index)
+    dob, ob, lb = (take(t, q_rows, blk.heads) for t in (dout, out, lse))
     dq_b = torch.zeros(qb.shape, dtype=dq_acc.dtype, device=q.device)
     dk_b = torch.zeros(kb.shape, dtype=dq_acc.dtype, device=q.device)
     dv_b = torch.zeros(kb.shape, dtype=dq_acc.dtype, device=q.device)
@@ -250,12 +227,12 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, dq_acc, dk_src,
         dq_b[:, qsl] += _unruns(dq, batch)
         dk_b[:, ksl] += _unruns(dk, batch)
         dv_b[:, ksl] += _unruns(dv, batch)
-    add_rows(dq_acc, blk.q_rows, _fold_heads(dq_b, blk.heads, q.shape[2], per_query=True))
-    add_rows(dk_src, blk.k_rows, _fold_heads(dk_b, blk.kv_index, k_src.shape[2]))
-    add_rows(dv_src, blk.k_rows, _fold_heads(dv_b, blk.kv_index, k_src.shape[2]))
+    add_rows(dq_acc, q_rows, _fold_heads(dq_b, blk.heads, q.shape[2]))
+    add_rows(dk_src, k_rows, _fold_heads(dk_b, kv_index, k_src.shape[2]))
+    add_rows(dv_src, k_rows, _fold_heads(dv_b, kv_index, k_src.shape[2]))
 
 
-def _fold_heads(x: torch.Tensor, heads: Index, num_heads: int, per_query: bool = False) -> torch.Tensor:
+def _fold_heads(x: torch.Tensor, heads: Index, num_heads: int) -> torch.Tensor:
     """Scatter-add ``x [B, M, h, D]`` over ``heads`` into a ``[B, M, num_heads, D]`` tensor."""
     b, m, _, d = x.shape
     full = torch.zeros(b, m, num_heads, d, dtype=x.dtype, device=x.device)
@@ -266,85 +243,122 @@ def _fold_heads(x: torch.Tensor, heads: Index, num_heads: int, per_query: bool =
     return full
 
 
-def run_backward(plan: Plan, ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
+def _post_returns(ring: Ring, plans, shift: int, back: dict, ks, acc):
+    """Send the dK/dV of rows received at ``shift`` back to their owners (shift ``-shift``)."""
+    specs = {}
+    for r in ring.ranks:
+        step = plans[r].step(shift)
+        if step.sends:  # gradients of the rows r sent come back from (r + shift)
+            specs[r] = _shapes(ks[r], [(len(m.rows), len(m.kv_heads)) for m in step.sends], acc)
+    if not back and not specs:
+        return None
+    return shift, ring.exchange(-shift, back, specs, ks[ring.ranks[0]].device)
+
+
+def _add_returned(returning, plans, grads) -> None:
+    if returning is None:
+        return
+    shift, pending = returning
+    for r, tensors in pending.wait().items():
+        _, dk, dv = grads[r]
+        for m, dk_rows, dv_rows in zip(plans[r].step(shift).sends, tensors[0::2], tensors[1::2]):
+            rows, heads = index(m.rows, dk), index(m.kv_heads, dk)
+            add_rows(dk, rows, _fold_heads(dk_rows, heads, dk.shape[2]))
+            add_rows(dv, rows, _fold_heads(dv_rows, heads, dv.shape[2]))
+
+
+def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
     """Gradients ``{rank: (dq, dk, dv)}`` in the accumulation dtype."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     grads = {
         r: tuple(torch.zeros(t.shape, dtype=acc, device=t.device) for t in (qs[r], ks[r], vs[r]))
         for r in ring.ranks
     }
-    pending = _post_step(ring, plan, 0, ks, vs) if plan.steps else None
+    pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:
         dq, dk, dv = grads[r]
-        for blk in plan.local[r]:
+        for blk in plans[r].local:
             _block_backward(blk, qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], dq, dk, dv, scale)
     returning = None
-    for i, step in enumerate(plan.steps):
-        received = pending.wait()
-        if i + 1 < len(plan.steps):
-            pending = _post_step(ring, plan, i + 1, ks, vs)
-        back, specs = {}, {}
+    for shift in range(1, ring.size):
+        received = _wait(pending)
+        pending = _post_kv(ring, plans, shift + 1, ks, vs)
+        back = {}
         for r in ring.ranks:
-            if step.blocks.get(r):
+            step: Step = plans[r].step(shift)
+            if step.receives:
                 msgs = received[r]
                 dmsgs = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in msgs]
-                for blk in step.blocks[r]:
+                for blk in step.blocks:
                     j = 2 * blk.source
                     _block_backward(
                         blk, qs[r], msgs[j], msgs[j + 1], douts[r], outs[r], lses[r],
                         grads[r][0], dmsgs[j], dmsgs[j + 1], scale,
                     )
                 back[r] = dmsgs
-            if step.sends.get(r):  # gradients of the rows r sent come back from (r + shift)
-                specs[r] = _message_specs(step.sends[r], ks[r], acc)
-        if returning is not None:
-            _add_returned(returning, grads)
-        # Gradients of received rows go back to their owner: the reverse shift.
-        back_ring_sends = {r: back[r] for r in back}
-        returning = (step, ring.exchange(-step.shift, back_ring_sends, specs, qs[ring.ranks[0]].device))
-    if returning is not None:
-        _add_returned(returning, grads)
+        _add_returned(returning, plans, grads)
+        returning = _post_returns(ring, plans, shift, back, ks, acc)
+    _add_returned(returning, plans, grads)
     return grads
-
-
-def _add_returned(returning, grads) -> None:
-    step, pending = returning
-    for r, tensors in pending.wait().items():
-        for m, (dk_rows, dv_rows) in zip(step.sends[r], zip(tensors[0::2], tensors[1::2])):
-            _, dk, dv = grads[r]
-            add_rows(dk, m.rows, _fold_heads(dk_rows, m.kv_heads, dk.shape[2]))
-            add_rows(dv, m.rows, _fold_heads(dv_rows, m.kv_heads, dv.shape[2]))
 
 
 class PackedAttention(torch.autograd.Function):
     """Differentiable :func:`run_forward` for the ranks ``ring.ranks``.
 
-    Inputs are the ranks' q shards, then k shards, then v shards; outputs are the ranks'
-    output shards in the input dtype.
+    Inputs are the ranks' plans (in ``ring.ranks`` order), then their q shards, k shards
+    and v shards; outputs are the ranks' output shards in the input dtype. Double
+    backward is refused: the backward runs fused kernels that have no derivative.
     """
 
     @staticmethod
-    def forward(ctx, plan: Plan, ring: Ring, scale: float, *tensors):
+    def forward(ctx, plans: tuple[RankPlan, ...], ring: Ring, scale: float, *tensors):
         n = len(ring.ranks)
+        by_rank = dict(zip(ring.ranks, plans))
         qs = dict(zip(ring.ranks, tensors[:n]))
         ks = dict(zip(ring.ranks, tensors[n : 2 * n]))
         vs = dict(zip(ring.ranks, tensors[2 * n :]))
-        state = run_forward(plan, ring, qs, ks, vs, scale)
+        state = run_forward(by_rank, ring, qs, ks, vs, scale)
         outs = tuple(state[r][0].to(qs[r].dtype) for r in ring.ranks)
         lses = tuple(state[r][1] for r in ring.ranks)
-        ctx.plan, ctx.ring, ctx.scale = plan, ring, scale
+        ctx.plans, ctx.ring, ctx.scale = by_rank, ring, scale
         ctx.save_for_backward(*tensors, *outs, *lses)
         return outs
 
     @staticmethod
     def backward(ctx, *douts):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ring_attention does not support double backward (create_graph=True): its "
+                "backward runs fused attention kernels that have no derivative"
+            )
         ring = ctx.ring
         n = len(ring.ranks)
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (dict(zip(ring.ranks, saved[i * n : (i + 1) * n])) for i in range(5))
         douts = {r: (d if d is not None else torch.zeros_like(outs[r])) for r, d in zip(ring.ranks, douts)}
-        grads = run_backward(ctx.plan, ring, qs, ks, vs, outs, lses, douts, ctx.scale)
+        grads = run_backward(ctx.plans, ring, qs, ks, vs, outs, lses, douts, ctx.scale)
         dqs = [grads[r][0].to(qs[r].dtype) for r in ring.ranks]
         dks = [grads[r][1].to(ks[r].dtype) for r in ring.ranks]
         dvs = [grads[r][2].to(vs[r].dtype) for r in ring.ranks]
         return (None, None, None, *dqs, *dks, *dvs)
+
+
+def run_on_ring(plans: tuple[RankPlan, ...], ring: Ring, scale: float, layout: str, q, k, v, *, checkpoint: bool):
+    """Run the plans of ``ring.ranks``: one rank's shard, or every rank's in turn.
+
+    With one rank in this process, ``q, k, v`` are its shard; with several (a simulated
+    ring), they are the whole sequence in natural order, split into the ranks' shards
+    here and joined back. ``checkpoint`` stores only the inputs and reruns the forward
+    in backward.
+    """
+
+    def run(q, k, v):
+        if len(ring.ranks) == 1:
+            return PackedAttention.apply(plans, ring, scale, q, k, v)[0]
+        shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
+        outs = PackedAttention.apply(plans, ring, scale, *shards[0], *shards[1], *shards[2])
+        return _layout.join(list(outs), layout)
+
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
+    return run(q, k, v)

@@ -2,8 +2,7 @@
 
 For every pair ``(w, r)`` and head offset ``o`` (SEMANTICS.md), the heads with that
 offset keep the same rows: ``(p mod w') mod r == o``. A rank packs its kept rows into a
-dense block; a *run* is a stretch of packed rows lying in one segment and one interval
-of the shard. Attention then only pairs runs of the same segment:
+dense block; attention then only pairs runs of the same segment:
 
 - runs on the same rank are computed locally, with no communication: the same run is a
   diagonal block (block-causal when ``causal``), runs of different intervals are full
@@ -13,9 +12,9 @@ of the shard. Attention then only pairs runs of the same segment:
   ``causal``, only runs that precede one of the receiver's runs). Runs held by different
   ranks never overlap, so such a block is either full or skipped.
 
-Everything here is index arithmetic done once per shape and cached; the tensors it
-produces are index tensors (or slices where the rows are evenly spaced) that
-:mod:`ring_attention.packed` uses to gather and scatter rows.
+Everything here is integer arithmetic on positions, without tensors, done once per
+shape and rank and cached (:func:`rank_plan`). A rank's plan looks only at the ranks it
+shares a segment with, so a process builds what it runs and nothing more.
 """
 
 from __future__ import annotations
@@ -23,10 +22,8 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import torch
-
 from . import layout as _layout
-from .packed import Block, Call, Message, Plan, Step
+from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_ranges
 from .pattern import DilatedPattern
 
 
@@ -37,63 +34,82 @@ class _Run(NamedTuple):
     length: int
 
 
-class _Rows(NamedTuple):
-    """The rows one rank keeps for one (pair, offset): local indices and runs."""
+class _Kept(NamedTuple):
+    """The rows one rank keeps for one unit: local row indices and runs, packed order."""
 
-    local: torch.Tensor  # int64 local row indices, packed order
+    rows: Rows
     runs: tuple[_Run, ...]
+    last_first: dict[int, int]  # segment -> first position of its last run here
 
 
-def _as_index(values: list[int] | torch.Tensor, device) -> slice | torch.Tensor:
-    """A slice when the values are evenly spaced and increasing, else an index tensor."""
-    t = torch.as_tensor(values, dtype=torch.int64)
-    if t.numel() == 1:
-        return slice(int(t[0]), int(t[0]) + 1, 1)
-    if t.numel() > 1:
-        step = int(t[1] - t[0])
-        if step > 0 and bool((t[1:] - t[:-1] == step).all()):
-            return slice(int(t[0]), int(t[-1]) + 1, step)
-    return t.to(device)
+class _Spec(NamedTuple):
+    """What fixes a plan, besides the rank."""
+
+    seq_len: int
+    ring_size: int
+    layout: str
+    causal: bool
+    group: int  # query heads per kv head
+    segments: tuple[int, ...]  # effective segment length of each pair
+    rates: tuple[int, ...]
+    units: tuple[Unit, ...]
 
 
-def _kept_rows(seq_len, ring_size, rank, layout, segment, rate, offset) -> _Rows:
-    pieces, runs, base, start = [], [], 0, 0
-    for a, b in _layout.shard_intervals(seq_len, ring_size, rank, layout):
-        pos = torch.arange(a, b)
-        keep = pos[(pos % segment) % rate == offset]
-        if keep.numel():
-            segs, counts = torch.unique_consecutive(keep // segment, return_counts=True)
-            firsts = keep[torch.cumsum(counts, 0) - counts]
-            for s, c, f in zip(segs.tolist(), counts.tolist(), firsts.tolist()):
-                runs.append(_Run(s, f, start, c))
-                start += c
-            pieces.append(keep - a + base)
+@functools.lru_cache(maxsize=4096)
+def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
+    pair = spec.units[unit].pair
+    segment, rate = spec.segments[pair], spec.rates[pair]
+    offset = spec.units[unit].heads.start % rate
+    ranges, runs, last_first = [], [], {}
+    base = packed = 0
+    for a, b in _layout.shard_intervals(spec.seq_len, spec.ring_size, rank, spec.layout):
+        for s in range(a // segment, (b - 1) // segment + 1):
+            first = s * segment + offset
+            if first < a:
+                first += -(-(a - first) // rate) * rate
+            stop = min((s + 1) * segment, b)
+            if first >= stop:
+                continue
+            count = -(-(stop - first) // rate)
+            local = first - a + base
+            ranges.append(range(local, local + count * rate, rate))
+            runs.append(_Run(s, first, packed, count))
+            last_first[s] = first
+            packed += count
         base += b - a
-    local = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
-    return _Rows(local, tuple(runs))
+    return _Kept(Rows(merge_ranges(ranges)), tuple(runs), last_first)
 
 
-def _batch_calls(pairs) -> list[list]:
+def _holders(spec: _Spec, start: int, stop: int) -> set[int]:
+    """The ranks holding any of the global positions ``[start, stop)``."""
+    r = spec.ring_size
+    if spec.layout == "contiguous":
+        n = spec.seq_len // r
+        return set(range(start // n, (stop - 1) // n + 1))
+    c = spec.seq_len // (2 * r)
+    return {ch if ch < r else 2 * r - 1 - ch for ch in range(start // c, (stop - 1) // c + 1)}
+
+
+def _batch_calls(pairs, q_rows: Rows) -> tuple[Call, ...]:
     """Group ``(q_run, k_run, causal)`` pairs into batched calls.
 
     Consecutive pairs join one call when their runs follow each other in both packed
     orders and have the same lengths and mask.
     """
-    calls = []
+    calls: list[list] = []
     for q, k, causal in pairs:
         if calls:
             c = calls[-1]
             if (
-                c[5] == causal
-                and c[3] == q.length
-                and c[4] == k.length
-                and q.start == c[0] + c[2] * c[3]
-                and k.start == c[1] + c[2] * c[4]
+                c[5] == causal and c[3] == q.length and c[4] == k.length
+                and q.start == c[0] + c[2] * c[3] and k.start == c[1] + c[2] * c[4]
             ):
                 c[2] += 1
                 continue
         calls.append([q.start, k.start, 1, q.length, k.length, causal])
-    return calls
+    return tuple(
+        Call(qs, ks, n, ql, kl, causal, q_rows.sub(qs, qs + n * ql)) for qs, ks, n, ql, kl, causal in calls
+    )
 
 
 def _block_pairs(q_runs, k_runs, causal: bool, same_rank: bool):
@@ -110,123 +126,129 @@ def _block_pairs(q_runs, k_runs, causal: bool, same_rank: bool):
     return pairs
 
 
-class _Coverage:
-    """Which (row, head) cells a call already wrote, so first writes skip the merge."""
-
-    def __init__(self, n: int, heads: int):
-        self.done = torch.zeros(n, heads, dtype=torch.bool)
-
-    def fresh(self, rows: torch.Tensor, heads: slice) -> bool:
-        cells = self.done[rows][:, heads]
-        was_fresh = not bool(cells.any())
-        sub = self.done[rows]
-        sub[:, heads] = True
-        self.done[rows] = sub
-        return was_fresh
+def _kv_heads(spec: _Spec, unit: int) -> list[int]:
+    return [h // spec.group for h in spec.units[unit].heads]
 
 
-def _block(q_rows: _Rows, heads: slice, k_index, kv_index, source, pairs, coverage, device):
-    calls = []
-    for q_start, k_start, runs, q_len, k_len, causal in _batch_calls(pairs):
-        rows = q_rows.local[q_start : q_start + runs * q_len]
-        fresh = coverage.fresh(rows, heads)
-        calls.append(Call(q_start, k_start, runs, q_len, k_len, causal, fresh))
-    return Block(
-        q_rows=_as_index(q_rows.local, device),
-        heads=heads,
-        k_rows=k_index,
-        kv_index=kv_index,
-        source=source,
-        calls=tuple(calls),
+@functools.lru_cache(maxsize=4096)
+def _message(spec: _Spec, unit: int, src: int, dst: int):
+    """What ``src`` sends ``dst`` for ``unit``: ``(Message, runs as packed in it)`` or None."""
+    have, need = _kept(spec, src, unit), _kept(spec, dst, unit)
+    sent = [
+        k for k in have.runs
+        if k.segment in need.last_first and (not spec.causal or k.first < need.last_first[k.segment])
+    ]
+    if not sent:
+        return None
+    moved, start, ranges = [], 0, []
+    for k in sent:
+        moved.append(k._replace(start=start))
+        ranges.extend(have.rows.sub(k.start, k.start + k.length).ranges)
+        start += k.length
+    kv = sorted(set(_kv_heads(spec, unit)))
+    return Message(Rows(merge_ranges(ranges)), Rows.of(kv)), tuple(moved)
+
+
+def _head_slice(unit: Unit) -> slice:
+    return slice(unit.heads.start, unit.heads.stop, unit.heads.step)
+
+
+def _local_blocks(spec: _Spec, rank: int) -> tuple[Block, ...]:
+    blocks = []
+    for u, unit in enumerate(spec.units):
+        kept = _kept(spec, rank, u)
+        pairs = _block_pairs(kept.runs, kept.runs, spec.causal, same_rank=True)
+        if pairs:
+            kv_index = Rows.of(_kv_heads(spec, u))
+            calls = _batch_calls(pairs, kept.rows)
+            blocks.append(Block(u, kept.rows, _head_slice(unit), kept.rows, kv_index, None, calls))
+    return tuple(blocks)
+
+
+def _step(spec: _Spec, rank: int, shift: int) -> Step | None:
+    r = spec.ring_size
+    dst, src = (rank + shift) % r, (rank - shift) % r
+    sends, receives, blocks = [], [], []
+    for u, unit in enumerate(spec.units):
+        out = _message(spec, u, rank, dst)
+        if out is not None:
+            sends.append(out[0])
+        got = _message(spec, u, src, rank)
+        if got is None:
+            continue
+        message, moved = got
+        kept = _kept(spec, rank, u)
+        pairs = _block_pairs(kept.runs, moved, spec.causal, same_rank=False)
+        receives.append((len(message.rows), len(message.kv_heads)))
+        if pairs:
+            kv = message.kv_heads.values()
+            kv_index = Rows.of(kv.index(h) for h in _kv_heads(spec, u))
+            k_rows = Rows.of(range(len(message.rows)))
+            calls = _batch_calls(pairs, kept.rows)
+            blocks.append(Block(u, kept.rows, _head_slice(unit), k_rows, kv_index, len(receives) - 1, calls))
+    if not sends and not receives:
+        return None
+    return Step(shift, tuple(sends), tuple(receives), tuple(blocks))
+
+
+def _partners(spec: _Spec, rank: int) -> set[int]:
+    """The other ranks holding a segment this rank holds, for any unit."""
+    out: set[int] = set()
+    for u in range(len(spec.units)):
+        segment = spec.segments[spec.units[u].pair]
+        for s in _kept(spec, rank, u).last_first:
+            out |= _holders(spec, s * segment, (s + 1) * segment)
+    out.discard(rank)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout) -> _Spec:
+    if pattern is None:
+        pattern = DilatedPattern((seq_len,), (1,))
+    segments = pattern.effective_segment_lengths(seq_len)
+    units = []
+    for pair, (rate, heads) in enumerate(zip(pattern.dilation_rates, pattern.heads_of_pair(num_heads))):
+        for offset in range(rate):
+            first = heads.start + (offset - heads.start) % rate  # first head h with h % r == offset
+            if first < heads.stop:
+                units.append(Unit(pair, range(first, heads.stop, rate)))
+    return _Spec(
+        seq_len, ring_size, layout, causal, num_heads // num_kv_heads, segments,
+        pattern.dilation_rates, tuple(units),
     )
 
 
-def _head_slice(heads: range, rate: int, offset: int) -> slice:
-    first = heads.start + (offset - heads.start) % rate
-    return slice(first, heads.stop, rate)
-
-
-@functools.lru_cache(maxsize=64)
-def dilated_plan(
+@functools.lru_cache(maxsize=1024)
+def rank_plan(
     pattern: DilatedPattern | None,
     seq_len: int,
     num_heads: int,
     num_kv_heads: int,
     causal: bool,
-    ring_size: int = 1,
-    layout: str = "contiguous",
-    device: torch.device = torch.device("cpu"),
-) -> Plan:
-    """The plan of dilated attention (full attention if ``pattern is None``) on a ring.
+    ring_size: int,
+    layout: str,
+    rank: int,
+) -> RankPlan:
+    """The plan of rank ``rank`` of dilated attention (full attention if ``pattern is None``).
 
-    ``ring_size=1`` is single-device dilated attention: local blocks only.
+    ``ring_size=1`` is single-device dilated attention: local blocks only. Shifts with no
+    traffic for this rank have no step; every rank still walks the shifts in the same
+    order (see :mod:`ring_attention.packed`).
     """
-    if pattern is None:
-        pattern = DilatedPattern((seq_len,), (1,))
-    group = num_heads // num_kv_heads
-    segments = pattern.effective_segment_lengths(seq_len)
-    n_local = seq_len // ring_size
+    spec = _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout)
+    steps = {}
+    for partner in sorted(_partners(spec, rank)):
+        for shift in {(partner - rank) % ring_size, (rank - partner) % ring_size}:
+            if shift not in steps:
+                step = _step(spec, rank, shift)
+                if step is not None:
+                    steps[shift] = step
+    return RankPlan(rank, ring_size, spec.units, _local_blocks(spec, rank), dict(sorted(steps.items())))
 
-    # Every (pair, offset) with at least one head: its heads and every rank's kept rows.
-    units = []
-    for seg, rate, heads in zip(segments, pattern.dilation_rates, pattern.heads_of_pair(num_heads)):
-        for offset in range(rate):
-            hs = _head_slice(heads, rate, offset)  # heads h with head_offset(h, rate) == offset
-            head_list = list(range(*hs.indices(num_heads)))
-            if not head_list:
-                continue
-            kept = [_kept_rows(seq_len, ring_size, r, layout, seg, rate, offset) for r in range(ring_size)]
-            units.append((hs, head_list, kept))
 
-    coverage = {r: _Coverage(n_local, num_heads) for r in range(ring_size)}
-    local = {}
-    for r in range(ring_size):
-        blocks = []
-        for hs, head_list, kept in units:
-            rows = kept[r]
-            pairs = _block_pairs(rows.runs, rows.runs, causal, same_rank=True)
-            if not pairs:
-                continue
-            kv_index = _as_index([h // group for h in head_list], device)
-            k_index = _as_index(rows.local, device)
-            blocks.append(_block(rows, hs, k_index, kv_index, None, pairs, coverage[r], device))
-        local[r] = tuple(blocks)
-
-    steps = []
-    for shift in range(1, ring_size):
-        sends, received_blocks = {}, {}
-        for dst in range(ring_size):
-            src = (dst - shift) % ring_size
-            msgs, blocks = [], []
-            for hs, head_list, kept in units:
-                q_rows, k_rows = kept[dst], kept[src]
-                q_segments = {}
-                for q in q_rows.runs:
-                    q_segments[q.segment] = max(q_segments.get(q.segment, -1), q.first)
-                needed = [
-                    k for k in k_rows.runs
-                    if k.segment in q_segments and (not causal or k.first < q_segments[k.segment])
-                ]
-                if not needed:
-                    continue
-                # Repack the needed runs as the message's rows, in the sender's order.
-                sent = torch.cat([k_rows.local[k.start : k.start + k.length] for k in needed])
-                moved, start = [], 0
-                for k in needed:
-                    moved.append(k._replace(start=start))
-                    start += k.length
-                pairs = _block_pairs(q_rows.runs, moved, causal, same_rank=False)
-                if not pairs:
-                    continue
-                kv_heads = sorted({h // group for h in head_list})
-                msgs.append(Message(rows=_as_index(sent, device), kv_heads=_as_index(kv_heads, device)))
-                kv_index = _as_index([kv_heads.index(h // group) for h in head_list], device)
-                blocks.append(
-                    _block(q_rows, hs, slice(0, start, 1), kv_index, len(msgs) - 1, pairs, coverage[dst], device)
-                )
-            if msgs:
-                sends[src] = tuple(msgs)
-                received_blocks[dst] = tuple(blocks)
-        if sends:
-            steps.append(Step(shift=shift, sends=sends, blocks=received_blocks))
-    return Plan(ring_size=ring_size, local=local, steps=tuple(steps))
+def ring_plans(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout, ranks) -> tuple[RankPlan, ...]:
+    """The plans of the ranks this process runs, in the order of ``ranks``."""
+    return tuple(
+        rank_plan(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout, r) for r in ranks
+    )

@@ -20,9 +20,10 @@ Full attention is the dilated pattern ``(N, 1)``, so the per-rank steps are the 
 
 from __future__ import annotations
 
-from .plans import dilated_plan
+from ._checks import check_flag
+from .packed import run_on_ring
+from .plans import ring_plans
 from .ring_checks import check_ring_inputs
-from .ring_dilated import run_on_ring
 
 
 def ring_attention(
@@ -52,7 +53,8 @@ def ring_attention(
     ring, shapes, scale, causal, layout = check_ring_inputs(
         q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout
     )
-    plan = dilated_plan(
-        None, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, q.device
+    checkpoint = check_flag(checkpoint, "checkpoint")
+    plans = ring_plans(
+        None, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks
     )
-    return run_on_ring(plan, ring, scale, layout, q, k, v, checkpoint=checkpoint)
+    return run_on_ring(plans, ring, scale, layout, q, k, v, checkpoint=checkpoint)

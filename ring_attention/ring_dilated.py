@@ -12,14 +12,10 @@ their owner. The exchange plan is built in :mod:`ring_attention.plans` and run b
 
 from __future__ import annotations
 
-import torch
-import torch.utils.checkpoint
-
-from . import layout as _layout
 from . import pattern as _pattern
 from ._checks import check_flag
-from .packed import PackedAttention
-from .plans import dilated_plan
+from .packed import run_on_ring
+from .plans import ring_plans
 from .ring_checks import check_ring_inputs
 
 
@@ -54,23 +50,9 @@ def ring_dilated_attention(
         q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
         pattern=pattern,
     )
-    plan = dilated_plan(
-        pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, q.device
-    )
-    return run_on_ring(plan, ring, scale, layout, q, k, v, checkpoint=checkpoint)
-
-
-def run_on_ring(plan, ring, scale, layout, q, k, v, *, checkpoint=False):
-    """Run a packed plan: one rank's shard, or every rank's in turn on the whole sequence."""
     checkpoint = check_flag(checkpoint, "checkpoint")
+    plans = ring_plans(
+        pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks
+    )
+    return run_on_ring(plans, ring, scale, layout, q, k, v, checkpoint=checkpoint)
 
-    def run(q, k, v):
-        if len(ring.ranks) == 1:  # this process runs one rank: q, k, v are its shard
-            return PackedAttention.apply(plan, ring, scale, q, k, v)[0]
-        shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
-        outs = PackedAttention.apply(plan, ring, scale, *shards[0], *shards[1], *shards[2])
-        return _layout.join(list(outs), layout)
-
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
-    return run(q, k, v)

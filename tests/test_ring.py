@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
-from ring_attention.packed import index_length
-from ring_attention.plans import dilated_plan
+from tests.plan_view import plan_view
 
 LAYOUTS = ("contiguous", "zigzag")
 HEADS = ((1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (4, 2), (4, 4), (6, 2))  # (H, Hkv)
@@ -146,7 +145,7 @@ def _calls_work(blocks, num_heads, triangle: bool):
     """Score entries computed by ``blocks``: diagonal calls count their triangle if ``triangle``."""
     total = 0
     for blk in blocks:
-        heads = index_length(blk.heads, num_heads)
+        heads = len(range(*blk.heads.indices(num_heads)))
         for c in blk.calls:
             if triangle and c.causal:
                 assert c.q_len == c.k_len
@@ -163,7 +162,7 @@ def _received_blocks(plan, rank):
 @pytest.mark.parametrize("ring_size", [2, 3, 4])
 def test_contiguous_causal_plan_skips_blocks_above_the_diagonal(ring_size):
     n, h, hkv = 8 * ring_size, 4, 2
-    plan = dilated_plan(None, n, h, hkv, True, ring_size, "contiguous")
+    plan = plan_view(None, n, h, hkv, True, ring_size, "contiguous")
     assert len(plan.steps) == ring_size - 1
     for step in plan.steps:
         # Rank dst receives from src = dst - shift only when src < dst (keys before queries):
@@ -176,7 +175,7 @@ def test_contiguous_causal_plan_skips_blocks_above_the_diagonal(ring_size):
     shard = n // ring_size
     for r in range(ring_size):
         assert _calls_work(_received_blocks(plan, r), h, False) == r * h * shard * shard
-    full = dilated_plan(None, n, h, hkv, False, ring_size, "contiguous")
+    full = plan_view(None, n, h, hkv, False, ring_size, "contiguous")
     for step in full.steps:
         assert sorted(step.blocks) == list(range(ring_size)) == sorted(step.sends)
 
@@ -186,7 +185,7 @@ def test_contiguous_causal_plan_skips_blocks_above_the_diagonal(ring_size):
 def test_zigzag_causal_plan_is_balanced(ring_size, heads):
     h, hkv = heads
     n = 2 * ring_size * 4
-    plan = dilated_plan(None, n, h, hkv, True, ring_size, "zigzag")
+    plan = plan_view(None, n, h, hkv, True, ring_size, "zigzag")
     received = [_calls_work(_received_blocks(plan, r), h, False) for r in range(ring_size)]
     total = [_calls_work(list(plan.local[r]) + _received_blocks(plan, r), h, False) for r in range(ring_size)]
     assert len(set(received)) == 1, f"received work per rank: {received}"
@@ -194,7 +193,7 @@ def test_zigzag_causal_plan_is_balanced(ring_size, heads):
     # Every rank receives at every step (half of each peer's shard is before its queries).
     for step in plan.steps:
         assert sorted(step.blocks) == list(range(ring_size))
-    contiguous = dilated_plan(None, n, h, hkv, True, ring_size, "contiguous")
+    contiguous = plan_view(None, n, h, hkv, True, ring_size, "contiguous")
     contiguous_total = [
         _calls_work(list(contiguous.local[r]) + _received_blocks(contiguous, r), h, False)
         for r in range(ring_size)
@@ -217,7 +216,7 @@ def test_plan_computes_each_allowed_score_once(ring_size, layout, chunk, heads, 
     """
     h, hkv = heads
     n = ring_size * _layout.chunks_per_rank(layout) * chunk
-    plan = dilated_plan(None, n, h, hkv, causal, ring_size, layout)
+    plan = plan_view(None, n, h, hkv, causal, ring_size, layout)
     work = sum(
         _calls_work(list(plan.local[r]) + _received_blocks(plan, r), h, True) for r in range(ring_size)
     )
@@ -226,11 +225,11 @@ def test_plan_computes_each_allowed_score_once(ring_size, layout, chunk, heads, 
 
 def test_messages_carry_only_kv_heads():
     """GQA: each message holds the shard's rows of the Hkv kv heads, never the H query heads."""
-    plan = dilated_plan(None, 16, 8, 2, False, 2, "contiguous")
+    plan = plan_view(None, 16, 8, 2, False, 2, "contiguous")
     for step in plan.steps:
         for msgs in step.sends.values():
-            assert sum(index_length(m.rows, 8) for m in msgs) == 8
-            assert all(index_length(m.kv_heads, 2) == 2 for m in msgs)
+            assert sum(len(m.rows) for m in msgs) == 8
+            assert all(len(m.kv_heads) == 2 for m in msgs)
 
 
 # --- bad input -------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
-from ring_attention.packed import index_length
-from ring_attention.plans import dilated_plan
+from tests.plan_view import plan_view
 
 from .test_ring import F64, HEADS, LAYOUTS, assert_matches, fwd_bwd, make_qkv
 
@@ -212,8 +211,8 @@ def _expected_messages(pattern, n, h, hkv, causal, ring_size, layout):
     return expected
 
 
-def _as_list(index, size):
-    return list(range(*index.indices(size))) if isinstance(index, slice) else index.tolist()
+def _as_list(rows, size):
+    return rows.values()
 
 
 def _actual_messages(plan, n_local, hkv):
@@ -231,7 +230,7 @@ def _actual_messages(plan, n_local, hkv):
 def test_messages_carry_exactly_the_kept_rows_the_receiver_needs(case):
     n, r = case["n"], case["ring_size"]
     args = (case["pattern"], n, case["h"], case["hkv"], case["causal"], r, case["layout"])
-    plan = dilated_plan(*args)
+    plan = plan_view(*args)
     assert _actual_messages(plan, n // r, case["hkv"]) == _expected_messages(*args)
     for step in plan.steps:  # what is sent is received: senders and receivers pair up
         assert sorted(step.blocks) == sorted((s + step.shift) % r for s in step.sends)
@@ -250,10 +249,10 @@ def test_segments_inside_shards_need_no_communication(ring_size, layout, chunk, 
     segments = data.draw(st.lists(st.sampled_from(_divisors(chunk)), min_size=1, max_size=3))
     rates = [data.draw(st.integers(1, w)) for w in segments]
     pattern = ra.DilatedPattern(tuple(segments), tuple(rates))
-    assert dilated_plan(pattern, n, 4, 2, causal, ring_size, layout).steps == ()
+    assert plan_view(pattern, n, 4, 2, causal, ring_size, layout).steps == ()
     # One segment spanning two ranks (rate 1: every row kept) does communicate.
     spanning = ra.DilatedPattern((*segments, n), (*rates, 1))
-    assert dilated_plan(spanning, n, 4, 2, causal, ring_size, layout).steps != ()
+    assert plan_view(spanning, n, 4, 2, causal, ring_size, layout).steps != ()
 
 
 @pytest.mark.parametrize("rate", [1, 2, 3, 4, 5])
@@ -261,12 +260,12 @@ def test_segments_inside_shards_need_no_communication(ring_size, layout, chunk, 
 def test_spanning_segment_sends_about_w_over_r_rows(rate, heads):
     """N=w=48 on 2 ranks: each (pair, offset) message carries ~24/r rows, not the 24 of a shard."""
     n, shard = 48, 24
-    plan = dilated_plan(ra.DilatedPattern((n,), (rate,)), n, heads, 1, False, 2, "contiguous")
-    full = dilated_plan(None, n, heads, 1, False, 2, "contiguous")
-    assert [index_length(m.rows, shard) for m in full.steps[0].sends[0]] == [shard]
+    plan = plan_view(ra.DilatedPattern((n,), (rate,)), n, heads, 1, False, 2, "contiguous")
+    full = plan_view(None, n, heads, 1, False, 2, "contiguous")
+    assert [len(m.rows) for m in full.steps[0].sends[0]] == [shard]
     (step,) = plan.steps
     for src in (0, 1):
-        rows = [index_length(m.rows, shard) for m in step.sends[src]]
+        rows = [len(m.rows) for m in step.sends[src]]
         offsets = range(min(rate, heads))  # offsets that some head uses
         held = range(src * shard, (src + 1) * shard)  # global positions of the sender
         assert rows == [sum(1 for p in held if p % rate == o) for o in offsets], rows
@@ -278,7 +277,7 @@ def _work(plan, h, rank, triangle):
     blocks = list(plan.local[rank]) + [b for s in plan.steps for b in s.blocks.get(rank, ())]
     total = 0
     for blk in blocks:
-        nh = index_length(blk.heads, h)
+        nh = len(range(*blk.heads.indices(h)))
         for c in blk.calls:
             per = c.q_len * (c.q_len + 1) // 2 if (triangle and c.causal) else c.q_len * c.k_len
             total += nh * c.runs * per
@@ -291,7 +290,7 @@ def test_plan_work_equals_the_weight_count(case):
     """Summed over ranks, the plan computes each nonzero weight of W once (a key covered by two
     mixture pairs twice, as W counts it): no block above the diagonal, no block twice."""
     n, r, h, p = case["n"], case["ring_size"], case["h"], case["pattern"]
-    plan = dilated_plan(p, n, h, case["hkv"], case["causal"], r, case["layout"])
+    plan = plan_view(p, n, h, case["hkv"], case["causal"], r, case["layout"])
     work = sum(_work(plan, h, rank, True) for rank in range(r))
     assert work == int(_pattern.weights(p, n, h, is_causal=case["causal"]).sum())
 

@@ -1,0 +1,177 @@
+"""What a plan is made of: row sets, kernel calls, blocks, messages and ring steps.
+
+Everything here is plain Python (ints, ranges, tuples): a plan holds no tensor and no
+device, so it is built once per shape and serves CPU, CUDA, meta and fake tensors
+alike. Row sets turn into a slice (when evenly spaced) or an index tensor only when an
+executor needs them, through :func:`index`, which caches the tensor per device and per
+fake-tensor mode.
+
+Vocabulary:
+
+- a *unit* is one (pair, head offset) of the dilated pattern: its heads keep the same
+  rows (SEMANTICS.md's ``sel_k(h, p)``), packed into a dense block;
+- a *run* is a stretch of packed rows lying in one segment and one contiguous interval
+  of the shard; runs of equal length that follow each other batch into one kernel
+  call (:class:`Call`);
+- a :class:`Block` pairs packed query rows of this rank with packed key rows from a
+  *source*: the rank's own shard, or a message received at a :class:`Step`;
+- a :class:`Step` is one shift of the ring: what this rank sends to ``rank + shift``,
+  what it receives from ``rank - shift``, and the blocks it computes with that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Iterable
+from typing import Union
+
+import torch
+
+Index = Union[slice, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rows:
+    """An ordered set of indices as arithmetic progressions (``range`` objects).
+
+    Compared and hashed by identity: plans are cached, so the same ``Rows`` object comes
+    back on every call and its index tensors are cached on it.
+    """
+
+    ranges: tuple[range, ...]
+
+    @staticmethod
+    def of(values: Iterable[int] | range) -> Rows:
+        """Rows from ascending or arbitrary ints, merged into as few ranges as possible."""
+        if isinstance(values, range):
+            return Rows((values,) if len(values) else ())
+        return Rows(merge_ranges(range(v, v + 1) for v in values))
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.ranges)
+
+    def as_slice(self) -> slice | None:
+        """The rows as a slice, when they are one increasing progression."""
+        if len(self.ranges) != 1 or self.ranges[0].step <= 0:
+            return None
+        r = self.ranges[0]
+        return slice(r.start, r.start + len(r) * r.step, r.step)
+
+    def values(self) -> list[int]:
+        return [i for r in self.ranges for i in r]
+
+    def sub(self, start: int, stop: int) -> Rows:
+        """The rows at positions ``[start, stop)`` of this ordered set."""
+        out, pos = [], 0
+        for r in self.ranges:
+            lo, hi = max(start - pos, 0), min(stop - pos, len(r))
+            if lo < hi:
+                out.append(r[lo:hi])
+            pos += len(r)
+        return Rows(merge_ranges(out))
+
+
+def merge_ranges(ranges: Iterable[range]) -> tuple[range, ...]:
+    """Join consecutive ranges that continue one arithmetic progression."""
+    out: list[range] = []
+    for r in ranges:
+        if not len(r):
+            continue
+        if out:
+            prev = out[-1]
+            step = r.start - prev[-1]
+            if step > 0 and (len(prev) == 1 or prev.step == step) and (len(r) == 1 or r.step == step):
+                out[-1] = range(prev.start, r[-1] + step, step)
+                continue
+        out.append(r)
+    return tuple(out)
+
+
+# Index tensors per Rows object, per (device, fake mode): a tensor made under one
+# FakeTensorMode is never handed to another mode or to a real run.
+_INDEX_CACHE: weakref.WeakKeyDictionary[Rows, dict] = weakref.WeakKeyDictionary()
+
+
+def _mode_key(like: torch.Tensor):
+    mode = getattr(like, "fake_mode", None)
+    return (like.device, None if mode is None else id(mode))
+
+
+def index(rows: Rows, like: torch.Tensor) -> Index:
+    """``rows`` as a slice, or as an int64 index tensor on ``like``'s device (cached)."""
+    as_slice = rows.as_slice()
+    if as_slice is not None:
+        return as_slice
+    per_device = _INDEX_CACHE.setdefault(rows, {})
+    key = _mode_key(like)
+    hit = per_device.get(key)
+    if hit is None:
+        # The tensor holds a reference to its fake mode, so the id in the key stays unique.
+        hit = per_device[key] = torch.tensor(rows.values(), dtype=torch.int64, device=like.device)
+    return hit
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Call:
+    """One batched kernel call: ``runs`` query runs against as many key runs, pairwise.
+
+    ``q_start``/``k_start`` are packed row positions in the block's query and key rows;
+    ``q_rows`` are the shard rows the call's output lands on.
+    """
+
+    q_start: int
+    k_start: int
+    runs: int
+    q_len: int
+    k_len: int
+    causal: bool  # diagonal block: the key run is the query run itself
+    q_rows: Rows
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Block:
+    unit: int  # index into RankPlan.units
+    q_rows: Rows  # rows of the query shard, packed order
+    heads: slice  # query heads
+    k_rows: Rows  # rows of the key source, packed order
+    kv_index: Rows  # for each query head, its head in the key source
+    source: int | None  # None: the rank's own shard; i: the i-th message received at the step
+    calls: tuple[Call, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Message:
+    rows: Rows  # rows of the sender's k/v shard
+    kv_heads: Rows  # kv heads sent
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Step:
+    shift: int
+    sends: tuple[Message, ...]  # to (rank + shift) % R
+    receives: tuple[tuple[int, int], ...]  # (rows, kv heads) of each message from (rank - shift) % R
+    blocks: tuple[Block, ...]  # computed with what arrives
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    pair: int  # which (w, r) pair of the pattern
+    heads: range  # its query heads (one head offset)
+
+
+EMPTY_STEP = Step(0, (), (), ())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RankPlan:
+    """Everything one rank computes and exchanges, forward and backward."""
+
+    rank: int
+    ring_size: int
+    units: tuple[Unit, ...]
+    local: tuple[Block, ...]
+    steps: dict[int, Step]  # by shift; shifts with no traffic for this rank are absent
+
+    def step(self, shift: int) -> Step:
+        return self.steps.get(shift, EMPTY_STEP)
