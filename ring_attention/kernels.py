@@ -71,7 +71,7 @@ def _capability_of(index: int) -> tuple[int, int]:
 
 def backend(q: torch.Tensor) -> str:
     """The backend a block with ``q [B, H, L, D]`` runs on: cpu, flash, efficient or math."""
-    if q.device.type == "cpu":
+    if q.device.type in ("cpu", "meta"):  # meta: shapes only, through the CPU op's meta kernel
         return "cpu"
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return "math"

@@ -36,7 +36,7 @@ from . import kernels
 from . import layout as _layout
 from .blocks import Block, Call, Index, Message, RankPlan, Step, index
 from .comm import Ring
-from .merge import accumulation_dtype, merge, merge_into_
+from .merge import accumulation_dtype, merge_into_
 
 
 def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
@@ -130,9 +130,10 @@ def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale:
             # Evenly spaced rows and heads: the accumulators' views merge in place.
             merge_into_(out_acc[:, rows, blk.heads], lse_acc[:, rows, blk.heads], o, lse)
         else:
-            o, lse = merge(take(out_acc, rows, blk.heads), take(lse_acc, rows, blk.heads), o, lse)
-            put(out_acc, rows, blk.heads, o)
-            put(lse_acc, rows, blk.heads, lse)
+            o_acc, l_acc = take(out_acc, rows, blk.heads), take(lse_acc, rows, blk.heads)  # copies
+            merge_into_(o_acc, l_acc, o, lse)
+            put(out_acc, rows, blk.heads, o_acc)
+            put(lse_acc, rows, blk.heads, l_acc)
 
 
 def _message_tensors(msgs: tuple[Message, ...], k, v) -> list[torch.Tensor]:

@@ -19,7 +19,10 @@ shares a segment with, so a process builds what it runs and nothing more.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import gc
 from typing import NamedTuple
 
 from . import layout as _layout
@@ -42,8 +45,9 @@ class _Kept(NamedTuple):
     last_first: dict[int, int]  # segment -> first position of its last run here
 
 
-class _Spec(NamedTuple):
-    """What fixes a plan, besides the rank."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Spec:
+    """What fixes a plan, besides the rank (one object per shape: hashed by identity)."""
 
     seq_len: int
     ring_size: int
@@ -131,6 +135,14 @@ def _kv_heads(spec: _Spec, unit: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=4096)
+def _kv_rows(spec: _Spec, unit: int) -> tuple[Rows, Rows, Rows]:
+    """Per unit: kv head of each query head; kv heads a message carries; their positions in it."""
+    per_head = _kv_heads(spec, unit)
+    sent = sorted(set(per_head))
+    return Rows.of(per_head), Rows.of(sent), Rows.of(sent.index(h) for h in per_head)
+
+
+@functools.lru_cache(maxsize=4096)
 def _message(spec: _Spec, unit: int, src: int, dst: int):
     """What ``src`` sends ``dst`` for ``unit``: ``(Message, runs as packed in it)`` or None."""
     have, need = _kept(spec, src, unit), _kept(spec, dst, unit)
@@ -145,8 +157,7 @@ def _message(spec: _Spec, unit: int, src: int, dst: int):
         moved.append(k._replace(start=start))
         ranges.extend(have.rows.sub(k.start, k.start + k.length).ranges)
         start += k.length
-    kv = sorted(set(_kv_heads(spec, unit)))
-    return Message(Rows(merge_ranges(ranges)), Rows.of(kv)), tuple(moved)
+    return Message(Rows(merge_ranges(ranges)), _kv_rows(spec, unit)[1]), tuple(moved)
 
 
 def _head_slice(unit: Unit) -> slice:
@@ -159,7 +170,7 @@ def _local_blocks(spec: _Spec, rank: int) -> tuple[Block, ...]:
         kept = _kept(spec, rank, u)
         pairs = _block_pairs(kept.runs, kept.runs, spec.causal, same_rank=True)
         if pairs:
-            kv_index = Rows.of(_kv_heads(spec, u))
+            kv_index = _kv_rows(spec, u)[0]
             calls = _batch_calls(pairs, kept.rows)
             blocks.append(Block(u, kept.rows, _head_slice(unit), kept.rows, kv_index, None, calls))
     return tuple(blocks)
@@ -181,8 +192,7 @@ def _step(spec: _Spec, rank: int, shift: int) -> Step | None:
         pairs = _block_pairs(kept.runs, moved, spec.causal, same_rank=False)
         receives.append((len(message.rows), len(message.kv_heads)))
         if pairs:
-            kv = message.kv_heads.values()
-            kv_index = Rows.of(kv.index(h) for h in _kv_heads(spec, u))
+            kv_index = _kv_rows(spec, u)[2]
             k_rows = Rows.of(range(len(message.rows)))
             calls = _batch_calls(pairs, kept.rows)
             blocks.append(Block(u, kept.rows, _head_slice(unit), k_rows, kv_index, len(receives) - 1, calls))
@@ -237,14 +247,28 @@ def rank_plan(
     order (see :mod:`ring_attention.packed`).
     """
     spec = _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout)
-    steps = {}
-    for partner in sorted(_partners(spec, rank)):
-        for shift in {(partner - rank) % ring_size, (rank - partner) % ring_size}:
-            if shift not in steps:
-                step = _step(spec, rank, shift)
-                if step is not None:
-                    steps[shift] = step
-    return RankPlan(rank, ring_size, spec.units, _local_blocks(spec, rank), dict(sorted(steps.items())))
+    with _gc_paused():
+        steps = {}
+        for partner in sorted(_partners(spec, rank)):
+            for shift in {(partner - rank) % ring_size, (rank - partner) % ring_size}:
+                if shift not in steps:
+                    step = _step(spec, rank, shift)
+                    if step is not None:
+                        steps[shift] = step
+        local = _local_blocks(spec, rank)
+    return RankPlan(rank, ring_size, spec.units, local, dict(sorted(steps.items())))
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """A build allocates many small acyclic objects; a collection would rescan every cached plan."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def ring_plans(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout, ranks) -> tuple[RankPlan, ...]:
