@@ -176,15 +176,15 @@ def _local_blocks(spec: _Spec, rank: int) -> tuple[Block, ...]:
     return tuple(blocks)
 
 
-def _step(spec: _Spec, rank: int, shift: int) -> Step | None:
+def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None:
     r = spec.ring_size
     dst, src = (rank + shift) % r, (rank - shift) % r
     sends, receives, blocks = [], [], []
     for u, unit in enumerate(spec.units):
-        out = _message(spec, u, rank, dst)
+        out = _message(spec, u, rank, dst) if dst in partners else None
         if out is not None:
             sends.append(out[0])
-        got = _message(spec, u, src, rank)
+        got = _message(spec, u, src, rank) if src in partners else None
         if got is None:
             continue
         message, moved = got
@@ -249,10 +249,11 @@ def rank_plan(
     spec = _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout)
     with _gc_paused():
         steps = {}
-        for partner in sorted(_partners(spec, rank)):
+        partners = _partners(spec, rank)
+        for partner in sorted(partners):
             for shift in {(partner - rank) % ring_size, (rank - partner) % ring_size}:
                 if shift not in steps:
-                    step = _step(spec, rank, shift)
+                    step = _step(spec, rank, shift, partners)
                     if step is not None:
                         steps[shift] = step
         local = _local_blocks(spec, rank)
