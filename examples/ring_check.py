@@ -9,8 +9,8 @@ forward and backward on the process group. It compares its output shard and its 
 ``[H, N, N]`` matrix, so keep ``N`` around a thousand), prints its max errors, and rank 0
 prints ``OK`` or ``MISMATCH``. The exit status is non-zero on a mismatch.
 
-Backend: NCCL with one GPU per rank (``LOCAL_RANK``) when CUDA is available, gloo on CPU
-otherwise.
+Backend: NCCL with one GPU per rank (``LOCAL_RANK``) when there are at least as many GPUs
+as ranks on the node, gloo on CPU otherwise (saying so when GPUs were seen but too few).
 """
 
 from __future__ import annotations
@@ -49,15 +49,28 @@ def longnet_pattern(n: int) -> ra.DilatedPattern:
     return ra.DilatedPattern((n // 4, n // 2, n), (1, 2, 4), mode="mixture")
 
 
+def pick_device(local_rank: int, local_world: int) -> tuple[torch.device, str, str | None]:
+    """``(device, backend, note)``: one GPU per rank with NCCL, or the CPU with gloo.
+
+    NCCL refuses two ranks on one GPU, so with fewer GPUs than ranks on this node the
+    check runs on the CPU, and ``note`` says why.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus >= local_world:
+        return torch.device("cuda", local_rank), "nccl", None
+    note = f"{gpus} GPU(s) for {local_world} ranks on this node: running on the CPU with gloo" if gpus else None
+    return torch.device("cpu"), "gloo", note
+
+
 def main() -> int:
     args = parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device, backend, note = pick_device(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if note and rank == 0:
+        print(note, file=sys.stderr, flush=True)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120), device_id=device)

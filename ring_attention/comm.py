@@ -55,10 +55,6 @@ class Ring:
         """
         raise NotImplementedError
 
-    def all_gather_ints(self, values: list[int], device) -> list[list[int]]:
-        """Every rank's ``values`` (same length everywhere), in rank order."""
-        raise NotImplementedError
-
 
 class SimulatedRing(Ring):
     """All ``size`` ranks in this process; an exchange is a hand-over, no copy."""
@@ -75,9 +71,6 @@ class SimulatedRing(Ring):
                 raise RuntimeError("ring plan mismatch: the sender's and receiver's shapes differ")
             received[r] = list(got)
         return Pending(received)
-
-    def all_gather_ints(self, values, device):
-        return [list(values) for _ in self.ranks]
 
 
 class ProcessGroupRing(Ring):
@@ -103,10 +96,4 @@ class ProcessGroupRing(Ring):
         ops += [dist.P2POp(dist.irecv, t, src, self.group) for t in incoming]
         requests = dist.batch_isend_irecv(ops) if ops else []
         return Pending({me: incoming} if me in specs else {}, requests, outgoing)
-
-    def all_gather_ints(self, values, device):
-        mine = torch.tensor(values, dtype=torch.int64, device=device)
-        every = [torch.empty_like(mine) for _ in range(self.size)]
-        dist.all_gather(every, mine, group=self.group)
-        return [t.tolist() for t in every]
 

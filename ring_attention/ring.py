@@ -20,7 +20,6 @@ Full attention is the dilated pattern ``(N, 1)``, so the per-rank steps are the 
 
 from __future__ import annotations
 
-from ._checks import check_flag
 from .packed import run_on_ring
 from .plans import ring_plans
 from .ring_checks import check_ring_inputs
@@ -50,10 +49,10 @@ def ring_attention(
     Raises:
         ValueError / TypeError naming the problem, on every rank of the group.
     """
-    ring, shapes, scale, causal, layout = check_ring_inputs(
-        q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout
+    ring, shapes, scale, causal, layout, checkpoint = check_ring_inputs(
+        q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
+        checkpoint=checkpoint
     )
-    checkpoint = check_flag(checkpoint, "checkpoint")
     plans = ring_plans(
         None, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks
     )

@@ -1,88 +1,163 @@
 """Validating ring inputs on every rank at once, so bad input never leaves a rank waiting.
 
-In a process group each rank checks its own shard, then all ranks exchange a small
-summary (ok flag, shapes, dtype, flags) in one ``all_gather`` *before* any P2P. If one
-rank's shard is malformed or the shards disagree, every rank raises, with a message that
-names the problem, instead of the healthy ranks blocking in a receive that never comes.
+In a process group each rank checks every argument of its own call, then all ranks
+exchange what they found (their error, or a signature of their inputs: shapes, dtype,
+flags, pattern, scale, checkpointing) in one ``all_gather_object`` *before* any P2P. If
+one rank's input is malformed or the ranks disagree, every rank raises, with a message
+that names the values, instead of the healthy ranks blocking in a receive that never
+comes.
+
+The agreement costs a host synchronization, so it runs once per (group, signature):
+a call whose signature the group already agreed on skips it. The ranks must therefore
+change their inputs together (as a training loop does); a rank whose shapes change
+alone is not caught after the first agreed call.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import collections
+import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from . import layout as _layout
 from . import pattern as _pattern
-from ._checks import SUPPORTED_DTYPES, check_flag, check_qkv, check_scale
+from ._checks import check_flag, check_qkv, check_scale
 from .comm import ProcessGroupRing, SimulatedRing
 
 
-def _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, sharded):
+class _Signature(NamedTuple):
+    """What every rank of a ring must agree on: it fixes the plan and the messages."""
+
+    N: int
+    B: int
+    H: int
+    Hkv: int
+    D: int
+    dtype: str
+    device_type: str
+    causal: bool
+    layout: str
+    pattern: str
+    scale: float
+    checkpoint: bool
+
+
+FULL = object()  # the ``pattern`` of full attention: ring_attention passes it, users never do
+
+_AGREED: collections.OrderedDict = collections.OrderedDict()  # (group, signature), LRU
+_MAX_AGREED = 1024  # every rank evicts the same entries: they see the same calls
+
+
+def _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, sharded):
+    ring_size = _layout.check_ring_size(ring_size)
     layout = _layout.check_layout(layout)
     causal = check_flag(causal, "causal")
+    checkpoint = check_flag(checkpoint, "checkpoint")
+    if pattern is not FULL:
+        pattern = _pattern.as_pattern(pattern)
     shapes = check_qkv(q, k, v)
     scale = check_scale(scale, shapes.head_dim)
     n = shapes.seq_len * ring_size if sharded else shapes.seq_len
     if sharded and layout == "zigzag" and shapes.seq_len % 2:
-        raise ValueError(
-            f"zigzag shards hold two equal chunks: this rank's length {shapes.seq_len} is odd"
-        )
+        raise ValueError(f"zigzag shards hold two equal chunks: this rank's length {shapes.seq_len} is odd")
     _layout.check_divisible(n, ring_size, layout)
-    if pattern is not None:
+    if pattern is not FULL:
         pattern.check(n, shapes.heads)
-    return shapes._replace(seq_len=n), scale, causal, layout
+    return ring_size, shapes._replace(seq_len=n), scale, causal, layout, checkpoint
 
 
-def _summary_device(group):
+def _refuse_local_in_distributed_job(ring_size) -> None:
+    """``group=None`` in a multi-process job is almost always a forgotten ``group=``."""
+    if ring_size is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            f"group=None inside a distributed job of {dist.get_world_size()} processes would attend "
+            "over this process's input alone: pass group=torch.distributed.group.WORLD (or a subgroup) "
+            "for a ring across the ranks, or ring_size=1 (or R) to compute the whole sequence here"
+        )
+
+
+def _describe(pattern) -> str:
+    if pattern is FULL:
+        return "full"
+    return f"{pattern.mode} {tuple(zip(pattern.segment_lengths, pattern.dilation_rates))}"
+
+
+def _collective_device(group, q) -> torch.device:
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    if isinstance(q, torch.Tensor) and q.is_cuda:
+        return q.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _check_nccl_device(group, q) -> None:
     if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        if not q.is_cuda:
+            raise ValueError(f"the process group uses NCCL, which needs CUDA tensors: q is on {q.device}")
+        current = torch.cuda.current_device()
+        if q.device.index != current:
+            raise ValueError(
+                f"q is on {q.device} but this process's current CUDA device is cuda:{current}: call "
+                "torch.cuda.set_device(local_rank) before using an NCCL group"
+            )
 
 
-def check_ring_inputs(q, k, v, *, group, ring_size, causal, scale, layout, pattern=None):
-    """Validate and return ``(ring, global shapes, scale, causal, layout)``."""
-    ring_size_arg = ring_size
-    ring_size = _layout.check_ring_size(ring_size)
-    if pattern is not None:
-        pattern = _pattern.as_pattern(pattern)
+def check_ring_inputs(
+    q, k, v, *, group, ring_size, causal, scale, layout, pattern=FULL, checkpoint=False
+):
+    """Validate and return ``(ring, global shapes, scale, causal, layout, checkpoint)``."""
     if group is None:
-        ring = SimulatedRing(ring_size)
-        return (ring, *_local_checks(q, k, v, ring_size, layout, causal, scale, pattern, False))
+        _refuse_local_in_distributed_job(ring_size)
+        size, *rest = _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, False)
+        return (SimulatedRing(size), *rest)
 
     ring = ProcessGroupRing(group)
-    error, result, summary = None, None, [0] * 11
+    error, result, signature = None, None, None
     try:
-        if ring_size_arg is not None and ring_size_arg != ring.size:
-            raise ValueError(
-                f"ring_size={ring_size} does not match the process group's size {ring.size}; "
-                "pass one or the other"
-            )
-        result = _local_checks(q, k, v, ring.size, layout, causal, scale, pattern, True)
-        shapes = result[0]
-        summary = [
-            1, shapes.seq_len, shapes.batch, shapes.heads, shapes.kv_heads, shapes.head_dim,
-            SUPPORTED_DTYPES.index(q.dtype), int(result[2]), _layout.LAYOUTS.index(result[3]),
-            zlib.crc32(repr(pattern).encode()),  # every rank must build the same plan
-            struct.unpack("<q", struct.pack("<d", result[1]))[0],  # the scale's bits
-        ]
+        if ring_size is not None:
+            ring_size = _layout.check_ring_size(ring_size)
+            if ring_size != ring.size:
+                raise ValueError(
+                    f"ring_size={ring_size} does not match the process group's size {ring.size}; "
+                    "pass one or the other"
+                )
+        _, *result = _local_checks(q, k, v, ring.size, layout, causal, scale, pattern, checkpoint, True)
+        _check_nccl_device(group, q)
+        shapes, scale_, causal_, layout_, checkpoint_ = result
+        signature = _Signature(
+            shapes.seq_len, shapes.batch, shapes.heads, shapes.kv_heads, shapes.head_dim,
+            str(q.dtype).removeprefix("torch."), q.device.type, causal_, layout_, _describe(pattern),
+            scale_, checkpoint_,
+        )
     except (ValueError, TypeError) as exc:
         error = exc
-    every = ring.all_gather_ints(summary, _summary_device(group))
+    key = (group, signature)
+    if error is None and key in _AGREED:
+        _AGREED.move_to_end(key)
+        return (ring, *result)
+
+    every = [None] * ring.size
+    device = _collective_device(group, q)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(every, (None if error is None else f"{type(error).__name__}: {error}", signature), group)
     if error is not None:
         raise error
-    bad = [r for r, s in enumerate(every) if s[0] == 0]
+    bad = [f"rank {r}: {e}" for r, (e, _) in enumerate(every) if e is not None]
     if bad:
-        raise ValueError(f"ranks {bad} of the ring rejected their inputs; see the error raised there")
-    if any(s != every[0] for s in every):
-        names = ("ok", "N", "B", "H", "Hkv", "D", "dtype", "causal", "layout", "pattern", "scale")
-        diffs = [
-            f"{name}: " + ", ".join(f"rank {r}={s[i]}" for r, s in enumerate(every))
-            for i, name in enumerate(names)
-            if len({s[i] for s in every}) > 1
-        ]
+        raise ValueError("other ranks of the ring rejected their inputs (" + "; ".join(bad) + ")")
+    signatures = [s for _, s in every]
+    diffs = [
+        f"{name}: " + ", ".join(f"rank {r}={s[i]}" for r, s in enumerate(signatures))
+        for i, name in enumerate(_Signature._fields)
+        if len({s[i] for s in signatures}) > 1
+    ]
+    if diffs:
         raise ValueError("the ranks' shards or arguments disagree (" + "; ".join(diffs) + ")")
+    _AGREED[key] = None
+    if len(_AGREED) > _MAX_AGREED:
+        _AGREED.popitem(last=False)
     return (ring, *result)
 

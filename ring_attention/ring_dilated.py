@@ -12,8 +12,6 @@ their owner. The exchange plan is built in :mod:`ring_attention.plans` and run b
 
 from __future__ import annotations
 
-from . import pattern as _pattern
-from ._checks import check_flag
 from .packed import run_on_ring
 from .plans import ring_plans
 from .ring_checks import check_ring_inputs
@@ -45,12 +43,11 @@ def ring_dilated_attention(
         ValueError / TypeError for malformed inputs; in a process group every rank
         raises, so a bad shard on one rank never leaves the others waiting.
     """
-    _pattern.as_pattern(pattern)
-    ring, shapes, scale, causal, layout = check_ring_inputs(
+    ring, shapes, scale, causal, layout, checkpoint = check_ring_inputs(
         q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
+        checkpoint=checkpoint,
         pattern=pattern,
     )
-    checkpoint = check_flag(checkpoint, "checkpoint")
     plans = ring_plans(
         pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks
     )

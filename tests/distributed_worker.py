@@ -15,6 +15,9 @@ Case kinds:
   full sequence. Optional ``subgroup``: run on ``dist.new_group(subgroup)`` instead of
   the world (ranks outside it record ``skipped``).
 - ``bad``: a malformed call; records ``"Type: message"`` of what it raised, or ``None``.
+  Knobs ending in ``_on_rank1`` give rank 1 another value than the others.
+- ``agreement``: the same call repeated, then a new shape; records how many
+  ``all_gather_object`` collectives each call ran (the agreement is cached per signature).
 """
 
 from __future__ import annotations
@@ -121,9 +124,18 @@ def run_bad(case, group, rank, world):
     kwargs = dict(group=group, layout=layout, causal=causal)
     if "ring_size" in case:
         kwargs["ring_size"] = case["ring_size"]
+    if rank == 1 and "ring_size_on_rank1" in case:
+        kwargs["ring_size"] = case["ring_size_on_rank1"]
+    if rank == 1 and "checkpoint_on_rank1" in case:
+        kwargs["checkpoint"] = case["checkpoint_on_rank1"]
+    if rank == 1 and "scale_on_rank1" in case:
+        kwargs["scale"] = case["scale_on_rank1"]
+    if case.get("group_none"):
+        del kwargs["group"]
     pattern = _pattern(case.get("pattern"))
     if rank == 1 and "pattern_on_rank1" in case:
-        pattern = _pattern(case["pattern_on_rank1"])
+        spec = case["pattern_on_rank1"]
+        pattern = spec if isinstance(spec, str) else _pattern(spec)  # a string: not a pattern
     try:
         if pattern is None:
             ra.ring_attention(q, k, v, **kwargs)
@@ -132,6 +144,26 @@ def run_bad(case, group, rank, world):
     except Exception as exc:  # noqa: BLE001 - the type is part of what the test checks
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def run_agreement(case, group, rank, world):
+    """Collectives run by the agreement on each of four calls: same, same, same, new shape."""
+    counts, real = [], dist.all_gather_object
+
+    def counting(*args, **kwargs):
+        counts[-1] += 1
+        return real(*args, **kwargs)
+
+    dist.all_gather_object = counting
+    try:
+        for n_local in (8, 8, 8, 10):
+            counts.append(0)
+            gen = torch.Generator().manual_seed(rank)
+            q, k, v = (torch.randn(1, n_local, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+            ra.ring_attention(q, k, v, group=group, causal=True, layout="zigzag")
+    finally:
+        dist.all_gather_object = real
+    return {"collectives": counts}
 
 
 def main(cases_path, out_dir):
@@ -169,6 +201,8 @@ def main(cases_path, out_dir):
                     group, g_rank, g_world = subgroups[key], key.index(rank), len(key)
                 if case["kind"] == "ok":
                     res = run_ok(case, group, g_rank, g_world)
+                elif case["kind"] == "agreement":
+                    res = run_agreement(case, group, g_rank, g_world)
                 else:
                     res = {"raised": run_bad(case, group, g_rank, g_world)}
             except Exception:  # noqa: BLE001 - reported to the test, which fails on it

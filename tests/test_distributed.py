@@ -186,6 +186,28 @@ def _bad_cases(world: int) -> list[tuple[dict, str]]:
     ]
 
 
+# Rank 1 alone passes something wrong or different: every rank raises, and the message names
+# the values (not codes). (case, phrases every rank's error must contain, as regexes)
+def _agreement_cases(world: int) -> list[tuple[dict, list[str]]]:
+    return [
+        (dict(name="bad-rank1-checkpoint-differs", kind="bad", n_local=6, checkpoint_on_rank1=True),
+         [r"checkpoint: rank 0=False, rank 1=True"]),
+        (dict(name="bad-rank1-ring-size-0", kind="bad", n_local=6, ring_size_on_rank1=0), [r"ring_size"]),
+        (dict(name="bad-rank1-ring-size-minus-1", kind="bad", n_local=6, ring_size_on_rank1=-1), [r"ring_size"]),
+        (dict(name="bad-rank1-not-a-pattern", kind="bad", n_local=6, pattern=[[4], [2], "mixture"],
+              pattern_on_rank1="not a pattern"), [r"DilatedPattern"]),
+        (dict(name="bad-rank1-dtype-named", kind="bad", n_local=6, dtype_on_rank1="float32"),
+         [r"dtype: rank 0=float64, rank 1=float32"]),
+        (dict(name="bad-rank1-scale-named", kind="bad", n_local=6, scale_on_rank1=0.25),
+         [r"scale: rank 0=0\.5, rank 1=0\.25"]),
+        (dict(name="bad-rank1-pattern-named", kind="bad", n_local=8, pattern=[[16], [1], "mixture"],
+              pattern_on_rank1=[[16], [2], "mixture"]),
+         [r"pattern: rank 0=mixture \(\(16, 1\),\), rank 1=mixture \(\(16, 2\),\)"]),
+        (dict(name="bad-group-none-in-a-distributed-job", kind="bad", n_local=6, group_none=True),
+         [r"group=None inside a distributed job of \d processes"]),
+    ]
+
+
 def _good_after_bad(world: int) -> list[dict]:
     # The group must still work after every rank raised: no message left in flight.
     return [dict(name="ok-after-bad", kind="ok", seed=31, shape=[1, N, 4, 2, 8], layout="zigzag",
@@ -193,7 +215,11 @@ def _good_after_bad(world: int) -> list[dict]:
 
 
 def _all_cases(world):
-    return _ring_cases(world) + _dilated_cases(world) + [c for c, _ in _bad_cases(world)] + _good_after_bad(world)
+    return (
+        _ring_cases(world) + _dilated_cases(world) + [c for c, _ in _bad_cases(world)]
+        + [c for c, _ in _agreement_cases(world)] + [dict(name="agreement-cached", kind="agreement")]
+        + _good_after_bad(world)
+    )
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -254,6 +280,29 @@ def test_bad_input_raises_on_every_rank(world_results, index):
     assert all(phrase in r or "rejected" in r for r in raised), raised
 
 
+@pytest.mark.parametrize(
+    "index", range(len(_agreement_cases(2))), ids=[c["name"] for c, _ in _agreement_cases(2)]
+)
+def test_one_bad_rank_makes_every_rank_raise_naming_values(world_results, index):
+    world, _, results = world_results
+    case, patterns = _agreement_cases(world)[index]
+    for rank, res in enumerate(results[case["name"]]):
+        assert "crash" not in res, f"rank {rank}:\n{res['crash']}"
+        raised = res["raised"]
+        assert raised is not None, f"world {world} rank {rank} did not raise for {case}"
+        assert raised.split(":")[0] in ("ValueError", "TypeError"), raised
+        for pattern in patterns:
+            assert re.search(pattern, raised), f"rank {rank}: {raised!r} does not match {pattern!r}"
+
+
+def test_agreement_runs_once_per_signature(world_results):
+    """The agreement's collective runs on a new signature only: 1, 0, 0, then 1 for a new shape."""
+    world, _, results = world_results
+    for rank, res in enumerate(results["agreement-cached"]):
+        assert "crash" not in res, f"rank {rank}:\n{res['crash']}"
+        assert res["collectives"] == [1, 0, 0, 1], f"rank {rank}: {res['collectives']}"
+
+
 def test_different_patterns_across_ranks_raise_on_every_rank(tmp_path):
     """Rank 1 passes another dilation rate (same shapes): every rank must raise ValueError."""
     case = dict(name="bad-rank1-other-pattern", kind="bad", n_local=8, heads=(2, 2),
@@ -282,3 +331,26 @@ def test_ring_check_example_under_torchrun(tmp_path):
     assert "MISMATCH" not in proc.stdout, output
     for rank in range(2):
         assert f"rank {rank}" in proc.stdout, output
+
+
+@pytest.mark.parametrize(
+    "gpus, local_world, expected",
+    [(0, 4, ("cpu", "gloo", False)), (2, 4, ("cpu", "gloo", True)), (4, 4, ("cuda", "nccl", False)),
+     (8, 4, ("cuda", "nccl", False))],
+)
+def test_ring_check_example_falls_back_to_gloo_with_fewer_gpus_than_ranks(monkeypatch, gpus, local_world, expected):
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("ring_check", ROOT / "examples" / "ring_check.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    device, backend, note = example.pick_device(1, local_world)
+    assert (device.type, backend, note is not None) == expected
+    if device.type == "cuda":
+        assert device.index == 1
+    if note:
+        assert f"{gpus} GPU(s) for {local_world} ranks" in note
