@@ -210,9 +210,13 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 def _cpu_forward(q, k, v, causal, scale):
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    return aten._scaled_dot_product_flash_attention_for_cpu.default(
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
         q, k, v, 0.0, causal, attn_mask=None, scale=scale
     )
+    # A query row holding NaN or inf that sees fewer than 8 keys comes back as (0, 0) from
+    # the CPU op: make it NaN, as the math (and the reference) says.
+    finite = torch.isfinite(q).all(-1)
+    return torch.where(finite.unsqueeze(-1), out, float("nan")), torch.where(finite, lse, float("nan"))
 
 
 def _cpu_backward(dout, q, k, v, out, lse, causal, scale):

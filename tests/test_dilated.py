@@ -285,3 +285,45 @@ def test_gradient_only_for_some_inputs():
     torch.testing.assert_close(dk, expected, rtol=1e-9, atol=1e-10)
     with torch.no_grad():
         assert not ra.dilated_attention(q, k, v, pattern).requires_grad
+
+
+@pytest.mark.parametrize(
+    "name, fn",
+    [
+        ("dilated", lambda q, k, v, p, c: ra.dilated_attention(q, k, v, p, causal=c)),
+        ("ring_dilated-2", lambda q, k, v, p, c: ra.ring_dilated_attention(q, k, v, p, ring_size=2, causal=c)),
+        ("ring-4", lambda q, k, v, p, c: ra.ring_attention(q, k, v, ring_size=4, causal=c)),
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_query_shows_where_the_reference_says(name, fn, causal, bad):
+    # Short segments and shards: every fused block has fewer than 8 keys, where torch's CPU
+    # op returns a finite 0 for a NaN query row.
+    p = ra.DilatedPattern((4, 8), (1, 2))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=gen) for _ in range(3))  # float32: float64 is not affected
+    q[0, 5, 1, 3] = bad
+    q[0, 10, 0, 0] = bad
+    pattern = None if name.startswith("ring-") else p
+    ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal)
+    out = fn(q, k, v, p, causal)
+    assert not ref.isfinite().all()  # the comparison is not vacuous
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite])
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda q, k, v: ra.dilated_attention(q, k, v, ra.DilatedPattern((4,), (2,))),
+        lambda q, k, v: ra.ring_attention(q, k, v, ring_size=2, causal=True),
+    ],
+)
+def test_double_backward_is_refused_clearly(fn):
+    q, k, v = (torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    (dq,) = torch.autograd.grad(fn(q, k, v).sum(), q)  # single backward works
+    assert dq.shape == q.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fn(q, k, v).sum(), q, create_graph=True)
