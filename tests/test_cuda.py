@@ -1,0 +1,181 @@
+"""The real CUDA path against a float64 reference; skipped where there is no CUDA device.
+
+Run by the GPU workflow before benchmarking. Every check has the same shape:
+
+    error(ours) <= K * error(SDPA) + eps
+
+where ``error`` is the largest absolute difference from a float64 reference computed on
+the CPU from the *same* (already rounded) inputs, and ``error(SDPA)`` is the error of
+``torch.nn.functional.scaled_dot_product_attention`` in the same dtype, on the same device,
+against the same kind of reference. So the bound follows each dtype and GPU instead of
+being a fixed number.
+
+- ``K = 8``: our result comes from one or more fused calls whose partial results merge
+  in float32 and round to the dtype once, like SDPA's single call; a correct
+  implementation lands within a small factor of SDPA (different block orders, the extra
+  merges), while a wrong mask, scale, or a misplaced key shows up as an O(1) error,
+  orders of magnitude above ``8 x`` SDPA's rounding error.
+- ``eps = finfo(dtype).eps * max|reference|``: one unit of rounding of the result, for
+  the cases where SDPA happens to be exact (``L = 1`` returns ``v`` itself).
+
+Dilated variants use the dense SDPA error of the same shape (full or causal as the
+variant) as the yardstick. A masked SDPA cannot express the mixture mode (a key covered by
+two pairs has weight 2, not a boolean) and gives NaN on rows a pattern leaves empty. The
+dense yardstick sums over at least as many keys per row as any dilated row does, so its
+rounding error is no smaller than the one a correct dilated result can have.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ring_attention as ra
+from ring_attention import kernels, registry
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+K = 8
+HEAD_DIMS = (36, 64, 80, 96, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LENGTHS = (1, 7, 128, 257)
+HEADS, KV_HEADS = 8, 2
+
+
+def _name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.detach().double().cpu() - ref.detach().double()).abs().max().item()
+
+
+def _bound(err_sdpa: float, ref: torch.Tensor, dtype) -> float:
+    return K * err_sdpa + torch.finfo(dtype).eps * ref.detach().abs().max().item()
+
+
+def _randn(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).cuda()
+
+
+def _float64_cpu(*tensors):
+    """Float64 CPU leaf copies of the already-rounded inputs, requiring grad."""
+    return [t.detach().double().cpu().requires_grad_() for t in tensors]
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+# --- the block kernels: [B, H, L, D], equal heads ------------------------------------------
+
+
+def _sdpa_errors(q, k, v, dout, *, causal, scale=None):
+    """SDPA's output and gradient errors against float64, in q's dtype on q's device.
+
+    ``[B, H, L, D]``; k/v may have fewer heads. The backends are pinned to flash and
+    mem-efficient, the fused kernels our code calls (newer torch prefers cuDNN on sm90).
+    kv heads are expanded with ``repeat_interleave`` (differentiable, so the k/v gradients
+    fold back) because mem-efficient has no grouped-query support.
+    """
+    groups = q.size(1) // k.size(1)
+
+    def sdpa(q, k, v):
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out = sdpa(qs, ks, vs)
+        grads = _grads(out, (qs, ks, vs), dout)
+    q64, k64, v64 = _float64_cpu(q, k, v)
+    ref = sdpa(q64, k64, v64)
+    ref_grads = _grads(ref, (q64, k64, v64), dout.double().cpu())
+    return _err(out, ref), [_err(g, r) for g, r in zip(grads, ref_grads)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("length", LENGTHS, ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"D{d}")
+def test_kernels_against_float64(d, dtype, length, causal):
+    b, h, scale = 2, 3, d**-0.5
+    q, k, v, dout = (_randn(b, h, length, d, dtype=dtype, seed=s) for s in range(4))
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale)
+    dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+
+    q64, k64, v64 = _float64_cpu(q, k, v)
+    # reference_attention takes [B, N, H, D]: transpose in and out
+    ref = ra.reference_attention(*(t.transpose(1, 2) for t in (q64, k64, v64)), causal=causal, scale=scale)
+    ref = ref.transpose(1, 2)
+    ref_grads = _grads(ref, (q64, k64, v64), dout.double().cpu())
+    scores = q64.detach() @ k64.detach().transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    ref_lse = torch.logsumexp(scores, dim=-1)
+
+    err_out, err_grads = _sdpa_errors(q, k, v, dout, causal=causal, scale=scale)
+    assert _err(out, ref) <= _bound(err_out, ref, dtype)
+    # An LSE off by delta scales every weight by exp(delta) ~ 1 + delta: it must be as
+    # accurate as SDPA's output is relative to its size.
+    rel_out = err_out / max(ref.detach().abs().max().item(), 1e-30)
+    assert _err(lse, ref_lse) <= K * rel_out + torch.finfo(torch.float32).eps * ref_lse.abs().max().item()
+    for name, g, r, e in zip("qkv", (dq, dk, dv), ref_grads, err_grads):
+        assert _err(g, r) <= _bound(e, r, dtype), f"d{name}"
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5], ids=["zero", "negative"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_kernels_causal_with_nonpositive_scale(dtype, scale):
+    """Issue 11: the fused ops multiply the -inf causal mask by the scale. SDPA itself is
+    wrong here, so the yardstick is SDPA's error at the default scale, same shape."""
+    b, h, length, d = 2, 3, 33, 64
+    q, k, v, dout = (_randn(b, h, length, d, dtype=dtype, seed=s) for s in range(4))
+    out, lse = kernels.attention_forward(q, k, v, causal=True, scale=scale)
+    q64, k64, v64 = _float64_cpu(q, k, v)
+    ref = ra.reference_attention(*(t.transpose(1, 2) for t in (q64, k64, v64)), causal=True, scale=scale)
+    err_out, _ = _sdpa_errors(q, k, v, dout, causal=True, scale=d**-0.5)
+    assert torch.isfinite(out).all()
+    assert _err(out, ref.transpose(1, 2)) <= _bound(err_out, ref, dtype)
+
+
+# --- every registry variant: [B, N, H, D], grouped-query heads ---------------------------
+
+
+def _variant_cases():
+    for name, variant in registry.VARIANTS.items():
+        for length in LENGTHS:
+            for dtype in DTYPES:
+                for d in HEAD_DIMS:
+                    marks = () if variant.supports(length, HEADS) else pytest.mark.skip(
+                        reason=f"{name} does not support N={length}, H={HEADS}"
+                    )
+                    yield pytest.param(name, length, dtype, d, id=f"{name}-N{length}-{_name(dtype)}-D{d}", marks=marks)
+
+
+@pytest.mark.parametrize("name, length, dtype, d", list(_variant_cases()))
+def test_variant_against_float64(name, length, dtype, d):
+    variant = registry.VARIANTS[name]
+    b = 2
+    q = _randn(b, length, HEADS, d, dtype=dtype, seed=0)
+    k, v = (_randn(b, length, KV_HEADS, d, dtype=dtype, seed=s) for s in (1, 2))
+    dout = _randn(b, length, HEADS, d, dtype=dtype, seed=3)
+
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    out = variant(qs, ks, vs)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_cuda
+    grads = _grads(out, (qs, ks, vs), dout)
+
+    q64, k64, v64 = _float64_cpu(q, k, v)
+    ref = variant.reference(q64, k64, v64)
+    ref_grads = _grads(ref, (q64, k64, v64), dout.double().cpu())
+
+    # yardstick: dense SDPA of the same shape (see the module docstring)
+    bhld = [t.transpose(1, 2) for t in (q, k, v)]
+    err_out, err_grads = _sdpa_errors(*bhld, dout.transpose(1, 2), causal=variant.causal)
+    assert _err(out, ref) <= _bound(err_out, ref, dtype)
+    for name_, g, r, e in zip("qkv", grads, ref_grads, err_grads):
+        assert _err(g, r) <= _bound(e, r, dtype), f"d{name_}"

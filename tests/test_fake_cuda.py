@@ -1,0 +1,513 @@
+"""The CUDA path, checked on a CPU-only build: fake CUDA tensors and a fused-kernel checker.
+
+Every test runs code under :func:`tests.fake_cuda.fake_cuda`: tensors are fake CUDA
+tensors (shapes, strides, dtypes, no values), every fused attention call is checked
+against what the real kernel checks, host synchronization is flagged, and the backward
+path runs through ``PackedAttention.backward`` directly (see ``tests/fake_cuda.py``).
+
+Sections:
+
+1. the harness itself: rerouted indexing matches torch's, launch counting, the backward
+   driver, and each checker rule fires on a hand-made bad call and stays quiet on good ones;
+2. ``kernels.attention_forward``/``attention_backward`` over head dims x dtypes x lengths,
+   offset and fused-qkv views, a batch above the grid limit, scales <= 0 with causal;
+3. the public functions and modules, forward and backward, over the same matrix for two
+   representative functions and at two (D, dtype) points for the others, plus offset and
+   fused-qkv views, odd lengths and grouped-query heads;
+4. every registry variant at two (D, dtype) points, at an odd length where its pattern
+   allows, and LongNet at N = 128K and at a batch whose runs overflow the launch grid.
+
+Nothing here is xfail: a failure names the op, the rule and the library line that broke it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ring_attention as ra
+from ring_attention import kernels, registry
+from tests.fake_cuda import MAX_GRID_YZ, FakeCuda, fake_cuda
+
+aten = torch.ops.aten
+
+HEAD_DIMS = (36, 64, 80, 96, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEADS, KV_HEADS = 8, 2  # grouped-query attention everywhere
+N = 96  # 3 * 32: divisible by every simulated ring's parts and the (N/4, N/2) segments
+ODD_N = 105  # 3 * 5 * 7: only patterns whose segments divide it
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _reasons(fc: FakeCuda) -> list[str]:
+    return [f"{v.op}: {v.reason}" for v in fc.violations]
+
+
+# --- 1. the harness ---------------------------------------------------------------------
+
+INDEX_KEYS = [
+    (slice(None), slice(1, None)),
+    (0,),
+    (Ellipsis, 3),
+    (slice(None), None, Ellipsis, slice(2, None, 2)),
+    (slice(None), [0, 2, 5]),
+    (slice(None), [[0], [2]], [1, 3]),
+    (1, slice(None), [0, 3]),
+    (Ellipsis, None),
+    (-1, slice(-3, None)),
+]
+
+
+@pytest.mark.parametrize("key", INDEX_KEYS, ids=[repr(k) for k in INDEX_KEYS])
+def test_rerouted_getitem_matches_torch_indexing(key):
+    real = torch.empty(2, 6, 4, 5)[key]
+    with fake_cuda() as fc:
+        x = fc.empty(2, 6, 4, 5, dtype=torch.float32)
+        got = x[key]
+        assert got.device.type == "cuda"
+        assert (got.shape, got.stride(), got.storage_offset()) == (
+            real.shape, real.stride(), real.storage_offset()
+        )
+    fc.assert_clean()
+
+
+def test_rerouted_setitem_copy_contiguous_and_to():
+    with fake_cuda() as fc:
+        x = fc.empty(2, 6, 4, dtype=torch.float16)
+        x[:, 1:3] = 0.0
+        x[:, 1:3] = x[:, 3:5]
+        x[:, torch.arange(2, device="cuda")] = x[:, :2]
+        x[:, 1:] += x[:, :-1]
+        x.copy_(torch.zeros_like(x))
+        t = x.transpose(1, 2).contiguous()
+        assert t.is_contiguous() and t.shape == (2, 4, 6)
+        assert torch.arange(3).to("cuda").device.type == "cuda"
+        assert (~(x > 0)).dtype == torch.bool
+    fc.assert_clean()
+
+
+def test_launch_counts_skip_views_and_allocations():
+    with fake_cuda() as fc:
+        x = fc.empty(2, 8, 16, 64, dtype=torch.float16)  # no launch
+        y = x[:, :, 1:].transpose(1, 2)  # views: no launch
+        before = fc.checker.launches
+        z = y + 1  # one elementwise kernel
+        assert fc.checker.launches == before + 1
+        aten._scaled_dot_product_flash_attention.default(x, x, x, 0.0, False, False, scale=0.1)
+        assert fc.checker.launches == before + 2
+        del z
+    assert fc.checker.fused_calls == {"aten._scaled_dot_product_flash_attention.default": 1}
+
+
+class _Square(torch.autograd.Function):
+    """A Function whose backward returns a configurable (possibly wrong) gradient."""
+
+    grad_dtype = None
+
+    @staticmethod
+    def forward(ctx, x, tag):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        g = 2 * x * dy
+        return (g if _Square.grad_dtype is None else g.to(_Square.grad_dtype)), None
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["right-grads", "wrong-dtype-grads"])
+def test_backward_driver_checks_gradients(wrong):
+    _Square.grad_dtype = torch.float32 if wrong else None
+    try:
+        with fake_cuda() as fc:
+            x = fc.empty(3, 4, dtype=torch.float16)
+            out = fc.drive(_Square, x, "tag")
+            assert out.shape == x.shape
+    finally:
+        _Square.grad_dtype = None
+    assert fc.backward_calls == 1
+    assert bool(fc.grad_problems) == wrong, fc.grad_problems
+
+
+def _flash(q, k, v, causal=False, scale=0.125):
+    return aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, causal, False, scale=scale)
+
+
+def _flash_bwd(q, k, v, out, lse, causal=False, scale=0.125):
+    empty = torch.empty(0, dtype=torch.int64, device=q.device)
+    return aten._scaled_dot_product_flash_attention_backward.default(
+        out, q, k, v, out, lse, None, None, q.size(2), k.size(2), 0.0, causal, empty, empty, scale=scale
+    )
+
+
+def _efficient(q, k, v, causal=False, scale=0.125):
+    return aten._scaled_dot_product_efficient_attention.default(q, k, v, None, True, 0.0, causal, scale=scale)
+
+
+def _efficient_bwd(q, k, v, out, lse, causal=False, scale=0.125):
+    seed = torch.empty((), dtype=torch.int64, device=q.device)
+    return aten._scaled_dot_product_efficient_attention_backward.default(
+        out, q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], causal, scale=scale
+    )
+
+
+def _bhld(fc, b=2, h=4, lq=16, d=64, dtype=torch.float16, lk=None, hkv=None):
+    q = fc.empty(b, h, lq, d, dtype=dtype)
+    kv = fc.empty(b, hkv or h, lk or lq, d, dtype=dtype)
+    return q, kv, kv
+
+
+def _good_flash_pair(fc):
+    q, k, v = _bhld(fc, hkv=2)
+    out, lse = _flash(q, k, v, causal=True)[:2]
+    _flash_bwd(q, k, v, out, lse, causal=True)
+
+
+def _good_efficient_pair(fc):
+    q, k, v = _bhld(fc, d=36, lq=33, dtype=torch.float32)  # 36 * 4 bytes is 16-byte aligned
+    out, lse = _efficient(q, k, v, causal=True)[:2]
+    _efficient_bwd(q, k, v, out, lse, causal=True)
+
+
+@pytest.mark.parametrize("make_calls", [_good_flash_pair, _good_efficient_pair], ids=["flash", "efficient"])
+def test_checker_accepts_good_calls(make_calls):
+    with fake_cuda() as fc:
+        make_calls(fc)
+    fc.assert_clean()
+    assert sum(fc.checker.fused_calls.values()) == 2
+
+
+def _misaligned_view(fc):
+    big = fc.empty(2, 4, 16, 65, dtype=torch.float16)
+    q = big[..., 1:]  # unit last stride, storage offset 1 element, strides 65 * 2 bytes
+    _flash(q, q, q)
+
+
+def _flash_bwd_strided_lse(fc):
+    q, k, v = _bhld(fc)
+    out, lse = _flash(q, k, v)[:2]
+    _flash_bwd(q, k, v, out, fc.empty(2, 16, 4, dtype=torch.float32).transpose(1, 2))
+
+
+def _efficient_bwd_unpadded_lse(fc):
+    q, k, v = _bhld(fc, lq=33, dtype=torch.float32)
+    out, lse = _efficient(q, k, v)[:2]
+    _efficient_bwd(q, k, v, out, lse[..., :33].contiguous())
+
+
+BAD_CALLS = {
+    "flash-D36": (lambda fc: _flash(*_bhld(fc, d=36)), "head dim 36 % 8 != 0"),
+    "flash-D264": (lambda fc: _flash(*_bhld(fc, d=264)), "head dim 264 > 256"),
+    "flash-fp32": (lambda fc: _flash(*_bhld(fc, dtype=torch.float32)), "takes float16, bfloat16; got torch.float32"),
+    "flash-misaligned-view": (_misaligned_view, "data pointer not 16-byte aligned"),
+    "flash-batch-65536": (lambda fc: _flash(*_bhld(fc, b=MAX_GRID_YZ + 1, h=1, lq=1, d=8)), "batch 65536 > 65535"),
+    "flash-causal-non-square": (lambda fc: _flash(*_bhld(fc, lq=4, lk=8), causal=True), "not square"),
+    "flash-causal-scale-0": (lambda fc: _flash(*_bhld(fc), causal=True, scale=0.0), "<= 0"),
+    "flash-causal-scale-underflows": (lambda fc: _flash(*_bhld(fc), causal=True, scale=1e-50), "<= 0"),
+    "flash-kv-heads-not-dividing": (lambda fc: _flash(*_bhld(fc, h=4, hkv=3)), "do not divide"),
+    "flash-bwd-strided-lse": (_flash_bwd_strided_lse, "lse not contiguous"),
+    "efficient-gqa": (lambda fc: _efficient(*_bhld(fc, hkv=2)), "no grouped-query support"),
+    "efficient-fp16-D36": (lambda fc: _efficient(*_bhld(fc, d=36)), "not a multiple of 16"),
+    "efficient-bwd-unpadded-lse": (_efficient_bwd_unpadded_lse, "lse shape (2, 4, 33), must be (2, 4, 64)"),
+    "cpu-op-on-cuda": (
+        lambda fc: aten._scaled_dot_product_flash_attention_for_cpu.default(*_bhld(fc), 0.0, False, scale=0.1),
+        "CPU fused op called on CUDA tensors",
+    ),
+    "bmm-on-cuda": (lambda fc: torch.matmul(fc.empty(4, 16, 64, dtype=torch.float32), fc.empty(4, 64, 16, dtype=torch.float32)), "unfused attention path"),
+    "item": (lambda fc: fc.empty(3, dtype=torch.float32).sum().item(), "host sync: .item()"),
+    "bool": (lambda fc: bool(fc.empty(3, dtype=torch.float32).sum() > 0), "host sync: .item()"),
+    "nonzero": (lambda fc: fc.empty(3, dtype=torch.bool).nonzero(), "host sync: nonzero"),
+    "boolean-mask": (
+        lambda fc: fc.empty(3, dtype=torch.float32)[fc.empty(3, dtype=torch.bool)],
+        "host sync: nonzero",
+    ),
+}
+
+
+@pytest.mark.parametrize("make_call, expected", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_checker_flags_bad_call(make_call, expected):
+    with fake_cuda() as fc:
+        make_call(fc)
+    assert any(expected in r for r in _reasons(fc)), fc.report()
+
+
+def test_checker_records_instead_of_raising():
+    """Several violations in one call are all listed, and the call still returns."""
+    with fake_cuda() as fc:
+        out = _flash(*_bhld(fc, d=36, dtype=torch.float32, b=MAX_GRID_YZ + 1, h=1, lq=1))
+        assert out[0].shape == (MAX_GRID_YZ + 1, 1, 1, 36)
+    reasons = " | ".join(_reasons(fc))
+    for expected in ("head dim 36", "got torch.float32", "batch 65536"):
+        assert expected in reasons, fc.report()
+
+
+def test_sdpa_backend_choice_is_not_checkable_on_a_cpu_build():
+    """Why ``dense_attention`` is checked for shapes only.
+
+    On a CPU-only build SDPA has no CUDA backend selection: on fake CUDA tensors it runs
+    the math path (bmm + softmax), so the fused kernel a GPU would pick is never seen. If
+    this test fails, torch started dispatching a fused op here: check dense like the rest.
+    """
+    with fake_cuda() as fc:
+        q, k, v = fc.qkv(batch=2, seq_len=N, heads=HEADS, kv_heads=KV_HEADS, head_dim=64, dtype=torch.float16)
+        out = ra.dense_attention(q, k, v, causal=True)
+        assert out.shape == q.shape and out.dtype == q.dtype and out.device.type == "cuda"
+    assert not fc.checker.fused_calls
+    assert fc.checker.op_counts["aten.bmm.default"] > 0
+    assert not [r for r in _reasons(fc) if "host sync" in r], fc.report()
+
+
+# --- 2. the block kernels -----------------------------------------------------------------
+
+
+def _kernel_inputs(fc, batch, heads, length, d, dtype, layout):
+    """``[B, H, L, D]`` q, k, v: contiguous, offset views, or views of one fused qkv tensor."""
+    if layout == "plain":
+        return tuple(fc.empty(batch, heads, length, d, dtype=dtype) for _ in range(3))
+    if layout == "offset":
+        return tuple(fc.empty(batch, heads, length, d + 1, dtype=dtype)[..., 1:] for _ in range(3))
+    fused = fc.empty(batch, length, 3, heads, d, dtype=dtype)  # [B, L, 3, H, D] projection output
+    return tuple(t.transpose(1, 2) for t in fused.unbind(2))
+
+
+def _run_kernels(fc, q, k, v, *, causal, scale):
+    """Forward then backward (dout = ones); returns ``(q, k, v, out, lse, grads)`` to check after the run."""
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale)
+    grads = kernels.attention_backward(torch.ones_like(out), q, k, v, out, lse, causal=causal, scale=scale)
+    return q, k, v, out, lse, grads
+
+
+def _check_kernels(fc, q, k, v, out, lse, grads):
+    """Violations first (they say why), then the outputs' metadata and that a fused kernel ran."""
+    fc.assert_clean()
+    b, h, length, d = q.shape
+    assert (out.shape, out.dtype, out.device.type) == ((b, h, length, d), q.dtype, "cuda")
+    assert (lse.shape, lse.dtype, lse.is_contiguous()) == ((b, h, length), torch.float32, True)
+    for t, g in zip((q, k, v), grads):
+        assert (g.shape, g.dtype, g.device) == (t.shape, t.dtype, t.device)
+    assert fc.checker.fused_calls, "no fused kernel called"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("length", [1, 7, 128, 257], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"D{d}")
+def test_kernels_forward_backward(d, dtype, length, causal):
+    with fake_cuda() as fc:
+        ran = _run_kernels(fc, *_kernel_inputs(fc, 2, 3, length, d, dtype, "plain"), causal=causal, scale=d**-0.5)
+    _check_kernels(fc, *ran)
+
+
+@pytest.mark.parametrize("layout", ["offset", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("d", [36, 64, 80], ids=lambda d: f"D{d}")
+def test_kernels_on_views(d, dtype, layout):
+    with fake_cuda() as fc:
+        ran = _run_kernels(fc, *_kernel_inputs(fc, 2, 4, 128, d, dtype, layout), causal=True, scale=d**-0.5)
+    _check_kernels(fc, *ran)
+
+
+@pytest.mark.parametrize("d, dtype", [(64, torch.float16), (36, torch.float32)], ids=["D64-float16", "D36-float32"])
+def test_kernels_split_a_batch_above_the_grid_limit(d, dtype):
+    with fake_cuda() as fc:
+        ran = _run_kernels(fc, *_kernel_inputs(fc, 70_000, 1, 1, d, dtype, "plain"), causal=False, scale=0.1)
+    _check_kernels(fc, *ran)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, 1e-50], ids=["zero", "negative", "underflows-to-zero"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=_name)
+def test_kernels_causal_with_nonpositive_scale(dtype, scale):
+    with fake_cuda() as fc:
+        ran = _run_kernels(fc, *_kernel_inputs(fc, 2, 3, 7, 64, dtype, "plain"), causal=True, scale=scale)
+    _check_kernels(fc, *ran)
+
+
+# --- 3. public functions and modules --------------------------------------------------------
+
+
+def _quarter_half(n, mode="mixture"):
+    return ra.DilatedPattern((n // 4, n // 2), (1, 2), mode)
+
+
+# name -> fn(q, k, v) -> output; every one runs PackedAttention (forward and backward).
+PUBLIC = {
+    "dilated-mixture": lambda q, k, v: ra.dilated_attention(q, k, v, _quarter_half(q.shape[1])),
+    "dilated-head_groups-causal": lambda q, k, v: ra.dilated_attention(
+        q, k, v, _quarter_half(q.shape[1], "head_groups"), causal=True
+    ),
+    "ring1": lambda q, k, v: ra.ring_attention(q, k, v, ring_size=1),
+    "ring2": lambda q, k, v: ra.ring_attention(q, k, v, ring_size=2),
+    "ring2-causal": lambda q, k, v: ra.ring_attention(q, k, v, ring_size=2, causal=True),
+    # ring_size 4 (causal, zigzag and plain) runs as the registry variants ring-zigzag-causal4,
+    # StandardRingAttention and RingAttention-ring4 below.
+    "ring_dilated-ring2": lambda q, k, v: ra.ring_dilated_attention(q, k, v, _quarter_half(q.shape[1]), ring_size=2),
+    "ring_dilated-ring4-zigzag-causal": lambda q, k, v: ra.ring_dilated_attention(
+        q, k, v, _quarter_half(q.shape[1], "head_groups"), ring_size=4, causal=True, layout="zigzag"
+    ),
+    "ring_dilated-checkpoint": lambda q, k, v: ra.ring_dilated_attention(
+        q, k, v, _quarter_half(q.shape[1]), ring_size=2, checkpoint=True
+    ),
+    "DilatedAttention-causal": lambda q, k, v: ra.DilatedAttention(_quarter_half(q.shape[1]), causal=True)(q, k, v),
+    "RingDilatedAttention-ring2": lambda q, k, v: ra.RingDilatedAttention(_quarter_half(q.shape[1]), ring_size=2)(
+        q, k, v
+    ),
+}
+
+
+def _run_public(fn, *, n, d, dtype, layout="plain", heads=HEADS, kv_heads=KV_HEADS) -> FakeCuda:
+    with fake_cuda() as fc:
+        q, k, v = fc.qkv(batch=2, seq_len=n, heads=heads, kv_heads=kv_heads, head_dim=d, dtype=dtype, layout=layout)
+        out = fn(q, k, v)
+    fc.assert_clean()  # first: a violation says why anything below would fail
+    assert (out.shape, out.dtype, out.device.type) == (q.shape, q.dtype, "cuda")
+    assert fc.checker.fused_calls and fc.backward_calls > 0
+    return fc
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("name", ["dilated-mixture", "ring2-causal"])
+def test_public_full_matrix(name, d, dtype):
+    _run_public(PUBLIC[name], n=N, d=d, dtype=dtype)
+
+
+# These cost 12-16K aten calls per forward + backward on the executor of 2026-11 (about
+# 0.3 ms each on fake tensors): one (D, dtype) point for them.
+HEAVY = {"ring_dilated-ring4-zigzag-causal", "ring_dilated-ring3-N105"}
+TWO_POINTS = [(64, torch.float16), (36, torch.float32)]
+
+
+def _points(names, heavy=HEAVY):
+    """(name, D, dtype) cases: two points for light functions, the first for heavy ones."""
+    return [
+        pytest.param(name, d, dtype, id=f"{name}-D{d}-{_name(dtype)}")
+        for name in names
+        for d, dtype in TWO_POINTS[: 1 if name in heavy else 2]
+    ]
+
+
+@pytest.mark.parametrize("name, d, dtype", _points(PUBLIC))
+def test_public_function(name, d, dtype):
+    _run_public(PUBLIC[name], n=N, d=d, dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["offset", "fused", "fused-gqa"])
+@pytest.mark.parametrize("d, dtype", [(36, torch.float16), (80, torch.bfloat16)], ids=["D36-float16", "D80-bfloat16"])
+@pytest.mark.parametrize("name", ["dilated-mixture", "ring2-causal", "ring_dilated-ring2"])
+def test_public_on_views(name, d, dtype, layout):
+    # "fused": unbind of one [B, N, 3, H, D] projection (equal heads); "fused-gqa": narrow
+    # of one [B, N, H + 2 Hkv, D] projection.
+    kv_heads = HEADS if layout == "fused" else KV_HEADS
+    _run_public(PUBLIC[name], n=N, d=d, dtype=dtype, layout=layout.removesuffix("-gqa"), kv_heads=kv_heads)
+
+
+ODD = {
+    "dilated-N105": lambda q, k, v: ra.dilated_attention(q, k, v, ra.DilatedPattern((35, 105), (1, 3)), causal=True),
+    "ring1-N105-causal": lambda q, k, v: ra.ring_attention(q, k, v, ring_size=1, causal=True),
+    "ring3-N105-causal": lambda q, k, v: ra.ring_attention(q, k, v, ring_size=3, causal=True),
+    "ring_dilated-ring3-N105": lambda q, k, v: ra.ring_dilated_attention(
+        q, k, v, ra.DilatedPattern((35, 105), (1, 3)), ring_size=3
+    ),
+}
+
+
+@pytest.mark.parametrize("name, d, dtype", _points(ODD))
+def test_public_odd_length(name, d, dtype):
+    _run_public(ODD[name], n=ODD_N, d=d, dtype=dtype)
+
+
+@pytest.mark.parametrize("d, dtype", [(64, torch.bfloat16), (36, torch.float32)], ids=["D64-bfloat16", "D36-float32"])
+def test_multihead_dilated_attention_module(d, dtype):
+    embed = HEADS * d
+    with fake_cuda() as fc:
+        layer = fc.module(
+            ra.MultiheadDilatedAttention, embed, HEADS, _quarter_half(N), num_kv_heads=KV_HEADS, causal=True,
+            ring_size=2, dtype=dtype,
+        )
+        x = fc.empty(2, N, embed, dtype=dtype)
+        out, weights = layer(x)
+    fc.assert_clean()
+    assert (out.shape, out.dtype, out.device.type, weights) == (x.shape, dtype, "cuda", None)
+    assert fc.checker.fused_calls and fc.backward_calls > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_dense_attention_forward_shapes(dtype):
+    """Forward only, shapes only: SDPA's CUDA kernel choice cannot run here (see above)."""
+    with fake_cuda() as fc:
+        q, k, v = fc.qkv(batch=2, seq_len=N, heads=HEADS, kv_heads=KV_HEADS, head_dim=36, dtype=dtype)
+        out = ra.dense_attention(q, k, v, causal=True)
+        assert (out.shape, out.dtype, out.device.type) == (q.shape, dtype, "cuda")
+    assert not [r for r in _reasons(fc) if "host sync" in r], fc.report()
+
+
+def test_plans_cached_under_one_fake_mode_do_not_leak_into_the_next():
+    """Two runs of one shape in two fake modes: a cache holding the first mode's tensors breaks the second."""
+    for _ in range(2):
+        _run_public(PUBLIC["ring_dilated-ring2"], n=N, d=64, dtype=torch.float16)
+
+
+# --- 4. registry variants -------------------------------------------------------------------
+
+PACKED_VARIANTS = [name for name, v in registry.VARIANTS.items() if v.kind != "dense"]
+DENSE_SKIP = (
+    "torch SDPA: on a CPU-only build its CUDA backend selection falls back to the math path "
+    "(test_sdpa_backend_choice_is_not_checkable_on_a_cpu_build); test_dense_attention_forward_shapes "
+    "checks its shapes"
+)
+
+
+def _run_variant(name, *, n, d, dtype, batch=2, backward=True) -> FakeCuda:
+    variant = registry.VARIANTS[name]
+    with fake_cuda(backward=backward) as fc:
+        q, k, v = fc.qkv(batch=batch, seq_len=n, heads=HEADS, kv_heads=KV_HEADS, head_dim=d, dtype=dtype)
+        out = variant(q, k, v)
+    fc.assert_clean()
+    assert (out.shape, out.dtype, out.device.type) == (q.shape, dtype, "cuda")
+    assert fc.checker.fused_calls
+    assert (fc.backward_calls > 0) == backward
+    return fc
+
+
+# One (D, dtype) point per variant, rotating so every dtype and a padded head dim recur.
+VARIANT_POINTS = [(36, torch.float32), (96, torch.bfloat16), (80, torch.float16), (36, torch.bfloat16)]
+# N = 96 makes LongNet's segments (256, 512, 1024) collapse onto the whole sequence; on a
+# 4-rank zigzag ring that is 78K aten calls (22 s on fake tensors) on the executor of 2026-11.
+# At N = 8192 the same variant costs 10K calls.
+VARIANT_N = {"longnet-ring4-zigzag-causal": 8192}
+
+
+def _variant_cases():
+    for i, name in enumerate(registry.VARIANTS):
+        d, dtype = VARIANT_POINTS[i % len(VARIANT_POINTS)]
+        yield pytest.param(name, d, dtype, id=f"{name}-D{d}-{_name(dtype)}")
+
+
+@pytest.mark.parametrize("name, d, dtype", list(_variant_cases()))
+def test_variant(name, d, dtype):
+    if registry.VARIANTS[name].kind == "dense":
+        pytest.skip(f"variant {name!r} is {DENSE_SKIP}")
+    n = VARIANT_N.get(name, N)
+    assert registry.VARIANTS[name].supports(n, HEADS)
+    _run_variant(name, n=n, d=d, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", [n for n in PACKED_VARIANTS if registry.VARIANTS[n].supports(ODD_N, HEADS)])
+def test_variant_odd_length(name):
+    _run_variant(name, n=ODD_N, d=80, dtype=torch.float16)
+
+
+@pytest.mark.timeout(60)
+def test_longnet_forward_at_128k():
+    """Meta-sized: fake tensors cost nothing, so this measures plan and executor overhead."""
+    _run_variant("longnet", n=128 * 1024, d=64, dtype=torch.float16, batch=1, backward=False)
+
+
+@pytest.mark.timeout(60)
+def test_longnet_batch_times_runs_above_the_grid_limit():
+    """B = 256, N = 64K: 256 segments of 256 rows per batch row, 65,536 runs in one call unless split."""
+    _run_variant("longnet", n=64 * 1024, d=64, dtype=torch.float16, batch=256, backward=False)
