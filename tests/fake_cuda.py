@@ -711,7 +711,8 @@ class FakeCuda:
             return outs
         outs_t = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
         douts = tuple(torch.ones_like(o) for o in outs_t)
-        grads = fn_cls.backward(ctx, *douts)
+        with torch.no_grad():  # as autograd runs a backward without create_graph
+            grads = fn_cls.backward(ctx, *douts)
         grads = (grads,) if isinstance(grads, torch.Tensor) or grads is None else tuple(grads)
         self.backward_calls += 1
         if len(grads) != len(args):
