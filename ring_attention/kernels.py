@@ -214,9 +214,12 @@ def _cpu_forward(q, k, v, causal, scale):
         q, k, v, 0.0, causal, attn_mask=None, scale=scale
     )
     # A query row holding NaN or inf that sees fewer than 8 keys comes back as (0, 0) from
-    # the CPU op: make it NaN, as the math (and the reference) says.
-    finite = torch.isfinite(q).all(-1)
-    return torch.where(finite.unsqueeze(-1), out, float("nan")), torch.where(finite, lse, float("nan"))
+    # the CPU op: make it NaN, as the math (and the reference) says. The row sum is
+    # non-finite exactly then (accumulated in float32 or wider, so finite rows stay finite).
+    bad = ~q.sum(-1, dtype=lse.dtype).isfinite()
+    out.masked_fill_(bad.unsqueeze(-1), float("nan"))
+    lse.masked_fill_(bad, float("nan"))
+    return out, lse
 
 
 def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
