@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import ring_attention as ra
 from ring_attention import layout as _layout
+from tests.inputs import qkv
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -44,14 +45,8 @@ def _pattern(spec):
 
 def _global_tensors(case):
     """The same global q, k, v, g on every rank (seeded CPU generator)."""
-    b, n, h, hkv, d = case["shape"]
     dtype = DTYPES[case.get("dtype", "float64")]
-    gen = torch.Generator().manual_seed(case["seed"])
-    q = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(dtype)
-    k = torch.randn(b, n, hkv, d, generator=gen, dtype=torch.float64).to(dtype)
-    v = torch.randn(b, n, hkv, d, generator=gen, dtype=torch.float64).to(dtype)
-    g = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(dtype)
-    return q, k, v, g
+    return qkv(*case["shape"], seed=case["seed"], dtype=dtype, grad_out=True)
 
 
 def _max_err(a, b):
@@ -108,10 +103,7 @@ def run_bad(case, group, rank, world):
     dtype = torch.float64
     if rank == 1 and case.get("dtype_on_rank1"):
         dtype = DTYPES[case["dtype_on_rank1"]]
-    gen = torch.Generator().manual_seed(rank)
-    q = torch.randn(1, n_local, h, 4, generator=gen, dtype=dtype)
-    k = torch.randn(1, n_local, hkv, 4, generator=gen, dtype=dtype)
-    v = torch.randn(1, n_local, hkv, 4, generator=gen, dtype=dtype)
+    q, k, v = qkv(1, n_local, h, hkv, 4, seed=rank, dtype=dtype)
     layout = case.get("layout", "contiguous")
     if rank == 1 and "layout_on_rank1" in case:
         layout = case["layout_on_rank1"]

@@ -4,16 +4,13 @@ import pytest
 import torch
 
 import ring_attention as ra
+from tests.inputs import qkv
 
 PATTERN = ra.DilatedPattern((8, 16), (1, 2), mode="mixture")
 
 
 def _qkv(b=2, n=32, h=4, hkv=2, d=8, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(
-        torch.randn(b, n, heads, d, generator=gen, dtype=torch.float64, requires_grad=True)
-        for heads in (h, hkv, hkv)
-    )
+    return qkv(b, n, h, hkv, d, seed=seed, requires_grad=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -17,6 +17,7 @@ from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
 from ring_attention.packed import index_length
 from ring_attention.plans import dilated_plan
+from tests import inputs
 
 LAYOUTS = ("contiguous", "zigzag")
 HEADS = ((1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (4, 2), (4, 4), (6, 2))  # (H, Hkv)
@@ -24,14 +25,7 @@ F64 = dict(atol=1e-10, rtol=1e-8)
 
 
 def make_qkv(seed, b, n, h, hkv, d, dtype=torch.float64, requires_grad=True):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for heads in (h, hkv, hkv, h):
-        out.append(torch.randn(b, n, heads, d, generator=gen, dtype=torch.float64).to(dtype))
-    q, k, v, g = out
-    if requires_grad:
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-    return q, k, v, g
+    return inputs.qkv(b, n, h, hkv, d, seed=seed, dtype=dtype, requires_grad=requires_grad, grad_out=True)
 
 
 def fwd_bwd(fn, q, k, v, g):
