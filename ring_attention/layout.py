@@ -13,21 +13,27 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_positive_int
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
 def check_layout(layout) -> str:
-    if layout not in LAYOUTS:
+    """``layout`` if it names a layout; ``ValueError`` listing the layouts for anything else."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
     return layout
 
 
 def check_ring_size(ring_size) -> int:
+    """``ring_size`` as an int (``None`` means 1).
+
+    Accepts a Python int, a numpy integer or a 0-d integer tensor; ``TypeError`` for
+    anything else (a float, a bool), ``ValueError`` below 1.
+    """
     if ring_size is None:
         return 1
-    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < 1:
-        raise ValueError(f"ring_size must be a positive integer or None, got {ring_size!r}")
-    return ring_size
+    return check_positive_int(ring_size, "ring_size")
 
 
 def chunks_per_rank(layout: str) -> int:
