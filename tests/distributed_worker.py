@@ -15,6 +15,11 @@ Case kinds:
   full sequence. Optional ``subgroup``: run on ``dist.new_group(subgroup)`` instead of
   the world (ranks outside it record ``skipped``).
 - ``bad``: a malformed call; records ``"Type: message"`` of what it raised, or ``None``.
+  Rank 1 may pass other arguments than the rest (``*_on_rank1``: rows, heads, dtype,
+  layout, causal, scale, pattern).
+
+Half-precision ``ok`` cases (full attention) compare with a float64 reference and also
+record SDPA's own error in that dtype (``sdpa_*``), the yardstick for their tolerance.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import ring_attention as ra
 from ring_attention import layout as _layout
 from tests.inputs import qkv
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF = (torch.bfloat16, torch.float16)
 
 
 def _pattern(spec):
@@ -58,10 +64,12 @@ def run_ok(case, group, rank, world):
     layout, causal, scale = case["layout"], case["causal"], case.get("scale")
     pattern = _pattern(case.get("pattern"))
 
-    # Oracle: the dense reference on the whole natural-order sequence.
-    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    # Oracle: the dense reference on the whole natural-order sequence; in float64 on the
+    # (rounded) half-precision inputs, whose own rounding is then measured separately.
+    half = q.dtype in HALF
+    full = [(t.double() if half else t.clone()).requires_grad_() for t in (q, k, v)]
     ref = ra.reference_attention(*full, pattern=pattern, causal=causal, scale=scale)
-    ref_grads = torch.autograd.grad(ref, full, g)
+    ref_grads = torch.autograd.grad(ref, full, g.double() if half else g)
 
     def mine(t):
         return _layout.split(t, world, layout)[rank].contiguous()
@@ -89,6 +97,16 @@ def run_ok(case, group, rank, world):
         "ref_out_max": mine(ref).abs().max().item(),
         "ref_dk_max": mine(ref_grads[1]).abs().max().item(),
     }
+    if half:
+        # The yardstick: torch's SDPA in the same dtype on the whole sequence, against the
+        # same float64 reference (a half-precision tolerance relative to what SDPA achieves).
+        if pattern is not None:
+            raise ValueError("half-precision cases compare with SDPA: full attention only")
+        dense_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        dense = ra.dense_attention(*dense_in, causal=causal, scale=scale)
+        dense_grads = torch.autograd.grad(dense, dense_in, g)
+        for key, got, want in zip(("out", "dq", "dk", "dv"), (dense, *dense_grads), (ref, *ref_grads)):
+            result[f"sdpa_{key}"] = _max_err(mine(got), mine(want))
     return result
 
 
@@ -110,7 +128,9 @@ def run_bad(case, group, rank, world):
     causal = case.get("causal", False)
     if rank == 1 and "causal_on_rank1" in case:
         causal = case["causal_on_rank1"]
-    kwargs = dict(group=group, layout=layout, causal=causal)
+    kwargs = dict(group=group, layout=layout, causal=causal, scale=case.get("scale"))
+    if rank == 1 and "scale_on_rank1" in case:
+        kwargs["scale"] = case["scale_on_rank1"]
     if "ring_size" in case:
         kwargs["ring_size"] = case["ring_size"]
     pattern = _pattern(case.get("pattern"))
