@@ -8,6 +8,8 @@ tensors from the same seed (tests/distributed_worker.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -20,7 +22,7 @@ def randn(shape, dtype=torch.float64, seed=0, scale=1.0, requires_grad=False) ->
 
 def qkv(
     b, n, h, hkv, d, *, seed=0, dtype=torch.float64, requires_grad=False, magnitude=1.0,
-    grad_out=False,
+    grad_out=False, dominant_key=None,
 ):
     """``q [B, N, H, D]``, ``k, v [B, N, Hkv, D]`` drawn in that order from one generator.
 
@@ -31,6 +33,10 @@ def qkv(
         magnitude: multiplies ``q`` and ``k`` (scores grow as its square), not ``v``.
         grad_out: also return an upstream gradient ``g [B, N, H, D]``, drawn fourth
             (never requiring grad).
+        dominant_key: a position ``j`` whose key dominates: every query gets ``3u`` added
+            for a random unit vector ``u`` and ``k[:, j] = 8 sqrt(D) u``, so a query with
+            ``<q, u> > 0`` (nearly all) scores key ``j`` about 20 above the rest (times
+            ``magnitude**2``) and puts nearly all its weight there.
 
     Returns:
         ``(q, k, v)``, or ``(q, k, v, g)`` with ``grad_out``.
@@ -38,6 +44,11 @@ def qkv(
     gen = torch.Generator().manual_seed(seed)
     shapes = [(b, n, h, d), (b, n, hkv, d), (b, n, hkv, d)] + ([(b, n, h, d)] if grad_out else [])
     drawn = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    if dominant_key is not None:  # drawn last, so the other tensors do not depend on it
+        u = torch.randn(d, generator=gen, dtype=torch.float64)
+        u = u / u.norm()
+        drawn[0] = drawn[0] + 3 * u
+        drawn[1][:, dominant_key] = 8 * math.sqrt(d) * u
     drawn[0], drawn[1] = drawn[0] * magnitude, drawn[1] * magnitude
     out = [t.to(dtype) for t in drawn]
     for t in out[:3]:
