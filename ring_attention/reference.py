@@ -47,19 +47,20 @@ def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None):
     kx = k.to(acc).repeat_interleave(group, dim=2)
     vx = v.to(acc).repeat_interleave(group, dim=2)
     keep = (w > 0)[None]  # [1, H, N, N]
+    drop = ~keep
     has_keys = keep.any(dim=-1, keepdim=True)
-    scores = _KeptScores.apply(q.to(acc), kx, keep, scale)  # -inf where W = 0
+    scores = _KeptScores.apply(q.to(acc), kx, drop, scale)  # -inf where W = 0
     # Rows with keys subtract their own max, even a non-finite one (inf - inf is NaN, as
     # the formula evaluated on those keys gives); rows without keys subtract 0.
     row_max = torch.where(has_keys, scores.amax(dim=-1, keepdim=True), 0.0).detach()
     p = torch.where(keep, w.to(acc) * torch.exp(scores - row_max), 0.0)
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(has_keys, denom, 1.0)
-    return _KeptProduct.apply(p, vx, keep).to(q.dtype)
+    return _KeptProduct.apply(p, vx, drop).to(q.dtype)
 
 
 class _KeptScores(torch.autograd.Function):
-    """``s[b,h,i,j] = scale * <q[b,i,h], k[b,j,h]>`` where ``keep``, ``-inf`` elsewhere.
+    """``s[b,h,i,j] = scale * <q[b,i,h], k[b,j,h]>`` for kept pairs, ``-inf`` where ``drop``.
 
     Each score is its own dot product, so the forward needs no care; the backward sums
     ``ds`` over kept pairs only, so a NaN query never reaches the gradient of a key it
@@ -67,19 +68,19 @@ class _KeptScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, keep, scale):
-        ctx.save_for_backward(q, k, keep)
+    def forward(ctx, q, k, drop, scale):
+        ctx.save_for_backward(q, k, drop)
         ctx.scale = scale
         scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-        return scores.masked_fill(~keep, float("-inf"))
+        return scores.masked_fill(drop, float("-inf"))
 
     @staticmethod
     def backward(ctx, ds):
-        q, k, keep = ctx.saved_tensors
+        q, k, drop = ctx.saved_tensors
         ds = ds * ctx.scale
         need_q, need_k = ctx.needs_input_grad[:2]
-        dq = _kept_sum("bhij,bjhd->bihd", ds, k, keep) if need_q else None
-        dk = _kept_sum("bhij,bihd->bjhd", ds, q, keep) if need_k else None
+        dq = _kept_sum("bhij,bjhd->bihd", ds, k, drop) if need_q else None
+        dk = _kept_sum("bhij,bihd->bjhd", ds, q, drop) if need_k else None
         return dq, dk, None, None
 
 
@@ -87,24 +88,24 @@ class _KeptProduct(torch.autograd.Function):
     """``o[b,i,h] = sum_{j kept} p[b,h,i,j] v[b,j,h]``: values of dropped keys never enter."""
 
     @staticmethod
-    def forward(ctx, p, v, keep):
-        ctx.save_for_backward(p, v, keep)
-        return _kept_sum("bhij,bjhd->bihd", p, v, keep)
+    def forward(ctx, p, v, drop):
+        ctx.save_for_backward(p, v, drop)
+        return _kept_sum("bhij,bjhd->bihd", p, v, drop)
 
     @staticmethod
     def backward(ctx, do):
-        p, v, keep = ctx.saved_tensors
+        p, v, drop = ctx.saved_tensors
         # d p[i,j] = <do[i], v[j]> for kept pairs only; d v[j] = sum over rows that keep j.
         need_p, need_v = ctx.needs_input_grad[:2]
-        dp = torch.einsum("bihd,bjhd->bhij", do, v).masked_fill(~keep, 0.0) if need_p else None
-        dv = _kept_sum("bhij,bihd->bjhd", p, do, keep) if need_v else None
+        dp = torch.einsum("bihd,bjhd->bhij", do, v).masked_fill(drop, 0.0) if need_p else None
+        dv = _kept_sum("bhij,bihd->bjhd", p, do, drop) if need_v else None
         return dp, dv, None
 
 
-def _kept_sum(equation: str, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``einsum(equation, a, b)`` summing over kept pairs only, in IEEE arithmetic.
+def _kept_sum(equation: str, a: torch.Tensor, b: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``einsum(equation, a, b)`` summing over kept pairs only (not ``drop``), in IEEE arithmetic.
 
-    ``a`` is a ``[B, H, N, N]`` pair tensor (``keep`` broadcasts to it) and ``b`` a
+    ``a`` is a ``[B, H, N, N]`` pair tensor (``drop`` broadcasts to it) and ``b`` a
     ``[B, N, H, D]`` tensor; the contraction runs over one of ``a``'s position axes. A
     dropped pair's term is never formed, so ``a = 0`` meeting a NaN or inf in ``b``
     adds nothing, while a kept pair's term is ``a * b`` exactly as IEEE defines it.
@@ -115,16 +116,18 @@ def _kept_sum(equation: str, a: torch.Tensor, b: torch.Tensor, keep: torch.Tenso
     NaN, ``+inf`` and ``-inf`` terms together make it NaN, else one sign makes it that
     infinity; adding that to the finite sum is what summing every kept term gives.
     """
-    a = a.masked_fill(~keep, 0.0)
-    a_fin, b_fin = a.isfinite(), b.isfinite()
-    if bool(a_fin.all()) and bool(b_fin.all()):
+    a = a.masked_fill(drop, 0.0)
+    # One cheap pass each: a finite sum means finite entries (a sum that overflows only
+    # sends finite operands down the exact path below, which gives the same result).
+    if bool(a.sum().isfinite()) and bool(b.sum().isfinite()):
         return torch.einsum(equation, a, b)
+    a_fin, b_fin = a.isfinite(), b.isfinite()
     out = torch.einsum(equation, a.where(a_fin, 0.0), b.where(b_fin, 0.0))
 
     def count(x, y):  # how many kept pairs have both indicator properties
         return torch.einsum(equation, x.to(out.dtype), y.to(out.dtype))
 
-    kept = keep.expand_as(a)
+    kept = (~drop).expand_as(a)
     a_inf, b_inf = a.isinf(), b.isinf()
     a_pos, a_neg, b_pos, b_neg = a > 0, a < 0, b > 0, b < 0  # infinities included
     nan_terms = (

@@ -132,7 +132,7 @@ NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 @st.composite
 def poisoned_cases(draw, max_seq_len=12):
     """A float64 case, and 1-3 non-finite entries (or whole rows) planted in q, k or v."""
-    case = draw(cases(dtypes=(torch.float64,), max_seq_len=max_seq_len))
+    case = draw(cases(dtypes=(torch.float64,), max_seq_len=max_seq_len, heads=(1, 2, 4)))
     spots = draw(st.lists(
         st.tuples(
             st.sampled_from((0, 1, 2)),  # q, k or v
@@ -173,7 +173,7 @@ def _reached(w, q, k, v):
     return row[..., None] | col
 
 
-@given(poisoned_cases())
+@given(poisoned_cases(max_seq_len=10))
 def test_reference_with_non_finite_inputs_matches_naive_and_leaves_other_rows_alone(poisoned):
     case, spots = poisoned
     clean = case.qkv()
@@ -189,7 +189,7 @@ def test_reference_with_non_finite_inputs_matches_naive_and_leaves_other_rows_al
     torch.testing.assert_close(out[~reached], ra.reference_attention(*clean, **kw)[~reached], rtol=0, atol=0)
 
 
-@given(poisoned_cases(max_seq_len=10))
+@given(poisoned_cases(max_seq_len=8))
 def test_reference_gradients_with_non_finite_inputs_match_naive(poisoned):
     case, spots = poisoned
     q, k, v = (t.requires_grad_() for t in _poison(case.qkv(), spots))
