@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import ring_attention as ra
@@ -178,13 +178,18 @@ def test_effective_segment_lengths_not_dividing(ws, n, bad):
         p.check(n, 4)
 
 
+@given(h=st.integers(1, 8), k=st.integers(2, 8))
+def test_heads_of_pair_head_groups_needs_as_many_heads_as_pairs(h, k):
+    assume(h < k)
+    p = ra.DilatedPattern((1,) * k, (1,) * k, mode="head_groups")
+    with pytest.raises(ValueError, match=f"H={h} < K={k}"):
+        p.heads_of_pair(h)
+
+
 @given(h=st.integers(1, 40), k=st.integers(1, 8))
 def test_heads_of_pair_head_groups(h, k):
+    assume(h >= k)
     p = ra.DilatedPattern((1,) * k, (1,) * k, mode="head_groups")
-    if h < k:
-        with pytest.raises(ValueError, match=f"H={h} < K={k}"):
-            p.heads_of_pair(h)
-        return
     groups = p.heads_of_pair(h)
     assert len(groups) == k
     for i, g in enumerate(groups):
