@@ -76,7 +76,10 @@ class SimulatedRing(Ring):
             sent = [(tuple(t.shape), t.dtype) for t in got]
             expected = [(tuple(shape), dtype) for shape, dtype in spec]
             if sent != expected:
-                i = next((i for i, (a, b) in enumerate(zip(sent, expected)) if a != b), min(len(sent), len(expected)))
+                i = next(
+                    (i for i, (a, b) in enumerate(zip(sent, expected)) if a != b),
+                    min(len(sent), len(expected)),  # else one list is a prefix of the other
+                )
                 raise RuntimeError(
                     f"ring plan mismatch: rank {(r - shift) % self.size} sends {len(sent)} tensors, "
                     f"rank {r} expects {len(expected)}; tensor {i}: sent "
