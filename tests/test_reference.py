@@ -208,10 +208,11 @@ DILATED = ra.DilatedPattern((4, 8), (2, 4), mode="mixture")
 @pytest.mark.parametrize("pattern, causal", [(None, True), (DILATED, False), (DILATED, True)])
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
-def test_one_non_finite_row_shows_exactly_where_its_weight_is_non_zero(pattern, causal, which, value):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_one_non_finite_row_shows_exactly_where_its_weight_is_non_zero(pattern, causal, which, value, dtype):
     """One row of q, k or v set to NaN / inf: the rows that give it weight are non-finite, all
     others equal the clean result (the issue: one NaN row of v made every output row NaN)."""
-    clean = _qkv(b=1, n=8, h=4, hkv=2, d=4)
+    clean = _qkv(b=1, n=8, h=4, hkv=2, d=4, dtype=dtype)
     j, head = 5, 1  # position 5 of head 1 (query head 1, or kv head 1 = query heads 2 and 3)
     poisoned = [t.clone() for t in clean]
     poisoned["qkv".index(which)][0, j, head] = value
