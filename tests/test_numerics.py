@@ -40,7 +40,7 @@ def _err(got, want, rows=None):
 def _assert_within_sdpa(name, got, sdpa, want, rows=None):
     """``got`` no worse than ``K`` times SDPA's error against the float64 ``want``."""
     err, yardstick = _err(got, want, rows), _err(sdpa, want, rows)
-    eps = 1e-7 * float(want.abs().max()) + 1e-30  # tiny: only for an exact SDPA
+    eps = 1e-7 * float(want.detach().abs().max()) + 1e-30  # tiny: only for an exact SDPA
     assert got.dtype == sdpa.dtype
     assert err <= K * yardstick + eps, f"{name}: error {err:.3g} > {K} x SDPA's {yardstick:.3g} (+{eps:.2g})"
 
