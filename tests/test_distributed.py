@@ -284,22 +284,38 @@ def test_different_patterns_across_ranks_raise_on_every_rank(tmp_path):
     assert all(r is not None and r.startswith("ValueError: ") for r in raised), raised
 
 
-def test_ring_check_example_under_torchrun(tmp_path):
-    """examples/ring_check.py under torch.distributed.run (2 ranks, small N)."""
+def _ring_check(seq_len: int) -> subprocess.CompletedProcess:
+    """examples/ring_check.py under torch.distributed.run, 2 ranks."""
     port = _free_port()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
         "--master_addr=127.0.0.1", f"--master_port={port}",
-        str(ROOT / "examples" / "ring_check.py"), "--seq-len", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+        str(ROOT / "examples" / "ring_check.py"), "--seq-len", str(seq_len), "--heads", "4", "--kv-heads", "2",
+        "--head-dim", "16",
     ]
-    env = _env()
     try:
-        proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+        return subprocess.run(cmd, cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"ring_check.py did not finish in {JOIN_TIMEOUT_S}s:\n{exc.stdout}\n{exc.stderr}")
+
+
+def test_ring_check_example_under_torchrun():
+    """examples/ring_check.py under torch.distributed.run (2 ranks, small N)."""
+    proc = _ring_check(128)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert re.search(r"^OK\b", proc.stdout, re.MULTILINE), output
     assert "MISMATCH" not in proc.stdout, output
     for rank in range(2):
         assert f"rank {rank}" in proc.stdout, output
+
+
+def test_ring_check_example_refuses_a_length_the_zigzag_layout_cannot_shard():
+    """N = 1002 over 2 ranks: the zigzag layout needs 4 | N. Every rank must say so; before,
+    trailing tokens were dropped and the check reported a zigzag MISMATCH instead."""
+    proc = _ring_check(1002)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "MISMATCH" not in proc.stdout, output
+    message = "ValueError: sequence length N=1002 must be divisible by 4 (2R) for ring size R=2 with the zigzag layout"
+    assert output.count(message) >= 2, output  # once per rank
