@@ -50,15 +50,48 @@ def check_qkv(q, k, v) -> Shapes:
     return Shapes(b, n, h, hkv, d)
 
 
-def check_scale(scale, head_dim: int) -> float:
+def check_optional_scale(scale) -> float | None:
+    """``scale`` as a float, or ``None``; what can be checked before the head dim is known."""
     if scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return None
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
     return float(scale)
 
 
+def check_scale(scale, head_dim: int) -> float:
+    """``scale``, or the default ``1 / sqrt(head_dim)`` when it is ``None``."""
+    scale = check_optional_scale(scale)
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
 def check_flag(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_int(value, name: str) -> int:
+    """An integer as users pass one: a Python int, a numpy integer or a 0-d integer tensor.
+
+    Bools are refused although Python counts them as ints (``True`` is never meant as 1
+    here), and so are floats, even integral ones, and tensors with more than one element.
+
+    Raises:
+        TypeError naming ``name``.
+    """
+    if isinstance(value, torch.Tensor):
+        dtype = value.dtype
+        if value.dim() == 0 and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+            return int(value)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)  # int, and numpy integers (numpy registers them as Integral)
+    raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+
+
+def check_positive_int(value, name: str) -> int:
+    """:func:`check_int`, then ``ValueError`` naming ``name`` unless the value is at least 1."""
+    value = check_int(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
     return value

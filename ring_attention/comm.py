@@ -67,8 +67,21 @@ class SimulatedRing(Ring):
         received = {}
         for r, spec in specs.items():
             got = sends[(r - shift) % self.size]
-            if [tuple(t.shape) for t in got] != [tuple(s) for s, _ in spec]:
-                raise RuntimeError("ring plan mismatch: the sender's and receiver's shapes differ")
+            # A process group receives into buffers built from the spec: a sender whose
+            # shapes or dtypes differ would fail or be misread there, so it fails here too.
+            sent = [(tuple(t.shape), t.dtype) for t in got]
+            expected = [(tuple(shape), dtype) for shape, dtype in spec]
+            if sent != expected:
+                i = next(
+                    (i for i, (a, b) in enumerate(zip(sent, expected)) if a != b),
+                    min(len(sent), len(expected)),  # else one list is a prefix of the other
+                )
+                raise RuntimeError(
+                    f"ring plan mismatch: rank {(r - shift) % self.size} sends {len(sent)} tensors, "
+                    f"rank {r} expects {len(expected)}; tensor {i}: sent "
+                    f"{sent[i] if i < len(sent) else 'nothing'}, expected "
+                    f"{expected[i] if i < len(expected) else 'nothing'} (shape, dtype)"
+                )
             received[r] = list(got)
         return Pending(received)
 

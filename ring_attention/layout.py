@@ -13,21 +13,27 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_positive_int
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
 def check_layout(layout) -> str:
-    if layout not in LAYOUTS:
+    """``layout`` if it names a layout; ``ValueError`` listing the layouts for anything else."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
     return layout
 
 
 def check_ring_size(ring_size) -> int:
+    """``ring_size`` as an int (``None`` means 1).
+
+    Accepts a Python int, a numpy integer or a 0-d integer tensor; ``TypeError`` for
+    anything else (a float, a bool), ``ValueError`` below 1.
+    """
     if ring_size is None:
         return 1
-    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < 1:
-        raise ValueError(f"ring_size must be a positive integer or None, got {ring_size!r}")
-    return ring_size
+    return check_positive_int(ring_size, "ring_size")
 
 
 def chunks_per_rank(layout: str) -> int:
@@ -35,6 +41,7 @@ def chunks_per_rank(layout: str) -> int:
 
 
 def check_divisible(seq_len: int, ring_size: int, layout: str) -> None:
+    """``ValueError`` naming ``N``, ``R`` and the layout unless the layout can shard ``N``."""
     parts = ring_size * chunks_per_rank(layout)
     if seq_len % parts:
         raise ValueError(
@@ -45,7 +52,14 @@ def check_divisible(seq_len: int, ring_size: int, layout: str) -> None:
 
 
 def shard_intervals(seq_len: int, ring_size: int, rank: int, layout: str) -> tuple[tuple[int, int], ...]:
-    """The ``(start, stop)`` global position ranges rank ``rank`` holds, in storage order."""
+    """The ``(start, stop)`` global position ranges rank ``rank`` holds, in storage order.
+
+    Raises:
+        ValueError unless ``seq_len`` divides into the layout's ``R`` (``2R``) equal chunks.
+    """
+    check_divisible(seq_len, ring_size, check_layout(layout))
+    if not 0 <= rank < ring_size:
+        raise ValueError(f"rank {rank} is outside a ring of size R={ring_size}")
     if layout == "contiguous":
         n = seq_len // ring_size
         return ((rank * n, (rank + 1) * n),)
@@ -55,8 +69,16 @@ def shard_intervals(seq_len: int, ring_size: int, rank: int, layout: str) -> tup
 
 
 def split(x: torch.Tensor, ring_size: int, layout: str, dim: int = 1) -> list[torch.Tensor]:
-    """Natural-order tensor -> the shard of every rank (differentiable)."""
+    """Natural-order tensor -> the shard of every rank (differentiable).
+
+    Raises:
+        ValueError naming ``N``, ``R`` and the layout when ``x.shape[dim]`` does not divide
+        into equal shards: no trailing token is ever dropped.
+    """
+    ring_size = check_ring_size(ring_size)
+    check_layout(layout)
     n = x.shape[dim]
+    check_divisible(n, ring_size, layout)
     out = []
     for r in range(ring_size):
         pieces = [x.narrow(dim, a, b - a) for a, b in shard_intervals(n, ring_size, r, layout)]
@@ -65,9 +87,21 @@ def split(x: torch.Tensor, ring_size: int, layout: str, dim: int = 1) -> list[to
 
 
 def join(shards: list[torch.Tensor], layout: str, dim: int = 1) -> torch.Tensor:
-    """Every rank's shard -> the natural-order tensor (differentiable). Inverse of :func:`split`."""
+    """Every rank's shard -> the natural-order tensor (differentiable). Inverse of :func:`split`.
+
+    Raises:
+        ValueError unless the shards have one length (even, for ``zigzag``).
+    """
+    check_layout(layout)
+    if len(shards) == 0:
+        raise ValueError("join needs at least one shard")
+    lengths = [s.shape[dim] for s in shards]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"shards of a ring have one length, got lengths {lengths}")
     if layout == "contiguous":
         return torch.cat(shards, dim=dim)
+    if lengths[0] % 2:
+        raise ValueError(f"zigzag shards hold two equal chunks: shard length {lengths[0]} is odd")
     ring_size = len(shards)
     halves = [s.chunk(2, dim=dim) for s in shards]
     ordered = [halves[r][0] for r in range(ring_size)] + [halves[r][1] for r in reversed(range(ring_size))]

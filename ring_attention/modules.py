@@ -1,12 +1,20 @@
-"""``torch.nn.Module`` wrappers around the functional API."""
+"""``torch.nn.Module`` wrappers around the functional API.
+
+Every constructor validates its arguments with the functional API's own checks and
+messages, so a bad ``causal``, ``layout``, ``ring_size`` or pattern fails where the module
+is built, not at its first forward (or never: ``checkpoint='x'`` would read as true).
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import nn
 
+from . import layout as _layout
 from . import pattern as _pattern
+from ._checks import check_flag, check_optional_scale, check_positive_int
 from .dilated import dilated_attention
 from .ring_dilated import ring_dilated_attention
 
@@ -15,12 +23,18 @@ class DilatedAttention(nn.Module):
     """:func:`~ring_attention.dilated_attention` with its pattern and options held.
 
     ``forward(q, k, v)`` takes ``[B, N, H, D]`` / ``[B, N, Hkv, D]`` tensors.
+
+    Raises:
+        TypeError / ValueError at construction for a bad ``pattern``, ``causal``,
+        ``scale`` or ``checkpoint``, with the messages of the functional API.
     """
 
     def __init__(self, pattern, *, causal=False, scale=None, checkpoint=False):
         super().__init__()
         self.pattern = _pattern.as_pattern(pattern)
-        self.causal, self.scale, self.checkpoint = causal, scale, checkpoint
+        self.causal = check_flag(causal, "causal")
+        self.scale = check_optional_scale(scale)
+        self.checkpoint = check_flag(checkpoint, "checkpoint")
 
     def forward(self, q, k, v):
         return dilated_attention(
@@ -31,11 +45,32 @@ class DilatedAttention(nn.Module):
         return f"pattern={self.pattern}, causal={self.causal}, checkpoint={self.checkpoint}"
 
 
+def _check_group(group, ring_size):
+    """``group`` must be a process group or ``None``; a given ``ring_size`` must be its size."""
+    if group is None:
+        return None
+    if dist.is_available() and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
+        )
+    if ring_size is not None and ring_size != group.size():
+        raise ValueError(
+            f"ring_size={ring_size} does not match the process group's size {group.size()}; "
+            "pass one or the other"
+        )
+    return group
+
+
 class RingDilatedAttention(nn.Module):
     """:func:`~ring_attention.ring_dilated_attention` holding its process group or ring size.
 
     With ``group`` set, ``forward`` takes and returns this rank's shard; with
     ``ring_size`` alone it simulates the ring on the whole sequence.
+
+    Raises:
+        TypeError / ValueError at construction for a bad ``pattern``, ``group``,
+        ``ring_size``, ``causal``, ``scale``, ``layout`` or ``checkpoint``, with the
+        messages of the functional API.
     """
 
     def __init__(
@@ -44,8 +79,12 @@ class RingDilatedAttention(nn.Module):
     ):
         super().__init__()
         self.pattern = _pattern.as_pattern(pattern)
-        self.group, self.ring_size = group, ring_size
-        self.causal, self.scale, self.layout, self.checkpoint = causal, scale, layout, checkpoint
+        self.ring_size = None if ring_size is None else _layout.check_ring_size(ring_size)
+        self.group = _check_group(group, self.ring_size)
+        self.causal = check_flag(causal, "causal")
+        self.scale = check_optional_scale(scale)
+        self.layout = _layout.check_layout(layout)
+        self.checkpoint = check_flag(checkpoint, "checkpoint")
 
     def forward(self, q, k, v):
         return ring_dilated_attention(
@@ -61,61 +100,80 @@ class RingDilatedAttention(nn.Module):
 class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated attention with input and output projections.
 
-    Follows :class:`torch.nn.MultiheadAttention`'s habits: ``embed_dim``, ``num_heads``,
-    ``bias``, ``batch_first`` (``[B, N, E]`` when true, ``[N, B, E]`` otherwise), and
-    ``forward(query, key, value)`` returning ``(output, None)``. Attention weights are
-    never materialized, so ``need_weights=True``, ``key_padding_mask`` and ``attn_mask``
-    are rejected with a ``ValueError`` rather than silently ignored; use ``causal=True``
-    for causal masking.
+    Shaped like :class:`torch.nn.MultiheadAttention`: ``embed_dim``, ``num_heads``,
+    ``bias``, ``batch_first``, and ``forward(query, key, value)`` returning
+    ``(output, None)``. Attention weights are never materialized, so
+    ``need_weights=True``, ``key_padding_mask`` and ``attn_mask`` are rejected with a
+    ``ValueError`` rather than silently ignored; use ``causal=True`` for causal masking.
+
+    ``batch_first`` has no default, on purpose: ``nn.MultiheadAttention`` defaults to
+    ``False`` (``[N, B, E]``) while most long-context code is ``[B, N, E]``, and either
+    default would silently misread the other layout whenever the shapes allow it. Say
+    which one your tensors use.
 
     Args:
         embed_dim: model width ``E``; must be divisible by ``num_heads``.
         num_heads: query heads ``H``.
-        pattern: the :class:`~ring_attention.DilatedPattern`.
+        pattern: the :class:`~ring_attention.DilatedPattern`; a ``head_groups`` pattern
+            needs at least as many heads as pairs.
+        batch_first: required, keyword-only. ``True``: tensors are ``[B, N, E]``;
+            ``False``: ``[N, B, E]`` (``nn.MultiheadAttention``'s default).
         num_kv_heads: key/value heads (grouped-query attention); ``num_heads`` by default.
+        bias: projections with biases.
         group, ring_size, layout: run as ring dilated attention (see
             :func:`~ring_attention.ring_dilated_attention`); a plain single-device
             dilated attention when both are ``None``.
         causal: as in :func:`~ring_attention.dilated_attention`.
         checkpoint: checkpoint the whole layer (projections and attention): backward
             recomputes it from the layer's inputs instead of storing its activations.
+        device, dtype: of the projections' parameters.
+
+    Raises:
+        TypeError / ValueError at construction for any bad argument, naming it.
     """
 
     def __init__(
-        self, embed_dim, num_heads, pattern, *, num_kv_heads=None, bias=True, batch_first=True,
+        self, embed_dim, num_heads, pattern, *, batch_first, num_kv_heads=None, bias=True,
         causal=False, checkpoint=False, group=None, ring_size=None, layout="contiguous",
         device=None, dtype=None,
     ):
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        embed_dim = check_positive_int(embed_dim, "embed_dim")
+        num_heads = check_positive_int(num_heads, "num_heads")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
-            raise ValueError(f"num_kv_heads must be a positive integer, got {num_kv_heads!r}")
+        num_kv_heads = num_heads if num_kv_heads is None else check_positive_int(num_kv_heads, "num_kv_heads")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        self.batch_first = check_flag(batch_first, "batch_first")
+        bias = check_flag(bias, "bias")
+        self.checkpoint = check_flag(checkpoint, "checkpoint")
+        # The head count is known here, so a head_groups pattern with more pairs than
+        # heads fails now rather than at the first forward.
+        _pattern.as_pattern(pattern).heads_of_pair(num_heads)
+        self.attention = RingDilatedAttention(
+            pattern, group=group, ring_size=ring_size, causal=causal, layout=layout
+        )
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.batch_first = batch_first
         kv_dim = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.checkpoint = checkpoint
-        self.attention = RingDilatedAttention(
-            pattern, group=group, ring_size=ring_size, causal=causal, layout=layout
-        )
 
     def forward(
         self, query, key=None, value=None, key_padding_mask=None, need_weights=False,
         attn_mask=None,
     ):
-        """``(output, None)``; ``key``/``value`` default to ``query`` (self-attention)."""
+        """``(output, None)``; ``key`` defaults to ``query`` and ``value`` to ``key``.
+
+        ``query``, ``key`` and ``value`` are ``[B, N, E]`` (``batch_first=True``) or
+        ``[N, B, E]``, with one batch size and one length: dilated attention selects keys
+        by their positions in the query's sequence, so a key/value sequence of another
+        length (cross-attention) is refused.
+        """
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask is not supported: dilated attention takes no padding mask")
         if attn_mask is not None:
@@ -124,10 +182,7 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError("need_weights=True is not supported: attention weights are never materialized")
         key = query if key is None else key
         value = key if value is None else value
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.embed_dim:
-                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be a 3-d tensor with last dimension embed_dim={self.embed_dim}, got {shape}")
+        self._check_inputs(query, key, value)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if self.checkpoint and torch.is_grad_enabled():
@@ -138,10 +193,42 @@ class MultiheadDilatedAttention(nn.Module):
             out = self._layer(query, key, value)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
+    def _check_inputs(self, query, key, value) -> None:
+        """Shapes against each other in the user's terms: batch, length, embed_dim."""
+        dims = "[B, N, E]" if self.batch_first else "[N, B, E]"
+        where = f"(batch_first={self.batch_first}: {dims})"
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"{name} must be a 3-d tensor {dims} with embed_dim={self.embed_dim} features "
+                    f"{where}, got shape {tuple(t.shape)}"
+                )
+        if not (query.dtype == key.dtype == value.dtype):
+            raise TypeError(f"query, key, value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+        b_dim, n_dim = (0, 1) if self.batch_first else (1, 0)
+        for name, t in (("key", key), ("value", value)):
+            if t.shape[b_dim] != query.shape[b_dim]:
+                raise ValueError(
+                    f"{name} has batch size {t.shape[b_dim]} but query has {query.shape[b_dim]} {where}"
+                )
+        if value.shape[n_dim] != key.shape[n_dim]:
+            raise ValueError(
+                f"key and value must have the same length, got {key.shape[n_dim]} and "
+                f"{value.shape[n_dim]} {where}"
+            )
+        if key.shape[n_dim] != query.shape[n_dim]:
+            raise ValueError(
+                f"key has length {key.shape[n_dim]} but query has length {query.shape[n_dim]} {where}: "
+                "dilated attention needs keys of the query's length (cross-attention over a "
+                "key/value sequence of another length is not supported)"
+            )
+
     def _layer(self, query, key, value):
         b, n, _ = query.shape
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(key).view(b, key.shape[1], self.num_kv_heads, self.head_dim)
-        v = self.v_proj(value).view(b, value.shape[1], self.num_kv_heads, self.head_dim)
+        k = self.k_proj(key).view(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(value).view(b, n, self.num_kv_heads, self.head_dim)
         a = self.attention(q, k, v)
         return self.out_proj(a.reshape(b, n, self.embed_dim))

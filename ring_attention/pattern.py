@@ -15,19 +15,32 @@ in the same segment.
 from __future__ import annotations
 
 import dataclasses
-import numbers
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 
 import torch
+
+from ._checks import check_positive_int
 
 MODES = ("mixture", "head_groups")
 
 
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value}")
-    return int(value)
+def _int_sequence(value, name: str) -> tuple:
+    """A tuple, list, range, 1-d integer tensor or 1-d array as a tuple of its elements.
+
+    Mappings and sets are refused: their iteration order says nothing about which
+    segment length pairs with which dilation rate (a dict would silently give its keys).
+    """
+    if (
+        isinstance(value, (str, bytes, Mapping, AbstractSet))
+        or not hasattr(value, "__iter__")
+        or getattr(value, "ndim", 1) != 1  # tensors and arrays: 1-d only
+    ):
+        raise TypeError(
+            f"{name} must be a sequence of integers (tuple, list, or 1-d tensor), "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    return tuple(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +48,18 @@ class DilatedPattern:
     """Segment lengths and dilation rates of LongNet dilated attention.
 
     Args:
-        segment_lengths: ``w_k``, positive integers, one per pair.
-        dilation_rates: ``r_k``, positive integers with ``r_k <= w_k``, one per pair.
-            ``r_k`` need not divide ``w_k``.
+        segment_lengths: ``w_k``, positive integers, one per pair: a tuple, list, range or
+            1-d integer tensor of Python ints, numpy integers or 0-d integer tensors
+            (stored as a tuple of ints). Mappings and sets are refused.
+        dilation_rates: ``r_k``, positive integers with ``r_k <= w_k``, one per pair, in
+            the same forms. ``r_k`` need not divide ``w_k``.
         mode: ``"mixture"`` (every head runs every pair; the pairs' results are mixed by
             their softmax denominators, as in the LongNet paper) or ``"head_groups"``
             (heads are split into ``K`` contiguous groups and group ``k`` runs pair ``k``).
 
     Raises:
-        ValueError / TypeError naming the offending field.
+        TypeError naming the offending field for a wrong type (a float or bool entry, a
+        dict, a 2-d tensor); ValueError for a wrong value (and an unknown mode).
     """
 
     segment_lengths: tuple[int, ...]
@@ -51,12 +67,8 @@ class DilatedPattern:
     mode: str = "mixture"
 
     def __post_init__(self):
-        for name in ("segment_lengths", "dilation_rates"):
-            value = getattr(self, name)
-            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-                raise TypeError(f"{name} must be a sequence of integers, got {value!r}")
-            object.__setattr__(self, name, tuple(value))
-        ws, rs = self.segment_lengths, self.dilation_rates
+        ws = _int_sequence(self.segment_lengths, "segment_lengths")
+        rs = _int_sequence(self.dilation_rates, "dilation_rates")
         if len(ws) == 0:
             raise ValueError("segment_lengths is empty: a pattern needs at least one (w, r) pair")
         if len(ws) != len(rs):
@@ -64,12 +76,12 @@ class DilatedPattern:
                 f"segment_lengths has {len(ws)} entries but dilation_rates has {len(rs)}: "
                 "they must pair up one to one"
             )
-        ws = tuple(_positive_int(w, f"segment_lengths[{i}]") for i, w in enumerate(ws))
-        rs = tuple(_positive_int(r, f"dilation_rates[{i}]") for i, r in enumerate(rs))
+        ws = tuple(check_positive_int(w, f"segment_lengths[{i}]") for i, w in enumerate(ws))
+        rs = tuple(check_positive_int(r, f"dilation_rates[{i}]") for i, r in enumerate(rs))
         for i, (w, r) in enumerate(zip(ws, rs)):
             if r > w:
                 raise ValueError(f"dilation_rates[{i}] = {r} exceeds segment_lengths[{i}] = {w}")
-        if self.mode not in MODES:
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
         object.__setattr__(self, "segment_lengths", ws)
         object.__setattr__(self, "dilation_rates", rs)

@@ -15,9 +15,13 @@ Case kinds:
   full sequence. Optional ``subgroup``: run on ``dist.new_group(subgroup)`` instead of
   the world (ranks outside it record ``skipped``).
 - ``bad``: a malformed call; records ``"Type: message"`` of what it raised, or ``None``.
-  Knobs ending in ``_on_rank1`` give rank 1 another value than the others.
+  Rank 1 may pass other arguments than the rest (``*_on_rank1``: rows, heads, dtype,
+  layout, causal, scale, pattern, ring_size, checkpoint; a string pattern is not one).
 - ``agreement``: the same call repeated, then a new shape; records how many
   ``all_gather_object`` collectives each call ran (the agreement is cached per signature).
+
+Half-precision ``ok`` cases (full attention) compare with a float64 reference and also
+record SDPA's own error in that dtype (``sdpa_*``), the yardstick for their tolerance.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import torch.distributed as dist
 
 import ring_attention as ra
 from ring_attention import layout as _layout
+from tests.inputs import qkv
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF = (torch.bfloat16, torch.float16)
 
 
 def _pattern(spec):
@@ -47,14 +53,8 @@ def _pattern(spec):
 
 def _global_tensors(case):
     """The same global q, k, v, g on every rank (seeded CPU generator)."""
-    b, n, h, hkv, d = case["shape"]
     dtype = DTYPES[case.get("dtype", "float64")]
-    gen = torch.Generator().manual_seed(case["seed"])
-    q = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(dtype)
-    k = torch.randn(b, n, hkv, d, generator=gen, dtype=torch.float64).to(dtype)
-    v = torch.randn(b, n, hkv, d, generator=gen, dtype=torch.float64).to(dtype)
-    g = torch.randn(b, n, h, d, generator=gen, dtype=torch.float64).to(dtype)
-    return q, k, v, g
+    return qkv(*case["shape"], seed=case["seed"], dtype=dtype, grad_out=True)
 
 
 def _max_err(a, b):
@@ -66,10 +66,12 @@ def run_ok(case, group, rank, world):
     layout, causal, scale = case["layout"], case["causal"], case.get("scale")
     pattern = _pattern(case.get("pattern"))
 
-    # Oracle: the dense reference on the whole natural-order sequence.
-    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    # Oracle: the dense reference on the whole natural-order sequence; in float64 on the
+    # (rounded) half-precision inputs, whose own rounding is then measured separately.
+    half = q.dtype in HALF
+    full = [(t.double() if half else t.clone()).requires_grad_() for t in (q, k, v)]
     ref = ra.reference_attention(*full, pattern=pattern, causal=causal, scale=scale)
-    ref_grads = torch.autograd.grad(ref, full, g)
+    ref_grads = torch.autograd.grad(ref, full, g.double() if half else g)
 
     def mine(t):
         return _layout.split(t, world, layout)[rank].contiguous()
@@ -97,6 +99,16 @@ def run_ok(case, group, rank, world):
         "ref_out_max": mine(ref).abs().max().item(),
         "ref_dk_max": mine(ref_grads[1]).abs().max().item(),
     }
+    if half:
+        # The yardstick: torch's SDPA in the same dtype on the whole sequence, against the
+        # same float64 reference (a half-precision tolerance relative to what SDPA achieves).
+        if pattern is not None:
+            raise ValueError("half-precision cases compare with SDPA: full attention only")
+        dense_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        dense = ra.dense_attention(*dense_in, causal=causal, scale=scale)
+        dense_grads = torch.autograd.grad(dense, dense_in, g)
+        for key, got, want in zip(("out", "dq", "dk", "dv"), (dense, *dense_grads), (ref, *ref_grads)):
+            result[f"sdpa_{key}"] = _max_err(mine(got), mine(want))
     return result
 
 
@@ -111,25 +123,22 @@ def run_bad(case, group, rank, world):
     dtype = torch.float64
     if rank == 1 and case.get("dtype_on_rank1"):
         dtype = DTYPES[case["dtype_on_rank1"]]
-    gen = torch.Generator().manual_seed(rank)
-    q = torch.randn(1, n_local, h, 4, generator=gen, dtype=dtype)
-    k = torch.randn(1, n_local, hkv, 4, generator=gen, dtype=dtype)
-    v = torch.randn(1, n_local, hkv, 4, generator=gen, dtype=dtype)
+    q, k, v = qkv(1, n_local, h, hkv, 4, seed=rank, dtype=dtype)
     layout = case.get("layout", "contiguous")
     if rank == 1 and "layout_on_rank1" in case:
         layout = case["layout_on_rank1"]
     causal = case.get("causal", False)
     if rank == 1 and "causal_on_rank1" in case:
         causal = case["causal_on_rank1"]
-    kwargs = dict(group=group, layout=layout, causal=causal)
+    kwargs = dict(group=group, layout=layout, causal=causal, scale=case.get("scale"))
+    if rank == 1 and "scale_on_rank1" in case:
+        kwargs["scale"] = case["scale_on_rank1"]
     if "ring_size" in case:
         kwargs["ring_size"] = case["ring_size"]
     if rank == 1 and "ring_size_on_rank1" in case:
         kwargs["ring_size"] = case["ring_size_on_rank1"]
     if rank == 1 and "checkpoint_on_rank1" in case:
         kwargs["checkpoint"] = case["checkpoint_on_rank1"]
-    if rank == 1 and "scale_on_rank1" in case:
-        kwargs["scale"] = case["scale_on_rank1"]
     if case.get("group_none"):
         del kwargs["group"]
     pattern = _pattern(case.get("pattern"))
@@ -158,8 +167,7 @@ def run_agreement(case, group, rank, world):
     try:
         for n_local in (8, 8, 8, 10):
             counts.append(0)
-            gen = torch.Generator().manual_seed(rank)
-            q, k, v = (torch.randn(1, n_local, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+            q, k, v = qkv(1, n_local, 2, 2, 4, seed=rank, dtype=torch.float64)
             ra.ring_attention(q, k, v, group=group, causal=True, layout="zigzag")
     finally:
         dist.all_gather_object = real

@@ -8,6 +8,7 @@ import torch
 from hypothesis import strategies as st
 
 import ring_attention as ra
+from tests.inputs import qkv
 
 HEADS = (1, 2, 4, 6, 8)
 HEAD_DIMS = (4, 8, 16)
@@ -30,21 +31,11 @@ class Case:
     seed: int
 
     def qkv(self, dtype=None, requires_grad=False, magnitude=1.0):
-        """Random ``q, k, v`` (from ``seed``; Hypothesis does not seed torch)."""
-        torch.manual_seed(self.seed)
-        dtype = dtype or self.dtype
-        shapes = [
-            (self.batch, self.seq_len, self.heads, self.head_dim),
-            (self.batch, self.seq_len, self.kv_heads, self.head_dim),
-            (self.batch, self.seq_len, self.kv_heads, self.head_dim),
-        ]
-        out = []
-        for i, s in enumerate(shapes):
-            t = torch.randn(s, dtype=torch.float64)
-            if i < 2:
-                t = t * magnitude
-            out.append(t.to(dtype).requires_grad_(requires_grad))
-        return tuple(out)
+        """Random ``q, k, v`` of this case's shapes, from its ``seed`` (tests/inputs.py)."""
+        return qkv(
+            self.batch, self.seq_len, self.heads, self.kv_heads, self.head_dim, seed=self.seed,
+            dtype=dtype or self.dtype, requires_grad=requires_grad, magnitude=magnitude,
+        )
 
 
 @st.composite
@@ -136,32 +127,25 @@ def naive_weights(pattern, n: int, h: int, causal: bool) -> torch.Tensor:
 
 
 def naive_attention(q, k, v, w, scale=None):
-    """Weighted attention with explicit ``W [H, N, N]``, per (batch, head), in float64.
+    """Weighted attention with explicit ``W [H, N, N]``, one query row at a time, in float64.
 
-    Differentiable; rows with no weight are left at exactly 0 and never computed.
+    Each row ``i`` of head ``h`` gathers only its weighted keys ``{j : W[h, i, j] > 0}`` and
+    evaluates SEMANTICS.md's formula on them, so a key with zero weight never enters the
+    row (whatever NaN or inf it holds) and the row's gradient never reaches it. Rows with
+    no weighted key are exactly 0. Differentiable; slow by design (small ``N`` only).
     """
     b, n, h, d = q.shape
     hkv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
-    rows_out = []
-    for bi in range(b):
-        heads_out = []
-        for hi in range(h):
-            kv = hi // (h // hkv)
-            qq = q[bi, :, hi].double()
-            kk = k[bi, :, kv].double()
-            vv = v[bi, :, kv].double()
-            ww = w[hi].double()
-            live = ww.sum(-1) > 0
-            o = torch.zeros(n, d, dtype=torch.float64)
-            if bool(live.any()):
-                s = (qq[live] @ kk.T) * scale
-                wl = ww[live]
-                s = torch.where(wl > 0, s, torch.full_like(s, float("-inf")))
-                m = s.max(-1, keepdim=True).values.detach()
-                p = wl * torch.exp(s - m)
-                res = (p @ vv) / p.sum(-1, keepdim=True)
-                o = o.index_put((live.nonzero()[:, 0],), res)
-            heads_out.append(o)
-        rows_out.append(torch.stack(heads_out, dim=1))
-    return torch.stack(rows_out, dim=0)
+    out = [[torch.zeros(b, d, dtype=torch.float64)] * n for _ in range(h)]  # [h][i] -> [B, D]
+    for hi in range(h):
+        kv = hi // (h // hkv)
+        for i in range(n):
+            keys = (w[hi, i] > 0).nonzero()[:, 0]
+            if keys.numel() == 0:
+                continue
+            kk, vv = k[:, keys, kv].double(), v[:, keys, kv].double()  # [B, K, D]
+            s = torch.einsum("bkd,bd->bk", kk, q[:, i, hi].double()) * scale
+            p = w[hi, i, keys].double() * torch.exp(s - s.amax(-1, keepdim=True).detach())
+            out[hi][i] = torch.einsum("bk,bkd->bd", p, vv) / p.sum(-1, keepdim=True)
+    return torch.stack([torch.stack(per_head, dim=1) for per_head in out], dim=2)  # [B, N, H, D]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ring_attention as ra
+from tests.inputs import qkv
 
 PATTERN = ra.DilatedPattern((4, 8), (1, 2))
 
@@ -25,11 +26,7 @@ PATTERNED = pytest.mark.parametrize("fn", [_reference, _dilated], ids=["referenc
 
 
 def _qkv(b=1, n=8, h=4, hkv=2, d=4, dtype=torch.float32):
-    return (
-        torch.randn(b, n, h, d, dtype=dtype),
-        torch.randn(b, n, hkv, d, dtype=dtype),
-        torch.randn(b, n, hkv, d, dtype=dtype),
-    )
+    return qkv(b, n, h, hkv, d, dtype=dtype)
 
 
 # --- tensors ---------------------------------------------------------------------------

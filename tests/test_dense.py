@@ -4,16 +4,8 @@ import pytest
 import torch
 
 import ring_attention as ra
+from tests.inputs import qkv
 from tests.strategies import naive_attention, naive_weights
-
-
-def _qkv(b, n, h, hkv, d, dtype=torch.float64, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(
-        torch.randn(b, n, x, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-        for x in (h, hkv, hkv)
-    )
-
 
 SHAPES = [(1, 1, 1, 1, 4), (2, 9, 4, 4, 8), (2, 16, 6, 2, 16), (1, 33, 8, 1, 4)]
 
@@ -22,7 +14,7 @@ SHAPES = [(1, 1, 1, 1, 4), (2, 9, 4, 4, 8), (2, 16, 6, 2, 16), (1, 33, 8, 1, 4)]
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("scale", [None, 0.1])
 def test_dense_matches_reference(shape, causal, scale):
-    q, k, v = _qkv(*shape)
+    q, k, v = qkv(*shape)
     out = ra.dense_attention(q, k, v, causal=causal, scale=scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     expected = ra.reference_attention(q, k, v, causal=causal, scale=scale)
@@ -30,7 +22,7 @@ def test_dense_matches_reference(shape, causal, scale):
 
 
 def test_dense_matches_naive_loop():
-    q, k, v = _qkv(2, 10, 4, 2, 8)
+    q, k, v = qkv(2, 10, 4, 2, 8)
     w = naive_weights(None, 10, 4, True)
     torch.testing.assert_close(ra.dense_attention(q, k, v, causal=True), naive_attention(q, k, v, w))
 
@@ -38,7 +30,7 @@ def test_dense_matches_naive_loop():
 @pytest.mark.parametrize("shape", SHAPES[1:])
 @pytest.mark.parametrize("causal", [False, True])
 def test_dense_gradients_match_reference(shape, causal):
-    q, k, v = _qkv(*shape, requires_grad=True)
+    q, k, v = qkv(*shape, requires_grad=True)
     g = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     got = torch.autograd.grad((ra.dense_attention(q, k, v, causal=causal) * g).sum(), (q, k, v))
     expected = torch.autograd.grad((ra.reference_attention(q, k, v, causal=causal) * g).sum(), (q, k, v))
@@ -49,7 +41,7 @@ def test_dense_gradients_match_reference(shape, causal):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dense_low_precision(dtype):
-    q, k, v = _qkv(2, 16, 4, 2, 8, dtype=dtype)
+    q, k, v = qkv(2, 16, 4, 2, 8, dtype=dtype)
     out = ra.dense_attention(q, k, v, causal=True)
     assert out.dtype == dtype
     expected = ra.reference_attention(q.double(), k.double(), v.double(), causal=True)
@@ -58,7 +50,7 @@ def test_dense_low_precision(dtype):
 
 
 def test_dense_gradcheck():
-    q, k, v = _qkv(1, 5, 2, 1, 4, requires_grad=True)
+    q, k, v = qkv(1, 5, 2, 1, 4, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k, v: ra.dense_attention(q, k, v, causal=True), (q, k, v))
 
 

@@ -425,7 +425,8 @@ def test_multihead_dilated_attention_module(d, dtype):
     embed = HEADS * d
     with fake_cuda() as fc:
         layer = fc.module(
-            ra.MultiheadDilatedAttention, embed, HEADS, _quarter_half(N), num_kv_heads=KV_HEADS, causal=True,
+            ra.MultiheadDilatedAttention, embed, HEADS, _quarter_half(N), num_kv_heads=KV_HEADS, batch_first=True,
+            causal=True,
             ring_size=2, dtype=dtype,
         )
         x = fc.empty(2, N, embed, dtype=dtype)

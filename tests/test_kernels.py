@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ring_attention import kernels
+from tests.inputs import randn as _rand
 
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
@@ -11,12 +12,6 @@ TOL = {
     torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
     torch.float16: dict(rtol=2e-3, atol=2e-3),
 }
-
-
-def _rand(shape, dtype, seed, scale=1.0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return t.requires_grad_(requires_grad)
 
 
 def _plain(q, k, v, mask, scale):

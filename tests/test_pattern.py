@@ -3,13 +3,16 @@
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import ring_attention as ra
 from ring_attention import pattern as P
+from ring_attention.layout import check_ring_size
+from tests.inputs import qkv
 from tests.strategies import naive_weights, patterns
 
 # --- validation ------------------------------------------------------------------------
@@ -52,6 +55,102 @@ def test_pattern_normalizes_to_int_tuples():
     ra.DilatedPattern((6, 5), (6, 3))
 
 
+# Integers as users pass them: Python ints, numpy integers, 0-d integer tensors, and whole
+# sequences as tuples, lists, ranges, 1-d integer tensors or arrays.
+INTEGER_FORMS = [
+    lambda x: x,
+    np.int64,
+    np.int32,
+    np.uint8,
+    torch.tensor,
+    lambda x: torch.tensor(x, dtype=torch.int32),
+]
+SEQUENCE_FORMS = [tuple, list, torch.tensor, np.array, lambda xs: torch.tensor(xs, dtype=torch.int16)]
+
+
+@pytest.mark.parametrize("form", INTEGER_FORMS)
+@pytest.mark.parametrize("seq", SEQUENCE_FORMS[:2])
+def test_pattern_accepts_integer_forms(form, seq):
+    p = ra.DilatedPattern(seq([form(8), form(16)]), seq([form(1), form(2)]), mode="head_groups")
+    assert p == ra.DilatedPattern((8, 16), (1, 2), mode="head_groups")
+    assert hash(p) == hash(ra.DilatedPattern((8, 16), (1, 2), mode="head_groups"))
+    assert all(type(x) is int for x in p.segment_lengths + p.dilation_rates)
+
+
+@pytest.mark.parametrize("seq", SEQUENCE_FORMS + [lambda xs: range(xs[0], xs[1] + 1, xs[1] - xs[0])])
+def test_pattern_accepts_sequence_forms(seq):
+    p = ra.DilatedPattern(seq([8, 16]), seq([1, 2]))
+    assert p.segment_lengths == (8, 16) and p.dilation_rates == (1, 2)
+    assert all(type(x) is int for x in p.segment_lengths + p.dilation_rates)
+
+
+@pytest.mark.parametrize("field", ["segment_lengths", "dilation_rates"])
+@pytest.mark.parametrize(
+    "value",
+    [{8: 1}, {8}, frozenset({8}), torch.tensor(8), torch.tensor([[8]]), np.array([[8]]), np.array(8), 8, "8"],
+    ids=["dict", "set", "frozenset", "0d-tensor", "2d-tensor", "2d-array", "0d-array", "int", "str"],
+)
+def test_pattern_refuses_non_sequences(field, value):
+    kwargs = dict(segment_lengths=(8,), dilation_rates=(1,))
+    kwargs[field] = value
+    with pytest.raises(TypeError, match=rf"^{field} must be a sequence of integers"):
+        ra.DilatedPattern(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        8.0, np.float64(8), torch.tensor(8.0), torch.tensor(True), np.bool_(True), True,
+        torch.tensor([8]), torch.tensor(8.0 + 0j), "8", None, Fraction(8),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("field", ["segment_lengths", "dilation_rates"])
+def test_pattern_refuses_non_integers_with_type_error(field, bad):
+    kwargs = dict(segment_lengths=[8, 16], dilation_rates=[1, 2])
+    kwargs[field][1] = bad
+    with pytest.raises(TypeError, match=rf"^{field}\[1\] must be an integer"):
+        ra.DilatedPattern(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [np.int64(0), torch.tensor(-2), 0])
+def test_pattern_refuses_non_positive_integer_forms_with_value_error(bad):
+    with pytest.raises(ValueError, match=r"^segment_lengths\[0\] must be a positive integer"):
+        ra.DilatedPattern((bad,), (1,))
+
+
+# --- ring_size: the same integer forms, the same errors ------------------------------------------
+
+
+@pytest.mark.parametrize("form", INTEGER_FORMS)
+def test_ring_size_accepts_integer_forms(form):
+    assert check_ring_size(form(3)) == 3 and type(check_ring_size(form(3))) is int
+    q, k, v = qkv(1, 8, 2, 1, 4)
+    want = ra.ring_attention(q, k, v, ring_size=2, causal=True)
+    torch.testing.assert_close(ra.ring_attention(q, k, v, ring_size=form(2), causal=True), want)
+    p = ra.DilatedPattern((4,), (2,))
+    want = ra.ring_dilated_attention(q, k, v, p, ring_size=2, layout="zigzag")
+    torch.testing.assert_close(ra.ring_dilated_attention(q, k, v, p, ring_size=form(2), layout="zigzag"), want)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [2.0, "2", True, np.bool_(True), np.float32(2), torch.tensor(2.0), torch.tensor([2]), [2], Fraction(2)],
+    ids=repr,
+)
+def test_ring_size_of_wrong_type_raises_type_error(bad):
+    with pytest.raises(TypeError, match="^ring_size must be an integer"):
+        check_ring_size(bad)
+    with pytest.raises(TypeError, match="^ring_size must be an integer"):
+        ra.ring_attention(*qkv(1, 8, 2, 1, 4), ring_size=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, np.int64(0), torch.tensor(-3)], ids=repr)
+def test_ring_size_below_one_raises_value_error(bad):
+    with pytest.raises(ValueError, match="^ring_size must be a positive integer"):
+        ra.ring_attention(*qkv(1, 8, 2, 1, 4), ring_size=bad)
+
+
 def test_pattern_is_frozen():
     p = ra.DilatedPattern((8,), (1,))
     with pytest.raises(AttributeError):
@@ -79,13 +178,18 @@ def test_effective_segment_lengths_not_dividing(ws, n, bad):
         p.check(n, 4)
 
 
+@given(h=st.integers(1, 8), k=st.integers(2, 8))
+def test_heads_of_pair_head_groups_needs_as_many_heads_as_pairs(h, k):
+    assume(h < k)
+    p = ra.DilatedPattern((1,) * k, (1,) * k, mode="head_groups")
+    with pytest.raises(ValueError, match=f"H={h} < K={k}"):
+        p.heads_of_pair(h)
+
+
 @given(h=st.integers(1, 40), k=st.integers(1, 8))
 def test_heads_of_pair_head_groups(h, k):
+    assume(h >= k)
     p = ra.DilatedPattern((1,) * k, (1,) * k, mode="head_groups")
-    if h < k:
-        with pytest.raises(ValueError, match=f"H={h} < K={k}"):
-            p.heads_of_pair(h)
-        return
     groups = p.heads_of_pair(h)
     assert len(groups) == k
     for i, g in enumerate(groups):

@@ -6,20 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ring_attention as ra
+from tests.inputs import qkv
 from tests.strategies import cases, naive_attention, naive_weights
 
 
-def _rand(*shape, dtype=torch.float64, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-
-
-def _qkv(b=2, n=8, h=4, hkv=2, d=4, dtype=torch.float64, seed=0, requires_grad=False):
-    return (
-        _rand(b, n, h, d, dtype=dtype, seed=seed, requires_grad=requires_grad),
-        _rand(b, n, hkv, d, dtype=dtype, seed=seed + 1, requires_grad=requires_grad),
-        _rand(b, n, hkv, d, dtype=dtype, seed=seed + 2, requires_grad=requires_grad),
-    )
+def _qkv(b=2, n=8, h=4, hkv=2, d=4, **kwargs):
+    return qkv(b, n, h, hkv, d, **kwargs)
 
 
 @given(cases(dtypes=(torch.float64,), max_seq_len=24), st.sampled_from([None, 0.0, 0.37, 2.0]))
@@ -130,3 +122,138 @@ def test_reference_large_logits_finite():
     assert out.isfinite().all()
     out.sum().backward()
     assert q.grad.isfinite().all()
+
+
+# --- non-finite inputs: a zero weight contributes exactly nothing, forward and backward -----
+
+NON_FINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+@st.composite
+def poisoned_cases(draw, max_seq_len=12):
+    """A float64 case, and 1-3 non-finite entries (or whole rows) planted in q, k or v."""
+    case = draw(cases(dtypes=(torch.float64,), max_seq_len=max_seq_len, heads=(1, 2, 4)))
+    spots = draw(st.lists(
+        st.tuples(
+            st.sampled_from((0, 1, 2)),  # q, k or v
+            st.integers(0, case.batch - 1),
+            st.integers(0, case.seq_len - 1),
+            st.integers(0, 7),  # head, modulo the tensor's head count
+            st.one_of(st.none(), st.integers(0, case.head_dim - 1)),  # None: the whole row
+            st.sampled_from(NON_FINITE),
+        ),
+        min_size=1, max_size=3,
+    ))
+    return case, spots
+
+
+def _poison(tensors, spots):
+    out = [t.detach().clone() for t in tensors]
+    for which, b, i, h, d, value in spots:
+        t = out[which]
+        t[b, i, h % t.shape[2], slice(None) if d is None else d] = value
+    return out
+
+
+def _reached(w, q, k, v):
+    """``[B, N, H, D]``: which output entries a non-finite input can reach, by SEMANTICS.md.
+
+    Entry ``(b, i, h, d)`` depends on ``q[b, i, h]`` and on ``k[b, j, kv]``, ``v[b, j, kv, d]``
+    for the keys with ``W[h, i, j] > 0`` only; a row without such keys is 0 whatever the inputs.
+    """
+    bsz, n, h, d = q.shape
+    group = h // k.shape[2]
+    kept = (w > 0).double()  # [H, N, N]
+    bad_q = ~q.isfinite().all(-1)  # [B, N, H]
+    bad_k = (~k.isfinite().all(-1)).repeat_interleave(group, dim=2).double()  # [B, N, H]
+    bad_v = (~v.isfinite()).repeat_interleave(group, dim=2).double()  # [B, N, H, D]
+    has_keys = (w.sum(-1) > 0).T  # [N, H]
+    row = (bad_q | (torch.einsum("hij,bjh->bih", kept, bad_k) > 0)) & has_keys
+    col = torch.einsum("hij,bjhd->bihd", kept, bad_v) > 0
+    return row[..., None] | col
+
+
+@given(poisoned_cases(max_seq_len=10))
+def test_reference_with_non_finite_inputs_matches_naive_and_leaves_other_rows_alone(poisoned):
+    case, spots = poisoned
+    clean = case.qkv()
+    q, k, v = _poison(clean, spots)
+    w = naive_weights(case.pattern, case.seq_len, case.heads, case.causal)
+    kw = dict(pattern=case.pattern, causal=case.causal)
+    out = ra.reference_attention(q, k, v, **kw)
+    # the naive loop gathers each row's weighted keys: dropped keys never enter
+    torch.testing.assert_close(out, naive_attention(q, k, v, w), rtol=1e-10, atol=1e-10, equal_nan=True)
+    # every entry no planted value can reach is what the clean inputs give (rows without keys: 0)
+    reached = _reached(w, q, k, v)
+    assert reached.any() or not out.isnan().any()
+    torch.testing.assert_close(out[~reached], ra.reference_attention(*clean, **kw)[~reached], rtol=0, atol=0)
+
+
+@given(poisoned_cases(max_seq_len=8))
+def test_reference_gradients_with_non_finite_inputs_match_naive(poisoned):
+    case, spots = poisoned
+    q, k, v = (t.requires_grad_() for t in _poison(case.qkv(), spots))
+    w = naive_weights(case.pattern, case.seq_len, case.heads, case.causal)
+    g = qkv(case.batch, case.seq_len, case.heads, case.kv_heads, case.head_dim, seed=case.seed, grad_out=True)[3]
+    out = ra.reference_attention(q, k, v, pattern=case.pattern, causal=case.causal)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    expected = torch.autograd.grad(naive_attention(q, k, v, w), (q, k, v), g)
+    for name, a, e in zip("qkv", grads, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10, equal_nan=True, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+DILATED = ra.DilatedPattern((4, 8), (2, 4), mode="mixture")
+
+
+@pytest.mark.parametrize("pattern, causal", [(None, True), (DILATED, False), (DILATED, True)])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_one_non_finite_row_shows_exactly_where_its_weight_is_non_zero(pattern, causal, which, value, dtype):
+    """One row of q, k or v set to NaN / inf: the rows that give it weight are non-finite, all
+    others equal the clean result (the issue: one NaN row of v made every output row NaN)."""
+    clean = _qkv(b=1, n=8, h=4, hkv=2, d=4, dtype=dtype)
+    j, head = 5, 1  # position 5 of head 1 (query head 1, or kv head 1 = query heads 2 and 3)
+    poisoned = [t.clone() for t in clean]
+    poisoned["qkv".index(which)][0, j, head] = value
+    kw = dict(pattern=pattern, causal=causal)
+    out = ra.reference_attention(*poisoned, **kw)
+    w = naive_weights(pattern, 8, 4, causal)
+    if which == "q":
+        hit = torch.zeros(8, 4, dtype=torch.bool)
+        hit[j, head] = bool(w[head, j].any())
+    else:  # rows of query heads 2 and 3 that give key j a non-zero weight
+        hit = (w[:, :, j] > 0).T & (torch.arange(4) // 2 == head)
+    assert hit.any() and not hit.all()
+    assert not out[0][hit].isfinite().any(), "a row that weights the bad value must show it"
+    torch.testing.assert_close(out[0][~hit], ra.reference_attention(*clean, **kw)[0][~hit], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+def test_non_finite_upstream_gradient_of_a_row_without_keys_passes_nothing(value):
+    """Rows no pair keeps output 0 and pass no gradient: a NaN upstream gradient there (the
+    issue: it leaked into dv through p = 0) changes no gradient."""
+    p = ra.DilatedPattern((4,), (2,))  # head 0 keeps even rows, head 1 odd rows
+    q, k, v = _qkv(b=2, n=8, h=2, hkv=1, d=4, requires_grad=True)
+    g = qkv(2, 8, 2, 1, 4, seed=1, grad_out=True)[3]
+    empty = torch.zeros_like(g, dtype=torch.bool)
+    empty[:, 1::2, 0] = True
+    empty[:, 0::2, 1] = True
+    out = ra.reference_attention(q, k, v, pattern=p, causal=True)
+    clean = torch.autograd.grad(out, (q, k, v), g.masked_fill(empty, 0.0), retain_graph=True)
+    poisoned = torch.autograd.grad(out, (q, k, v), g.masked_fill(empty, value))
+    for name, a, b in zip("qkv", poisoned, clean):
+        assert a.isfinite().all(), f"d{name} picked up the upstream {value} of an empty row"
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_non_finite_upstream_gradient_reaches_exactly_the_keys_its_row_attends():
+    q, k, v = _qkv(b=1, n=8, h=1, hkv=1, d=4, requires_grad=True)
+    g = torch.zeros(1, 8, 1, 4, dtype=torch.float64)
+    g[0, 3, 0, 1] = float("nan")  # causal row 3 attends keys 0..3
+    dq, dk, dv = torch.autograd.grad(ra.reference_attention(q, k, v, causal=True), (q, k, v), g)
+    rows = torch.arange(8)
+    assert dq[0, 3].isnan().all() and not dq[0, rows != 3].isnan().any()
+    assert dk[0, :4].isnan().all() and not dk[0, 4:].isnan().any()
+    assert dv[0, :4, 0, 1].isnan().all() and not dv[0, 4:].isnan().any()
+    assert not dv[0, :, :, [0, 2, 3]].isnan().any()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
+from tests import inputs
 from tests.plan_view import plan_view
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -23,14 +24,7 @@ F64 = dict(atol=1e-10, rtol=1e-8)
 
 
 def make_qkv(seed, b, n, h, hkv, d, dtype=torch.float64, requires_grad=True):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for heads in (h, hkv, hkv, h):
-        out.append(torch.randn(b, n, heads, d, generator=gen, dtype=torch.float64).to(dtype))
-    q, k, v, g = out
-    if requires_grad:
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-    return q, k, v, g
+    return inputs.qkv(b, n, h, hkv, d, seed=seed, dtype=dtype, requires_grad=requires_grad, grad_out=True)
 
 
 def fwd_bwd(fn, q, k, v, g):

@@ -1,0 +1,56 @@
+"""Seeded test inputs: the one place the tests build ``q``, ``k``, ``v`` and upstream gradients.
+
+Values are drawn in float64 from a seeded ``torch.Generator`` (Hypothesis seeds ``random``
+and numpy, never torch) and then cast, so every dtype sees the same numbers up to rounding
+and a test is reproducible from its seed alone. Distributed ranks rebuild the same global
+tensors from the same seed (tests/distributed_worker.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def randn(shape, dtype=torch.float64, seed=0, scale=1.0, requires_grad=False) -> torch.Tensor:
+    """One standard-normal tensor of ``shape``, times ``scale``, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def qkv(
+    b, n, h, hkv, d, *, seed=0, dtype=torch.float64, requires_grad=False, magnitude=1.0,
+    grad_out=False, dominant_key=None,
+):
+    """``q [B, N, H, D]``, ``k, v [B, N, Hkv, D]`` drawn in that order from one generator.
+
+    Args:
+        seed: the generator's seed.
+        dtype: the tensors' dtype (drawn in float64, then cast).
+        requires_grad: make ``q, k, v`` leaves that require grad.
+        magnitude: multiplies ``q`` and ``k`` (scores grow as its square), not ``v``.
+        grad_out: also return an upstream gradient ``g [B, N, H, D]``, drawn fourth
+            (never requiring grad).
+        dominant_key: a position ``j`` whose key dominates: every query gets ``3u`` added
+            for a random unit vector ``u`` and ``k[:, j] = 8 sqrt(D) u``, so a query with
+            ``<q, u> > 0`` (nearly all) scores key ``j`` about 20 above the rest (times
+            ``magnitude**2``) and puts nearly all its weight there.
+
+    Returns:
+        ``(q, k, v)``, or ``(q, k, v, g)`` with ``grad_out``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(b, n, h, d), (b, n, hkv, d), (b, n, hkv, d)] + ([(b, n, h, d)] if grad_out else [])
+    drawn = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    if dominant_key is not None:  # drawn last, so the other tensors do not depend on it
+        u = torch.randn(d, generator=gen, dtype=torch.float64)
+        u = u / u.norm()
+        drawn[0] = drawn[0] + 3 * u
+        drawn[1][:, dominant_key] = 8 * math.sqrt(d) * u
+    drawn[0], drawn[1] = drawn[0] * magnitude, drawn[1] * magnitude
+    out = [t.to(dtype) for t in drawn]
+    for t in out[:3]:
+        t.requires_grad_(requires_grad)
+    return tuple(out)

@@ -1,0 +1,87 @@
+"""Sharding a sequence over a ring: SEMANTICS.md's layouts, and lengths that do not divide.
+
+The oracle is SEMANTICS.md's definition written out per position: ``contiguous`` gives rank
+``r`` positions ``[r*N/R, (r+1)*N/R)``; ``zigzag`` cuts ``2R`` chunks and gives rank ``r``
+chunks ``r`` and ``2R-1-r``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from ring_attention import layout as L
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def _positions(n: int, ring_size: int, rank: int, layout: str) -> list[int]:
+    if layout == "contiguous":
+        size = n // ring_size
+        return list(range(rank * size, (rank + 1) * size))
+    c = n // (2 * ring_size)
+    return [p for chunk in (rank, 2 * ring_size - 1 - rank) for p in range(chunk * c, (chunk + 1) * c)]
+
+
+@given(st.integers(1, 6), st.integers(1, 8), st.sampled_from(LAYOUTS), st.integers(1, 3))
+def test_split_gives_every_rank_its_positions_and_join_inverts_it(ring_size, per_chunk, layout, batch):
+    n = ring_size * (2 if layout == "zigzag" else 1) * per_chunk
+    x = torch.arange(batch * n).view(batch, n) % n
+    shards = L.split(x, ring_size, layout)
+    assert len(shards) == ring_size
+    for r, shard in enumerate(shards):
+        assert shard[0].tolist() == _positions(n, ring_size, r, layout)
+    assert torch.equal(L.join(shards, layout), x)
+
+
+@given(st.integers(1, 64), st.integers(2, 8), st.sampled_from(LAYOUTS))
+def test_split_refuses_a_length_that_does_not_divide(n, ring_size, layout):
+    parts = ring_size * (2 if layout == "zigzag" else 1)
+    assume(n % parts != 0)
+    x = torch.arange(n).view(1, n)
+    for call in (
+        lambda: L.split(x, ring_size, layout),
+        lambda: L.split(x.view(1, 1, n), ring_size, layout, dim=2),
+        lambda: L.shard_intervals(n, ring_size, 0, layout),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        msg = str(info.value)
+        assert f"N={n}" in msg and f"R={ring_size}" in msg and layout in msg, msg
+
+
+def test_split_of_the_issue_example_keeps_every_token_or_raises():
+    # split(arange(10), 4, "contiguous") used to drop 8 and 9 silently
+    with pytest.raises(ValueError, match=r"N=10 must be divisible by 4 \(R\) for ring size R=4 with the contiguous"):
+        L.split(torch.arange(10).view(1, 10), 4, "contiguous")
+    with pytest.raises(ValueError, match=r"N=10 must be divisible by 4 \(2R\) for ring size R=2 with the zigzag"):
+        L.split(torch.arange(10).view(1, 10), 2, "zigzag")
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((4, "spiral"), ValueError, "unknown layout 'spiral'"),
+        ((0, "contiguous"), ValueError, "ring_size must be a positive integer"),
+        ((2.0, "contiguous"), TypeError, "ring_size must be an integer"),
+    ],
+)
+def test_split_refuses_bad_ring_size_or_layout(args, exc, match):
+    with pytest.raises(exc, match=match):
+        L.split(torch.arange(8).view(1, 8), *args)
+
+
+def test_shard_intervals_refuses_a_rank_outside_the_ring():
+    with pytest.raises(ValueError, match="rank 2 is outside a ring of size R=2"):
+        L.shard_intervals(8, 2, 2, "contiguous")
+
+
+@pytest.mark.parametrize(
+    "lengths, layout, match",
+    [((4, 3), "contiguous", r"one length, got lengths \[4, 3\]"), ((3, 3), "zigzag", "odd"), ((), "zigzag", "at least one")],
+)
+def test_join_refuses_shards_no_split_makes(lengths, layout, match):
+    with pytest.raises(ValueError, match=match):
+        L.join([torch.zeros(1, m) for m in lengths], layout)
