@@ -51,7 +51,7 @@ class Exit(enum.IntEnum):
 
 
 # pytest options the runner passes itself: a second value would redirect its results.
-RESERVED_PYTEST_OPTIONS = ("--benchmark-json", "--benchmark-compare", "--perf-device")
+RESERVED_PYTEST_OPTIONS = ("--benchmark-json", "--benchmark-compare", "--perf-device", "--perf-baselines")
 
 # pytest's own exit codes (pytest.ExitCode).
 PYTEST_USAGE_ERROR = 4
@@ -219,8 +219,12 @@ def _save(path: Path, old: dict | None, run: dict, replace: bool, slug: str) -> 
     merged = len(data["benchmarks"]) - len(run["benchmarks"])
     how = f"{len(run['benchmarks'])} from this run" + (f", {merged} kept from the previous baseline" if merged else "")
     print(f"perf: saved baseline {path} ({len(data['benchmarks'])} benchmarks: {how})")
+    try:
+        shown = path.parent.resolve().relative_to(Path.cwd())
+    except ValueError:
+        shown = path.parent
     print(f"perf: commit it so the next runs on '{slug}' gate against it:\n\n"
-          f"    git add {path.parent}\n    git commit -m 'perf: baseline for {slug}'\n")
+          f"    git add {shown}\n    git commit -m 'perf: baseline for {slug}'\n")
 
 
 def main(argv=None) -> int:
@@ -266,7 +270,7 @@ def main(argv=None) -> int:
     run_json.unlink(missing_ok=True)
     selection = selection_args(args)
     cmd = [sys.executable, "-m", "pytest", str(BENCH_FILE), "-p", "no:cacheprovider", "-q",
-           f"--perf-device={dev}", f"--benchmark-json={run_json}", "--benchmark-sort=name",
+           f"--perf-device={dev}", f"--perf-baselines={args.baselines_dir}", f"--benchmark-json={run_json}", "--benchmark-sort=name",
            "--benchmark-columns=median,iqr,rounds", *selection]
     if args.smoke:
         cmd += ["--perf-rounds=1", "--perf-warmup=0"]

@@ -39,6 +39,8 @@ def pytest_addoption(parser):
     group = parser.getgroup("perf", "ring_attention benchmark profile")
     group.addoption("--perf-device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="device profile to run (auto: cuda when available)")
+    group.addoption("--perf-baselines", default=str(BASELINES),
+                    help="folder of the per-device baselines pytest-benchmark compares with (default perf/baselines)")
     group.addoption("--perf-variants", type=variant_names, default=None,
                     help="comma-separated registry names or aliases (default: every variant)")
     group.addoption("--perf-n", type=seq_lens, default=None,
@@ -84,7 +86,7 @@ def pytest_configure(config):
     # The storage key: pytest-benchmark reads it from this module-level function.
     bench_session.get_machine_id = lambda: slug
     if config.getoption("benchmark_storage", DEFAULT_STORAGE) == DEFAULT_STORAGE:
-        config.option.benchmark_storage = f"file://{BASELINES}"
+        config.option.benchmark_storage = f"file://{Path(config.getoption('--perf-baselines')).resolve()}"
         config._perf_divert_saves = True
     timer = config.getoption("benchmark_timer", DEFAULT_TIMER)
     if timer == DEFAULT_TIMER:
