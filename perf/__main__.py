@@ -84,6 +84,10 @@ def parse(argv):
     p.add_argument("--pass", dest="passes", type=options.passes, default=None,
                    help="comma-separated passes: fwd, fwd+bwd")
     p.add_argument("--dtype", type=options.dtypes, default=None, help="comma-separated dtypes")
+    p.add_argument("--rounds", type=options.positive_int, default=None,
+                   help="timed rounds per benchmark (overrides the profile)")
+    p.add_argument("--warmup", type=options.non_negative_int, default=None,
+                   help="warm-up rounds per benchmark (overrides the profile)")
     p.add_argument("--no-confirm", action="store_true",
                    help="do not re-run benchmarks flagged by the time / ratio arms before failing")
     p.add_argument("--baselines-dir", type=Path, default=HERE / "baselines")
@@ -102,18 +106,26 @@ def parse(argv):
                     f"(the run's JSON is <reports-dir>/<device>/latest.json; --device picks the device)")
     if args.replace and not args.save_baseline:
         p.error("--replace goes with --save-baseline")
+    if args.smoke and (args.rounds or args.warmup is not None):
+        p.error("--smoke sets one round and no warm-up itself")
     if args.smoke and args.save_baseline:
         p.error("--smoke runs one round: not a baseline; leave out --save-baseline")
     return args, pytest_args
 
 
 def selection_args(args) -> list[str]:
-    """The pytest options for the runner's ``--variants``, ``--n``, ``--pass``, ``--dtype``."""
+    """The pytest options for the runner's ``--variants``, ``--n``, ``--pass``, ``--dtype``,
+    ``--rounds``, ``--warmup`` and ``--smoke``."""
     out = []
     for flag, value in (("--perf-variants", args.variants), ("--perf-n", args.n),
                         ("--perf-pass", args.passes), ("--perf-dtype", args.dtype)):
         if value:
             out.append(f"{flag}={','.join(str(x) for x in value)}")
+    if args.smoke:
+        out += ["--perf-rounds=1", "--perf-warmup=0"]
+    else:
+        out += [f"{flag}={value}" for flag, value in (("--perf-rounds", args.rounds), ("--perf-warmup", args.warmup))
+                if value is not None]
     return out
 
 
@@ -272,8 +284,6 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "pytest", str(BENCH_FILE), "-p", "no:cacheprovider", "-q",
            f"--perf-device={dev}", f"--perf-baselines={args.baselines_dir}", f"--benchmark-json={run_json}", "--benchmark-sort=name",
            "--benchmark-columns=median,iqr,rounds", *selection]
-    if args.smoke:
-        cmd += ["--perf-rounds=1", "--perf-warmup=0"]
     if gating:
         cmd += [f"--benchmark-compare={base_path}"]
     rc = _pytest(cmd + pytest_args)
