@@ -221,3 +221,32 @@ def test_sampled_error_sees_rows_across_the_sequence(rows):
     q, k, v = (torch.randn(1, 256, 4, 8, generator=gen) for _ in range(3))
     assert measure.sampled_error(var, q, k, v, num_rows=8) >= 0.5 - 1e-4
     assert measure.sampled_error(registry.VARIANTS["longnet"], q, k, v, num_rows=8) < 1e-4
+
+
+def test_cuda_event_timer_waits_for_its_end_event_and_reports_seconds(monkeypatch):
+    """The CUDA branch on a CPU build: events faked, the order of calls and the units checked."""
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.done = False
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("synchronize")
+            self.done = True
+
+        def elapsed_time(self, end):
+            assert end.done, "elapsed_time read before the end event completed"
+            return 2.5  # milliseconds, as torch.cuda.Event reports
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = measure.timer_for("cuda")
+    assert isinstance(timer, measure.CudaEventTimer)
+    calls = []
+    per_call = measure.round_seconds(lambda: (calls.append(1), log.append("call")), 5, timer)
+    assert per_call == pytest.approx(2.5e-3 / 5)
+    assert log == ["record"] + ["call"] * 5 + ["record", "synchronize"]
