@@ -1,41 +1,107 @@
 """Sessions: ``nox -s tests`` (CPU test suite), ``nox -s perf`` (benchmarks + gate), ``nox -s lint``.
 
-torch is installed as ``torch==2.13.0`` by default (the CPU build on CI machines); set
-``RING_ATTENTION_TORCH`` to another requirement (say ``torch==2.11.0``) on a GPU host,
-or to ``skip`` to keep the torch already in the session's environment.
+torch comes from ``RING_ATTENTION_TORCH`` (default ``torch==2.13.0``):
+
+* a requirement (``torch==2.11.0``): installed in the session's virtualenv first. Which build
+  pip picks is the index's business: PyPI's torch wheel for Linux x86-64 is a CUDA build
+  (several GB of nvidia wheels). ``RING_ATTENTION_TORCH_INDEX`` names another wheel index for
+  torch alone, e.g. PyTorch's CPU wheel index, which the GitHub workflows use. Unset, pip's
+  own configuration decides (these project machines pin it to a local CPU wheel).
+* ``skip``: keep the environment's torch. The sessions then run in the interpreter nox finds
+  as ``python`` on PATH, with no virtualenv (``venv_backend="none"``), and install only this
+  package (editable, ``--no-deps``) and the extras' packages other than torch, so pip never
+  resolves torch and never replaces the CUDA build a GPU host already has. ``nox
+  --no-install`` skips those installs too.
 """
 
+from __future__ import annotations
+
 import os
+import re
 
 import nox
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-TORCH = os.environ.get("RING_ATTENTION_TORCH", "torch==2.13.0")
+DEFAULT_TORCH = "torch==2.13.0"
+TORCH = os.environ.get("RING_ATTENTION_TORCH", DEFAULT_TORCH)
+TORCH_INDEX = os.environ.get("RING_ATTENTION_TORCH_INDEX") or None
+KEEP_TORCH = TORCH == "skip"
+# Sessions that need torch: no virtualenv when the environment's torch is kept.
+TORCH_BACKEND = "none" if KEEP_TORCH else None
+
+
+def requirement_name(requirement: str) -> str:
+    """The normalised project name of a requirement string (``"torch>=2.5"`` -> ``"torch"``)."""
+    return re.split(r"[\s\[<>=!~;@]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def project_extras() -> dict[str, list[str]]:
+    """``[project.optional-dependencies]`` of pyproject.toml."""
+    return nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]
+
+
+def install_commands(extras: str, torch: str = TORCH, index: str | None = TORCH_INDEX,
+                     extras_table: dict[str, list[str]] | None = None) -> list[list[str]]:
+    """The ``pip install`` argument lists a session runs, in order.
+
+    ``torch == "skip"``: the package without its dependencies, then every requirement of the
+    ``extras`` (comma-separated) except torch. Otherwise torch (from ``index`` when given),
+    then the package with its extras.
+    """
+    if torch == "skip":
+        table = project_extras() if extras_table is None else extras_table
+        wanted = []
+        for extra in extras.split(","):
+            for req in table[extra]:
+                if requirement_name(req) != "torch" and req not in wanted:
+                    wanted.append(req)
+        return [["--no-deps", "-e", "."], wanted]
+    torch_cmd = [torch] + (["--index-url", index] if index else [])
+    return [torch_cmd, ["-e", f".[{extras}]"]]
+
+
+def _no_install(session) -> bool:
+    """Whether nox was given ``--no-install``.
+
+    nox's ``run_install`` honours it only for a reused virtualenv, and a session without one
+    is never "reused": read the flag itself (nox has no public accessor for it).
+    """
+    return bool(getattr(getattr(session, "_runner", None), "global_config", None)
+                and session._runner.global_config.no_install)
 
 
 def _install(session, extras):
-    if TORCH != "skip":
-        session.install(TORCH)
-    session.install("-e", f".[{extras}]")
+    for args in install_commands(extras):
+        if not args:
+            continue
+        if KEEP_TORCH:  # no virtualenv: pip of the interpreter that has the torch to keep
+            if _no_install(session):
+                session.log(f"--no-install: skipping pip install {' '.join(args)}")
+                continue
+            session.run("python", "-m", "pip", "install", *args, external=True)
+        else:
+            session.install(*args)
 
 
-@nox.session
+@nox.session(venv_backend=TORCH_BACKEND)
 def tests(session):
     """The test suite: property tests against the reference, gloo ring tests, perf-gate tests."""
     _install(session, "test,perf")
-    session.run("pytest", "tests", "perf/tests", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+    session.run("python", "-m", "pytest", "tests", "perf/tests", *session.posargs,
+                env={"OMP_NUM_THREADS": "1"}, external=KEEP_TORCH)
 
 
-@nox.session
+@nox.session(venv_backend=TORCH_BACKEND)
 def perf(session):
     """Benchmarks on the default device, compared with its saved baseline; fails on a regression.
 
-    Extra arguments go to the perf runner, e.g. ``nox -s perf -- --save-baseline``.
+    The first run on a device saves its baseline. Extra arguments go to the perf runner, e.g.
+    ``nox -s perf -- --save-baseline`` (refresh) or ``nox -s perf -- --require-baseline`` (CI).
     """
     _install(session, "perf")
-    session.run("python", "-m", "perf", *session.posargs)
+    session.run("python", "-m", "perf", *session.posargs, external=KEEP_TORCH)
 
 
 @nox.session

@@ -1,12 +1,18 @@
-"""pytest glue for the benchmarks: options, device / profile fixtures, baseline storage.
+"""pytest glue for the benchmarks: options, device / profile fixtures, baseline storage, timer.
 
 * ``--perf-device auto|cpu|cuda`` picks the profile (``auto``: CUDA when available).
-* ``--perf-n 256,512`` / ``--perf-dtype float32`` / ``--perf-rounds 1`` override the profile
-  (tests and smoke runs use them).
-* Baselines live in ``perf/baselines/<device-slug>/``: pytest-benchmark's storage is set to
-  ``perf/baselines`` and its machine id (normally ``Linux-CPython-3.11-64bit``, which names no
-  GPU) is replaced by the device slug, so ``pytest perf/test_bench_attention.py
-  --benchmark-compare`` compares with this device's baseline directly.
+* ``--perf-variants Production_CP,longnet`` (registry names or aliases), ``--perf-n 1024,2048``,
+  ``--perf-dtype float32``, ``--perf-pass fwd``, ``--perf-rounds 3``, ``--perf-warmup 1``,
+  ``--perf-threads 1`` select and override the profile. Bad values are usage errors (exit 4
+  from pytest, 2 from ``python -m perf``) that name the option.
+* Baselines are read from ``perf/baselines/<device-slug>/``: pytest-benchmark's storage is set
+  to ``perf/baselines`` and its machine id (normally ``Linux-CPython-3.11-64bit``, which names
+  no GPU) is replaced by the device slug, so ``pytest perf/test_bench_attention.py
+  --benchmark-compare`` compares with this device's baseline. Runs saved by pytest-benchmark
+  itself (``--benchmark-save``, ``--benchmark-autosave``) go to its usual ``.benchmarks/<slug>/``
+  instead, never next to the baseline: only ``python -m perf --save-baseline`` writes that.
+* pytest-benchmark's timer is ``perf.measure.round_clock``: each round reports the device
+  time it measured itself (CUDA events, or a synchronized host clock).
 """
 
 from __future__ import annotations
@@ -21,20 +27,30 @@ import torch
 
 from perf import device as _device
 from perf import measure
+from perf.options import dtypes, non_negative_int, passes, positive_int, seq_lens, variant_names
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 DEFAULT_STORAGE = "file://./.benchmarks"
+DEFAULT_TIMER = "time.perf_counter"
+ROUND_TIMER = "perf.measure.round_clock"
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("perf", "ring_attention benchmark profile")
     group.addoption("--perf-device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="device profile to run (auto: cuda when available)")
-    group.addoption("--perf-n", default=None, help="comma-separated sequence lengths (overrides the profile)")
-    group.addoption("--perf-dtype", default=None, help="comma-separated dtypes (overrides the profile)")
-    group.addoption("--perf-rounds", type=int, default=None, help="timed rounds (overrides the profile)")
-    group.addoption("--perf-warmup", type=int, default=None, help="warm-up rounds (overrides the profile)")
-    group.addoption("--perf-threads", type=int, default=None,
+    group.addoption("--perf-baselines", default=str(BASELINES),
+                    help="folder of the per-device baselines pytest-benchmark compares with (default perf/baselines)")
+    group.addoption("--perf-variants", type=variant_names, default=None,
+                    help="comma-separated registry names or aliases (default: every variant)")
+    group.addoption("--perf-n", type=seq_lens, default=None,
+                    help="comma-separated sequence lengths (overrides the profile)")
+    group.addoption("--perf-dtype", type=dtypes, default=None, help="comma-separated dtypes (overrides the profile)")
+    group.addoption("--perf-pass", type=passes, default=None, help="comma-separated passes: fwd, fwd+bwd")
+    group.addoption("--perf-rounds", type=positive_int, default=None, help="timed rounds (overrides the profile)")
+    group.addoption("--perf-warmup", type=non_negative_int, default=None,
+                    help="warm-up rounds (overrides the profile)")
+    group.addoption("--perf-threads", type=positive_int, default=None,
                     help="torch.set_num_threads for the run (overrides the profile; the CPU profile uses 1)")
 
 
@@ -45,9 +61,9 @@ def _profile(config) -> _device.Profile:
     dev = _device.pick_device(config.getoption("--perf-device"))
     prof = _device.profile_for(dev)
     if config.getoption("--perf-n"):
-        prof = dataclasses.replace(prof, seq_lens=tuple(int(x) for x in config.getoption("--perf-n").split(",")))
+        prof = dataclasses.replace(prof, seq_lens=config.getoption("--perf-n"))
     if config.getoption("--perf-dtype"):
-        prof = dataclasses.replace(prof, dtypes=tuple(config.getoption("--perf-dtype").split(",")))
+        prof = dataclasses.replace(prof, dtypes=config.getoption("--perf-dtype"))
     if config.getoption("--perf-warmup") is not None:
         prof = dataclasses.replace(prof, warmup_rounds=config.getoption("--perf-warmup"))
     if config.getoption("--perf-threads") is not None:
@@ -57,17 +73,51 @@ def _profile(config) -> _device.Profile:
 
 
 def pytest_configure(config):
-    """Point pytest-benchmark at ``perf/baselines/<device-slug>/`` (runs before its own configure)."""
+    """Baseline storage, machine id and timer for pytest-benchmark (runs before its own configure)."""
     try:
         import pytest_benchmark.session as bench_session
     except ImportError:  # pragma: no cover - pytest-benchmark is in the test and perf extras
         return
-    slug = _device.device_slug(_profile(config).device)
+    try:
+        slug = _device.device_slug(_profile(config).device)
+    except RuntimeError as exc:  # --perf-device cuda without CUDA
+        raise pytest.UsageError(str(exc)) from None
     config._perf_slug = slug
     # The storage key: pytest-benchmark reads it from this module-level function.
     bench_session.get_machine_id = lambda: slug
     if config.getoption("benchmark_storage", DEFAULT_STORAGE) == DEFAULT_STORAGE:
-        config.option.benchmark_storage = f"file://{BASELINES}"
+        config.option.benchmark_storage = f"file://{Path(config.getoption('--perf-baselines')).resolve()}"
+        config._perf_divert_saves = True
+    timer = config.getoption("benchmark_timer", DEFAULT_TIMER)
+    if timer == DEFAULT_TIMER:
+        config.option.benchmark_timer = ROUND_TIMER
+    elif timer != ROUND_TIMER:
+        raise pytest.UsageError(f"--benchmark-timer={timer}: the perf benchmarks time their own rounds "
+                                f"(CUDA events or a synchronized clock); leave the timer option out")
+    if config.getoption("benchmark_histogram", None):
+        try:
+            import pygal  # noqa: F401
+            import pygaljs  # noqa: F401
+        except ImportError:
+            raise pytest.UsageError("--benchmark-histogram needs pygal and pygaljs: "
+                                    "pip install -e .[perf] installs them") from None
+
+
+def pytest_sessionstart(session):
+    """Send pytest-benchmark's own saves to ``.benchmarks/<slug>/``, away from the baselines.
+
+    Its configure has loaded the runs to compare with from ``perf/baselines`` by now; the
+    storage is used again only to save (``--benchmark-save`` / ``--benchmark-autosave``).
+    """
+    config = session.config
+    bench = getattr(config, "_benchmarksession", None)
+    if bench is None or not getattr(config, "_perf_divert_saves", False):
+        return
+    if bench.save or bench.autosave:
+        from pytest_benchmark.storage.file import FileStorage
+
+        bench.storage = FileStorage(Path(DEFAULT_STORAGE[len("file://"):]), logger=bench.logger,
+                                    default_machine_id=config._perf_slug)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -122,23 +172,20 @@ def rounds(request, profile):
     return (lambda n: fixed) if fixed else profile.rounds
 
 
-@pytest.fixture
-def device_sync(profile):
-    """Call to wait for the device (CUDA synchronize; nothing on CPU)."""
-    return lambda: measure.sync(profile.device)
-
-
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     from ring_attention import registry
 
     prof = _profile(metafunc.config)
+    chosen = metafunc.config.getoption("--perf-variants")
+    variants = [v for v in registry.VARIANTS.values() if chosen is None or v.name in chosen]
+    modes = metafunc.config.getoption("--perf-pass") or _device.PASSES
     cases, ids = [], []
     for n in prof.seq_lens:
         for dtype in prof.dtypes:
-            for mode in _device.PASSES:
-                for name in prof.variants_at(n, registry.VARIANTS):
+            for mode in modes:
+                for name in prof.variants_at(n, variants):
                     cases.append((name, n, dtype, mode))
                     ids.append(f"{name}-N{n}-{dtype}-{mode}")
     metafunc.parametrize("case", cases, ids=ids)

@@ -15,26 +15,7 @@ import re
 
 import torch
 
-# Variants kept at the lengths where running the whole registry would be too slow.
-LARGE_N_VARIANTS = (
-    "dense",
-    "StandardRingAttention",
-    "RingAttention-ring4",
-    "ImprovedDilatedAttention",
-    "RingDilatedV2-ring4",
-    "Production",
-    "Production-checkpoint",
-    "longnet",
-    "ring-zigzag-causal4",
-    "longnet-ring4-zigzag-causal",
-)
-# On CPU, two fewer: their twins above (Production, StandardRingAttention) already show
-# what checkpointing and a causal ring cost, and the 2-core run stays near 3 minutes.
-CPU_LARGE_N_VARIANTS = tuple(
-    name for name in LARGE_N_VARIANTS if name not in ("Production-checkpoint", "ring-zigzag-causal4")
-)
-
-PASSES = ("fwd", "fwd+bwd")
+from perf.options import PASSES  # noqa: F401  (the passes a profile runs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +27,9 @@ class Profile:
         seq_lens: sequence lengths ``N``.
         dtypes: dtype names (``torch`` attribute names).
         batch, heads, head_dim: ``B``, ``H``, ``D``.
-        all_variants_max_n: above this ``N`` only ``large_n_variants`` run.
-        large_n_variants: the variants kept above ``all_variants_max_n``.
+        all_variants_max_n: above this ``N`` only the variants whose ``large_n_devices``
+            name this profile's device run (an attribute of each registry variant, so a
+            renamed variant keeps its benchmarks).
         full_reference_max_n: up to this ``N`` the error is measured against the full dense
             reference (output and gradients); above it, on sampled query rows of the output.
         warmup_rounds: untimed rounds before timing.
@@ -65,7 +47,6 @@ class Profile:
     heads: int = 8
     head_dim: int = 64
     all_variants_max_n: int = 2048
-    large_n_variants: tuple[str, ...] = LARGE_N_VARIANTS
     full_reference_max_n: int = 1024
     warmup_rounds: int = 1
     threads: int | None = None
@@ -76,11 +57,10 @@ class Profile:
             return 10 if seq_len <= 16384 else 5 if seq_len <= 65536 else 3
         return 7 if seq_len <= 1024 else 5 if seq_len <= 2048 else 3
 
-    def variants_at(self, seq_len: int, names) -> list[str]:
-        """The registry names that run at ``seq_len``."""
-        if seq_len <= self.all_variants_max_n:
-            return list(names)
-        return [n for n in names if n in self.large_n_variants]
+    def variants_at(self, seq_len: int, variants) -> list[str]:
+        """Names of the ``variants`` (registry ``Variant`` objects) that run at ``seq_len``."""
+        return [v.name for v in variants
+                if seq_len <= self.all_variants_max_n or self.device in v.large_n_devices]
 
 
 CPU_PROFILE = Profile(
@@ -88,7 +68,6 @@ CPU_PROFILE = Profile(
     seq_lens=(1024, 2048, 4096),
     dtypes=("float32",),
     all_variants_max_n=2048,
-    large_n_variants=CPU_LARGE_N_VARIANTS,
     warmup_rounds=1,
     threads=1,
 )
@@ -98,7 +77,6 @@ CUDA_PROFILE = Profile(
     seq_lens=(1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
     dtypes=("float16", "bfloat16"),
     all_variants_max_n=16384,
-    large_n_variants=LARGE_N_VARIANTS,
     full_reference_max_n=1024,
     warmup_rounds=2,
 )

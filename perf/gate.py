@@ -4,16 +4,22 @@ Four arms, each comparing one benchmark of the current run with the same-named b
 of the device's baseline:
 
 * time: raw median slower than ``time_pct`` percent (the same rule as pytest-benchmark's
-  ``--benchmark-compare-fail=median:<time_pct>%``, which ``python -m perf`` also passes);
+  ``--benchmark-compare-fail=median:<time_pct>%``);
 * memory: ``peak_memory_bytes`` above ``memory_pct`` percent plus ``memory_slack_bytes``;
 * correctness: ``max_error`` NaN, above the dtype's absolute tolerance, or more than
-  ``error_factor`` times the baseline's (ignoring differences under ``error_floor``);
+  ``error_factor`` times the baseline's (differences under ``error_floor`` never count);
 * ratio: ``ratio_to_sdpa`` (variant time / SDPA time, both measured in the same run) up by
   more than ``ratio_pct`` percent. The ratio cancels a uniformly slower machine, so its
-  threshold is tighter than the raw-time one; benchmarks whose own time is within
-  ``min_time_s`` of the baseline's are not flagged (timer noise).
+  threshold is tighter than the raw-time one. A benchmark whose own median moved by no more
+  than its rounds' spread (the larger interquartile range of the two runs) is not flagged:
+  its ratio moved because SDPA's rounds did.
 
-Benchmarks present on one side only are reported as notes, never as failures.
+Coverage: a run that compares no benchmark with the baseline fails; a benchmark of the
+baseline absent from a full run (nothing deselected) fails; benchmarks new to the run get
+the absolute error check and a note.
+
+:func:`validate` checks a baseline before anything runs; :func:`confirmed` keeps the
+failures a re-run confirms.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import math
 from pathlib import Path
 
 DEFAULT_ERROR_TOL = {"float32": 1e-3, "float64": 1e-8, "float16": 5e-2, "bfloat16": 2.5e-1}
+# The tolerance of a dtype missing from the table.
+FALLBACK_ERROR_TOL = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +40,13 @@ class Thresholds:
     memory_pct: float = 10.0
     memory_slack_bytes: int = 256 << 10
     ratio_pct: float = 30.0
-    min_time_s: float = 1e-3
     error_tol: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_ERROR_TOL))
     error_factor: float = 10.0
     error_floor: float = 1e-5
+
+    def tolerance(self, dtype) -> float:
+        """The absolute error tolerance of ``dtype`` (a dtype name)."""
+        return self.error_tol.get(dtype, FALLBACK_ERROR_TOL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +72,98 @@ class GateResult:
         return not self.failures
 
 
+class BaselineError(ValueError):
+    """A baseline file that cannot be gated against: names the file and the field."""
+
+    def __init__(self, path, field: str, problem: str):
+        self.path, self.field, self.problem = str(path), field, problem
+        super().__init__(f"{path}: {field}: {problem}")
+
+
 def load(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def _number(value, *, positive: bool = False, integer: bool = False):
+    """The problem with ``value`` as a finite (positive / integer) number, or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"not a number: {value!r}"
+    if integer and not isinstance(value, int):
+        return f"not an integer: {value!r}"
+    if not math.isfinite(value):
+        return f"not finite: {value!r}"
+    if value < 0 or (positive and value == 0):
+        return f"must be {'> 0' if positive else '>= 0'}: {value!r}"
+    return None
+
+
+# Baseline fields the gate reads: (where, key, check keyword arguments); None: any string.
+_REQUIRED = (
+    ("stats", "median", {"positive": True}),
+    ("stats", "iqr", {}),
+    ("extra_info", "variant", None),
+    ("extra_info", "dtype", None),
+    ("extra_info", "pass", None),
+    ("extra_info", "N", {"positive": True, "integer": True}),
+    ("extra_info", "peak_memory_bytes", {"integer": True}),
+    ("extra_info", "max_error", {}),
+    ("extra_info", "ratio_to_sdpa", {"positive": True}),
+)
+
+
+def validate(data, path="baseline") -> dict:
+    """Check a baseline's schema and numbers; return it, or raise :class:`BaselineError`.
+
+    Every field the gate reads must be there, numbers must be numbers (not strings, not
+    booleans), finite, and positive where the gate divides by them (a NaN ``max_error``
+    would turn the relative correctness check off: refused). Names must be unique.
+    """
+    if not isinstance(data, dict):
+        raise BaselineError(path, "<top level>", f"not a JSON object: {type(data).__name__}")
+    benches = data.get("benchmarks")
+    if not isinstance(benches, list):
+        raise BaselineError(path, "benchmarks", "missing or not a list")
+    if not benches:
+        raise BaselineError(path, "benchmarks", "empty: a baseline must hold at least one benchmark")
+    seen = set()
+    for i, bench in enumerate(benches):
+        where = f"benchmarks[{i}]"
+        if not isinstance(bench, dict):
+            raise BaselineError(path, where, "not a JSON object")
+        name = bench.get("name")
+        if not isinstance(name, str) or not name:
+            raise BaselineError(path, f"{where}.name", f"missing or not a string: {name!r}")
+        if name in seen:
+            raise BaselineError(path, f"{where}.name", f"duplicate benchmark {name!r}")
+        seen.add(name)
+        where = f"benchmarks[{i}] ({name})"
+        for section, key, rule in _REQUIRED:
+            part = bench.get(section)
+            if not isinstance(part, dict):
+                raise BaselineError(path, f"{where}.{section}", "missing or not a JSON object")
+            if key not in part:
+                raise BaselineError(path, f"{where}.{section}.{key}", "missing")
+            value = part[key]
+            problem = (None if isinstance(value, str) and value else f"not a non-empty string: {value!r}") \
+                if rule is None else _number(value, **rule)
+            if problem:
+                raise BaselineError(path, f"{where}.{section}.{key}", problem)
+    return data
+
+
+def load_baseline(path) -> dict:
+    """Read and :func:`validate` a baseline file; :class:`BaselineError` on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BaselineError(path, "<file>", f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BaselineError(path, "<file>", f"not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                                            f"{exc.msg})") from None
+    return validate(data, path)
 
 
 def by_name(run: dict) -> dict[str, dict]:
@@ -74,7 +175,7 @@ def check_time(name, now, base, thr: Thresholds):
     t_now, t_base = now["stats"]["median"], base["stats"]["median"]
     if t_now > t_base * (1 + thr.time_pct / 100):
         return Finding("time", name, f"median {t_now * 1e3:.3f} ms vs baseline {t_base * 1e3:.3f} ms "
-                                     f"(+{(t_now / t_base - 1) * 100:.0f}% > {thr.time_pct:.0f}%)")
+                                     f"(+{(t_now / t_base - 1) * 100:.0f}% > {thr.time_pct:g}%)")
     return None
 
 
@@ -91,19 +192,35 @@ def check_memory(name, now, base, thr: Thresholds):
 
 
 def check_error(name, now, base, thr: Thresholds):
+    """Absolute tolerance of the run's dtype, then (with a baseline) the relative rule.
+
+    The relative limit is ``max(error_factor * baseline, error_floor)``; a baseline error
+    that is not a finite number leaves the floor as the limit (stricter, never off).
+    """
     e_now = now["extra_info"].get("max_error")
     if e_now is None:
         return None
-    if math.isnan(e_now) or math.isinf(e_now):
+    if not math.isfinite(e_now):
         return Finding("correctness", name, f"max_error is {e_now}")
-    tol = thr.error_tol.get(now["extra_info"].get("dtype"), 1e-3)
+    dtype = now["extra_info"].get("dtype")
+    tol = thr.tolerance(dtype)
     if e_now > tol:
-        return Finding("correctness", name, f"max_error {e_now:.3g} > tolerance {tol:.3g}")
+        return Finding("correctness", name, f"max_error {e_now:.3g} > {dtype} tolerance {tol:.3g}")
     e_base = base["extra_info"].get("max_error") if base else None
-    if e_base is not None and e_now > max(thr.error_factor * e_base, thr.error_floor):
-        return Finding("correctness", name, f"max_error {e_now:.3g} > {thr.error_factor:g}x baseline "
-                                            f"{e_base:.3g}")
+    if e_base is None:
+        return None
+    finite = isinstance(e_base, (int, float)) and math.isfinite(e_base)
+    limit = max(thr.error_factor * e_base, thr.error_floor) if finite else thr.error_floor
+    if e_now > limit:
+        return Finding("correctness", name, f"max_error {e_now:.3g} > limit {limit:.3g} "
+                                            f"({thr.error_factor:g}x baseline {e_base:.3g}, "
+                                            f"floor {thr.error_floor:g})")
     return None
+
+
+def timing_spread(now, base) -> float:
+    """The noise scale of a benchmark's median: the larger interquartile range of its rounds."""
+    return max(now["stats"].get("iqr") or 0.0, base["stats"].get("iqr") or 0.0)
 
 
 def check_ratio(name, now, base, thr: Thresholds):
@@ -111,11 +228,12 @@ def check_ratio(name, now, base, thr: Thresholds):
     r_base = base["extra_info"].get("ratio_to_sdpa")
     if r_now is None or r_base is None or now["extra_info"].get("variant") == "dense":
         return None
-    if abs(now["stats"]["median"] - base["stats"]["median"]) < thr.min_time_s:
+    # Faster or slower alike: a median that moved no more than the rounds' spread is noise.
+    if abs(now["stats"]["median"] - base["stats"]["median"]) <= timing_spread(now, base):
         return None
     if r_now > r_base * (1 + thr.ratio_pct / 100):
         return Finding("ratio", name, f"ratio to SDPA {r_now:.3f} vs baseline {r_base:.3f} "
-                                      f"(+{(r_now / r_base - 1) * 100:.0f}% > {thr.ratio_pct:.0f}%)")
+                                      f"(+{(r_now / r_base - 1) * 100:.0f}% > {thr.ratio_pct:g}%)")
     return None
 
 
@@ -123,8 +241,14 @@ ARMS = (check_time, check_memory, check_error, check_ratio)
 TIMING_ARMS = ("time", "ratio")
 
 
-def check(current: dict, baseline: dict, thresholds: Thresholds | None = None) -> GateResult:
-    """Compare a run with a baseline (both pytest-benchmark JSON dicts)."""
+def check(current: dict, baseline: dict, thresholds: Thresholds | None = None, *,
+          full_run: bool = False) -> GateResult:
+    """Compare a run with a baseline (both pytest-benchmark JSON dicts).
+
+    ``full_run``: nothing was deselected, so every benchmark of the baseline should be in
+    the run; one that is not fails (``coverage``). A run sharing no benchmark with the
+    baseline fails too: a gate that compared nothing says nothing.
+    """
     thr = thresholds or Thresholds()
     now_map, base_map = by_name(current), by_name(baseline)
     failures, notes, compared = [], [], 0
@@ -141,9 +265,30 @@ def check(current: dict, baseline: dict, thresholds: Thresholds | None = None) -
             finding = arm(name, now, base, thr)
             if finding:
                 failures.append(finding)
-    for name in base_map.keys() - now_map.keys():
-        notes.append(Finding("missing", name, "in the baseline, not in this run"))
+    for name in sorted(base_map.keys() - now_map.keys()):
+        if full_run:
+            failures.append(Finding("coverage", name, "in the baseline, missing from this full run "
+                                                      "(skipped, failed or no longer generated)"))
+        else:
+            notes.append(Finding("missing", name, "in the baseline, not selected in this run"))
+    if compared == 0:
+        failures.append(Finding("coverage", "*", f"no benchmark of this run ({len(now_map)}) is in the "
+                                                 f"baseline ({len(base_map)}): nothing was compared"))
     return GateResult(failures, notes, compared)
+
+
+def confirmed(first: GateResult, rerun: GateResult | None) -> GateResult:
+    """The failures of ``first`` that stand after a re-run of the timing-flagged benchmarks.
+
+    Memory, correctness and coverage failures are deterministic and always stand; a timing
+    failure (time, ratio) stands when the re-run flags the same arm of the same benchmark
+    again, or when there is no re-run to judge by (``rerun`` is ``None``).
+    """
+    if rerun is None:
+        return first
+    again = {(f.arm, f.name) for f in rerun.failures}
+    kept = [f for f in first.failures if f.arm not in TIMING_ARMS or (f.arm, f.name) in again]
+    return GateResult(kept, first.notes, first.compared)
 
 
 def summary(result: GateResult) -> str:
@@ -160,6 +305,6 @@ def summary(result: GateResult) -> str:
     if new:
         lines.append(f"  note: {len(new)} benchmark(s) not in the baseline")
     if missing:
-        lines.append(f"  note: {len(missing)} baseline benchmark(s) not run")
+        lines.append(f"  note: {len(missing)} baseline benchmark(s) not selected in this run")
     lines.append("perf gate: " + ("PASS" if result.ok else "FAIL"))
     return "\n".join(lines)

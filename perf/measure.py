@@ -1,9 +1,21 @@
-"""Measurements outside the timed region: synchronized timing, peak memory, error.
+"""Measurements: per-round device time, real peak memory, error against the reference.
 
-Timing: the timed callables end with :func:`sync` and the untimed setup calls it too, so a
-``time.perf_counter`` pair brackets exactly the device work (CUDA kernels are asynchronous).
-The ratio to SDPA pairs each timed round with an SDPA round just before it
-(:func:`paired_ratio`).
+Timing (what a benchmark round measures):
+
+* a round runs one call ``repeats`` times and reports the time per call. ``repeats`` is
+  chosen once per benchmark (:func:`repeats_for`) so that a round lasts at least
+  ``MIN_ROUND_S`` of device time: a single call of a few microseconds on a GPU would
+  otherwise measure launch overhead and timer resolution (triton's ``do_bench`` sizes its
+  loops the same way). The CPU profile's calls take milliseconds: one call per round.
+* the clock: CUDA events recorded on the stream around the round (:class:`CudaEventTimer`),
+  or on CPU ``time.perf_counter`` after a synchronize at both ends (:class:`HostTimer`).
+* on CUDA the L2 cache is flushed before every round (:class:`L2Flush`), so a round does not
+  start with the previous round's inputs cached.
+* pytest-benchmark records what the round measured through :func:`round_clock`, a clock
+  that advances by exactly the measured time, set as its timer by ``perf/conftest.py``.
+
+The ratio to SDPA pairs each round of a variant with an SDPA round just before it
+(:func:`paired_ratio`); SDPA's backend is pinned (:func:`sdpa_anchor_backend`).
 
 Memory: the extra bytes a call needs beyond what was allocated before it (inputs excluded).
 CUDA reads the caching allocator's peak; CPU replays the allocation events recorded by
@@ -12,6 +24,7 @@ CUDA reads the caching allocator's peak; CPU replays the allocation events recor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -21,6 +34,14 @@ import torch
 
 from ring_attention import pattern as _pattern
 
+# A round measures at least this much device time (calls shorter than it are repeated).
+MIN_ROUND_S = 1e-3
+# ... but never more calls than this per round (a call of a few nanoseconds is a bug).
+MAX_REPEATS = 10_000
+# Bytes written to flush the L2 cache: above any current GPU's L2 (H100: 50 MB), as triton's
+# do_bench does with 256 MB.
+L2_FLUSH_BYTES = 256 << 20
+
 
 def sync(device: str) -> None:
     """Wait for queued device work (no-op on CPU)."""
@@ -28,15 +49,134 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class HostTimer:
+    """Host clock around device work: synchronize, ``perf_counter``, ..., synchronize.
+
+    ``sync`` waits for the device; the one at :meth:`stop` is what makes the reading
+    include the work the timed calls queued (CUDA kernels return before they run).
+    """
+
+    def __init__(self, sync_fn: Callable[[], None], clock: Callable[[], float] = time.perf_counter):
+        self._sync = sync_fn
+        self._clock = clock
+        self._t0 = None
+
+    def start(self) -> None:
+        self._sync()
+        self._t0 = self._clock()
+
+    def stop(self) -> float:
+        """Seconds since :meth:`start`, the queued work included."""
+        self._sync()
+        return self._clock() - self._t0
+
+
+class CudaEventTimer:
+    """CUDA events recorded around the round on the current stream: device time, not host time."""
+
+    def __init__(self):
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        self._start.record()
+
+    def stop(self) -> float:
+        self._end.record()
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end) / 1e3  # elapsed_time is in ms
+
+
+def timer_for(device: str):
+    """The round timer of ``device``: CUDA events on CUDA, a synchronized host clock on CPU."""
+    return CudaEventTimer() if device == "cuda" else HostTimer(lambda: sync(device))
+
+
+def repeats_for(call_s: float, min_round_s: float = MIN_ROUND_S, max_repeats: int = MAX_REPEATS) -> int:
+    """Calls per round so that a round lasts at least ``min_round_s``: ``ceil(min_round_s / call_s)``.
+
+    ``call_s`` is an estimate of one call's time; one call when it alone lasts ``min_round_s``.
+    """
+    if not call_s > 0:  # zero, negative or NaN: the timer saw nothing; repeat as much as allowed
+        return max_repeats
+    return max(1, min(max_repeats, math.ceil(min_round_s / call_s)))
+
+
+def round_seconds(fn: Callable[[], object], repeats: int, timer) -> float:
+    """Time per call of ``repeats`` back-to-back calls of ``fn``, one timer reading around them all."""
+    timer.start()
+    for _ in range(repeats):
+        fn()
+    return timer.stop() / repeats
+
+
 def seconds(fn: Callable[[], object], device: str, setup: Callable[[], object] | None = None) -> float:
-    """Wall time of one synchronized call of ``fn`` (``setup`` runs first, untimed)."""
+    """Time of one call of ``fn`` on ``device``'s round timer (``setup`` runs first, untimed)."""
     if setup is not None:
         setup()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+    return round_seconds(fn, 1, timer_for(device))
+
+
+class L2Flush:
+    """Evicts the GPU's L2 cache by writing a buffer larger than it (nothing to do on CPU)."""
+
+    def __init__(self, device: str, nbytes: int = L2_FLUSH_BYTES):
+        self.device = device
+        self._buffer = torch.empty(nbytes, dtype=torch.int8, device=device) if device == "cuda" else None
+
+    @property
+    def active(self) -> bool:
+        return self._buffer is not None
+
+    def __call__(self) -> None:
+        if self._buffer is not None:
+            self._buffer.zero_()
+
+
+class RoundClock:
+    """A clock for pytest-benchmark that advances by the time each round measured.
+
+    pytest-benchmark times a round as ``timer()`` after the round minus ``timer()`` before it.
+    With this clock as its timer and the round adding what it measured (:meth:`advance`),
+    that difference is exactly the device time per call, whichever timer measured it.
+    """
+
+    def __init__(self):
+        self.now = 0.0
+
+    def advance(self, seconds_: float) -> None:
+        self.now += seconds_
+
+
+ROUND_CLOCK = RoundClock()
+
+
+def round_clock() -> float:
+    """pytest-benchmark's timer for the perf suite (``--benchmark-timer=perf.measure.round_clock``)."""
+    return ROUND_CLOCK.now
+
+
+def sdpa_anchor_backend(device: str, dtype: torch.dtype) -> str | None:
+    """The SDPA backend the anchor is pinned to, or ``None`` (CPU: one fused kernel, no choice).
+
+    On CUDA the variants call the flash kernel, so the anchor must too: newer PyTorch prefers
+    cuDNN attention on sm90, and an unpinned anchor would compare with another kernel. Flash
+    takes float16 / bfloat16 only; float32 gets the memory-efficient kernel.
+    """
+    if device != "cuda":
+        return None
+    return "flash" if dtype in (torch.float16, torch.bfloat16) else "efficient"
+
+
+def sdpa_backend(name: str | None):
+    """Context manager pinning SDPA to the backend called ``name`` (no-op for ``None``)."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[name])
 
 
 def paired_ratio(times, anchor_times) -> float:
@@ -45,7 +185,8 @@ def paired_ratio(times, anchor_times) -> float:
     The anchor (SDPA) is timed right before each round of the variant, so a machine whose
     speed drifts during the run (a neighbour's load, clock changes) moves both sides of
     each pair alike; one SDPA median per group, taken at another moment, does not cancel
-    it (seen here: +30% on a whole group of benchmarks).
+    it (seen here: +30% on a whole group of benchmarks). The median, not the mean: one
+    round disturbed by a burst of load must not move it.
     """
     if len(times) != len(anchor_times) or not times:
         raise ValueError(f"need one anchor time per round: {len(times)} rounds, {len(anchor_times)} anchors")

@@ -1,26 +1,46 @@
-"""Markdown table and PNG plot from a benchmark JSON (``python -m perf.report RUN.json OUTDIR``).
+"""Markdown report and PNG plot from a benchmark JSON (``python -m perf.report RUN.json OUTDIR``).
 
-Columns: variant, N, dtype, pass, median time, peak memory, tokens/s, relative speed
-(SDPA time / variant time: above 1 is faster than SDPA), effective TFLOP/s, % of SDPA's
-TFLOP/s (same shape, dtype and causal flag) and max error vs the dense reference.
+Shaped like the earlier project's reports, readable on GitHub:
+
+1. one table per sequence length (and dtype and pass): variant, time, memory, memory against
+   the reference variant (``ImprovedDilatedAttention``, the earlier project's baseline),
+   throughput (tokens/s), relative speed to the reference variant and to SDPA, max error
+   against the dense reference, and whether that error is within the dtype's tolerance;
+2. key findings: the best throughput per length among the *correct* rows (a wrong row is
+   flagged and never ranked), and memory against the reference variant at the largest length;
+3. the full table (every benchmark, with TFLOP/s and % of SDPA's TFLOP/s) and the plot.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
+from perf import gate
+
+REFERENCE_VARIANT = "ImprovedDilatedAttention"
+REFERENCE_SHORT = "ImprovedDilated"
+
 COLUMNS = ("variant", "N", "dtype", "pass", "time (median ms)", "memory (MiB)", "tokens/s",
            "relative speed (vs dense SDPA)", "TFLOP/s", "% of SDPA", "max error")
+LENGTH_COLUMNS = ("variant", "time (ms)", "memory (MiB)", f"memory vs {REFERENCE_SHORT}", "throughput (tokens/s)",
+                  f"speed vs {REFERENCE_SHORT}", "speed vs SDPA", "max error", "correct")
 
 
-def rows(run: dict) -> list[dict]:
-    """One row per benchmark with the report's figures, sorted by N, dtype, pass, variant order."""
+def rows(run: dict, thresholds: gate.Thresholds | None = None) -> list[dict]:
+    """One row per benchmark with the report's figures, sorted by N, dtype, pass, variant order.
+
+    ``correct``: the max error is a finite number within the dtype's absolute tolerance (the
+    gate's), so the row may be ranked.
+    """
+    thr = thresholds or gate.Thresholds()
     out = []
     for i, b in enumerate(run.get("benchmarks", [])):
         e = b.get("extra_info", {})
         if "median_s" not in e:
             continue
+        err = e.get("max_error")
         out.append({
             "order": i,
             "variant": e["variant"], "N": e["N"], "dtype": e["dtype"], "pass": e["pass"],
@@ -31,16 +51,58 @@ def rows(run: dict) -> list[dict]:
             "ratio_to_sdpa": e["ratio_to_sdpa"],
             "tflops": e["tflops"],
             "pct_sdpa": 100.0 * e["tflops"] / e["sdpa_tflops"] if e.get("sdpa_tflops") else float("nan"),
-            "max_error": e.get("max_error"),
+            "max_error": err,
+            "correct": err is not None and math.isfinite(err) and err <= thr.tolerance(e["dtype"]),
             "error_note": e.get("max_error_note", ""),
         })
     out.sort(key=lambda r: (r["N"], r["dtype"], r["pass"], r["order"]))
     return out
 
 
+def groups(data: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows by ``(N, dtype, pass)``, in row order."""
+    out: dict[tuple, list[dict]] = {}
+    for r in data:
+        out.setdefault((r["N"], r["dtype"], r["pass"]), []).append(r)
+    return out
+
+
+def best_throughput(group: list[dict]) -> dict | None:
+    """The row with the most tokens/s among the correct ones (``None`` if none is correct)."""
+    correct = [r for r in group if r["correct"]]
+    return max(correct, key=lambda r: r["tokens_per_s"]) if correct else None
+
+
+def _reference(group):
+    return next((r for r in group if r["variant"] == REFERENCE_VARIANT), None)
+
+
+def _x(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _error(r) -> str:
+    return "n/a" if r["max_error"] is None else f"{r['max_error']:.2e}"
+
+
+def length_table(group: list[dict]) -> list[str]:
+    """The markdown table of one ``(N, dtype, pass)``: fastest first, wrong rows flagged."""
+    ref = _reference(group)
+    lines = ["| " + " | ".join(LENGTH_COLUMNS) + " |", "|" + "|".join("---" for _ in LENGTH_COLUMNS) + "|"]
+    for r in sorted(group, key=lambda r: r["time_ms"]):
+        mem_vs = _x(r["memory_mib"] / ref["memory_mib"]) if ref and ref["memory_mib"] > 0 else "n/a"
+        speed_vs = _x(ref["time_ms"] / r["time_ms"]) if ref else "n/a"
+        verdict = "pass" if r["correct"] else "**FAIL** (not ranked)"
+        lines.append(f"| {r['variant']} | {r['time_ms']:.2f} | {r['memory_mib']:.2f} | {mem_vs} | "
+                     f"{r['tokens_per_s']:,.0f} | {speed_vs} | {r['speed_vs_sdpa']:.2f}x | {_error(r)} | {verdict} |")
+    return lines
+
+
 def markdown(run: dict, title: str | None = None) -> str:
     info = run.get("machine_info", {})
     title = title or f"ring_attention benchmarks on {info.get('perf_device', '?')}"
+    data = rows(run)
+    by_length = groups(data)
     lines = [
         f"# {title}",
         "",
@@ -48,22 +110,60 @@ def markdown(run: dict, title: str | None = None) -> str:
         f"torch {info.get('torch', '?')} on {info.get('torch_threads', '?')} thread(s), "
         f"run {run.get('datetime', '?')}.",
         "",
-        "Time is the median over fixed rounds after warm-up rounds; memory is the peak extra "
-        "allocation of a separate untimed run (inputs excluded); relative speed is SDPA time / variant "
-        "time for the same shape, dtype, causal flag and pass, SDPA timed right before each round of the "
-        "variant (median of the per-round ratios); % of SDPA "
-        "compares effective TFLOP/s. Max error is the max abs difference from the dense reference "
-        "(full reference up to the profile's limit, sampled query rows of the output above it).",
+        "Time is the median per call over fixed rounds after warm-up rounds (a round repeats calls "
+        "shorter than 1 ms; CUDA: timed with CUDA events, L2 flushed before each round); memory is the "
+        "peak extra allocation of a separate untimed run (inputs excluded); throughput is B x N / time. "
+        f"Speed vs {REFERENCE_SHORT} is {REFERENCE_VARIANT}'s time / the variant's time, and memory vs "
+        f"{REFERENCE_SHORT} the variant's memory / {REFERENCE_VARIANT}'s (the earlier project's "
+        "baseline), both for the same N, dtype and pass; speed vs SDPA is SDPA's time / the variant's, "
+        "SDPA (flash on CUDA) timed right before each round of the variant (median of the per-round "
+        "ratios). Max error is the max abs difference from the dense reference (full reference up to "
+        "the profile's limit, sampled query rows of the output above it); a row whose error is above "
+        "its dtype's tolerance is marked **FAIL** and never ranked.",
+        "",
+        "## Results by sequence length",
+        "",
+    ]
+    for (n, dtype, mode), group in by_length.items():
+        lines += [f"### N = {n:,} ({dtype}, {mode})", "", *length_table(group), ""]
+
+    lines += ["## Key findings", "", "### Best throughput by sequence length (correct rows only)", ""]
+    for (n, dtype, mode), group in by_length.items():
+        best = best_throughput(group)
+        wrong = [r["variant"] for r in group if not r["correct"]]
+        text = f"**{best['variant']}** ({best['tokens_per_s']:,.0f} tokens/s)" if best else "no correct row"
+        flag = f"; not ranked (error above tolerance): {', '.join(wrong)}" if wrong else ""
+        lines.append(f"- {n:,} tokens, {dtype}, {mode}: {text}{flag}")
+    lines += ["", f"### Memory vs {REFERENCE_VARIANT} at the largest length", ""]
+    largest: dict[tuple, int] = {}
+    for n, dtype, mode in by_length:
+        largest[(dtype, mode)] = max(n, largest.get((dtype, mode), 0))
+    for (dtype, mode), n in largest.items():
+        group = by_length[(n, dtype, mode)]
+        ref = _reference(group)
+        if ref is None or ref["memory_mib"] <= 0:
+            lines.append(f"- N = {n:,}, {dtype}, {mode}: {REFERENCE_VARIANT} not run")
+            continue
+        parts = [f"{r['variant']} {r['memory_mib']:.2f} MiB ({(r['memory_mib'] / ref['memory_mib'] - 1) * 100:+.0f}%)"
+                 for r in sorted(group, key=lambda r: r["memory_mib"])]
+        lines.append(f"- N = {n:,}, {dtype}, {mode}: " + ", ".join(parts))
+
+    lines += [
+        "",
+        "## Full table",
+        "",
+        "Relative speed is SDPA time / variant time (above 1x beats SDPA); % of SDPA compares "
+        "effective TFLOP/s (FLOPs of the scores each variant actually computes).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
-    for r in rows(run):
-        err = "n/a" if r["max_error"] is None else f"{r['max_error']:.2e}"
+    for r in data:
         lines.append(
             f"| {r['variant']} | {r['N']} | {r['dtype']} | {r['pass']} | {r['time_ms']:.2f} | "
             f"{r['memory_mib']:.2f} | {r['tokens_per_s']:.4g} | {r['speed_vs_sdpa']:.2f}x | "
-            f"{r['tflops']:.4f} | {r['pct_sdpa']:.0f}% | {err} |")
+            f"{r['tflops']:.4f} | {r['pct_sdpa']:.0f}% | {_error(r)} |")
+    lines += ["", "![time and memory against N](report.png)"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,10 +1,16 @@
 """Benchmarks: every registry variant x sequence length x dtype x pass (fwd, fwd+bwd).
 
-Each benchmark times the variant with ``benchmark.pedantic`` (fixed rounds, warm-up rounds,
-synchronized region) and fills ``extra_info`` with separate, untimed measurements: peak
-memory and error against the dense reference. SDPA of the same shape / dtype / causal flag /
-pass is timed in pedantic's setup, right before each round of the variant; ``ratio_to_sdpa``
-is the median of the per-round ratios (variant time / SDPA time).
+Each benchmark times rounds of the variant with ``benchmark.pedantic`` (fixed rounds and
+warm-up rounds) and fills ``extra_info`` with separate, untimed measurements: peak memory
+and error against the dense reference. A round is timed by :mod:`perf.measure` (CUDA events
+on CUDA, a synchronized ``perf_counter`` on CPU), repeats calls shorter than
+``measure.MIN_ROUND_S`` until it lasts that long, starts with a flushed L2 on CUDA, and
+reports the time per call to pytest-benchmark through ``measure.round_clock``.
+
+SDPA of the same shape / dtype / causal flag / pass, pinned to the backend of
+``measure.sdpa_anchor_backend`` (flash on CUDA), is timed in pedantic's untimed setup,
+right before each round of the variant; ``ratio_to_sdpa`` is the median of the per-round
+ratios (variant time / SDPA time).
 """
 
 from __future__ import annotations
@@ -27,28 +33,32 @@ def _inputs(profile, n, dtype):
     return [x.to(device=profile.device, dtype=getattr(torch, dtype)) for x in (q, k, v, g)]
 
 
-def _runner(fn, q, k, v, grad_out, backward, device):
-    """``(setup, target)`` for pedantic: target runs fn (and its backward) and synchronizes."""
-    if not backward:
-        def target():
-            with torch.no_grad():
-                fn(q, k, v)
-            measure.sync(device)
+def _call(fn, q, k, v, grad_out, backward, backend=None):
+    """One call of ``fn``: the forward (no autograd), or forward and backward.
 
-        return (lambda: measure.sync(device)), target
+    The backward is ``torch.autograd.grad``: nothing accumulates into ``.grad``, so a round
+    can repeat the call with no reset between calls. ``backend`` pins SDPA (the anchor).
+    """
+    if not backward:
+        def call():
+            with measure.sdpa_backend(backend), torch.no_grad():
+                fn(q, k, v)
+
+        return call
 
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
 
-    def setup():
-        for x in leaves:
-            x.grad = None
-        measure.sync(device)
+    def call():
+        with measure.sdpa_backend(backend):
+            torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
-    def target():
-        fn(*leaves).backward(grad_out)
-        measure.sync(device)
+    return call
 
-    return setup, target
+
+def _repeats(call, timer) -> int:
+    """Calls per round: one warm call, then one timed call sizes the round."""
+    call()
+    return measure.repeats_for(measure.round_seconds(call, 1, timer))
 
 
 def _error(variant, n, dtype, q, k, v, grad_out, backward, profile, error_cache):
@@ -71,29 +81,41 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         pytest.skip(f"{name} does not support N={n}, H={profile.heads}")
     backward = mode == "fwd+bwd"
     dev, b, h, d = profile.device, profile.batch, profile.heads, profile.head_dim
+    anchor_backend = measure.sdpa_anchor_backend(dev, getattr(torch, dtype))
+    is_anchor = variant.kind is registry.Kind.DENSE
+    timer, flush = measure.timer_for(dev), measure.L2Flush(dev)
     try:
         q, k, v, grad_out = _inputs(profile, n, dtype)
-        setup, target = _runner(variant, q, k, v, grad_out, backward, dev)
+        call = _call(variant, q, k, v, grad_out, backward, anchor_backend if is_anchor else None)
 
-        # Untimed: correctness, then memory.
+        # Untimed: correctness, then memory, then the round sizes.
         max_error, error_note = _error(variant, n, dtype, q, k, v, grad_out, backward, profile, error_cache)
-        setup()
-        peak = measure.peak_memory_bytes(target, dev)
+        peak = measure.peak_memory_bytes(call, dev)
+        repeats = _repeats(call, timer)
 
         # SDPA of the same shape / dtype / causal flag / pass, timed in pedantic's (untimed)
         # setup right before each round of the variant: the pairs give ratio_to_sdpa.
         sdpa_times = []
-        round_setup = setup
-        if variant.kind != "dense":
-            sdpa = lambda q_, k_, v_: dense_attention(q_, k_, v_, causal=variant.causal)  # noqa: E731
-            s_setup, s_target = _runner(sdpa, q, k, v, grad_out, backward, dev)
+        if is_anchor:
+            anchor_repeats = repeats
 
             def round_setup():
-                sdpa_times.append(measure.seconds(s_target, dev, setup=s_setup))
-                setup()
+                flush()
+        else:
+            sdpa = lambda q_, k_, v_: dense_attention(q_, k_, v_, causal=variant.causal)  # noqa: E731
+            anchor_call = _call(sdpa, q, k, v, grad_out, backward, anchor_backend)
+            anchor_repeats = _repeats(anchor_call, timer)
+
+            def round_setup():
+                flush()
+                sdpa_times.append(measure.round_seconds(anchor_call, anchor_repeats, timer))
+                flush()
+
+        def timed_round():
+            measure.ROUND_CLOCK.advance(measure.round_seconds(call, repeats, timer))
 
         benchmark.group = f"N={n} {dtype} {mode}"
-        benchmark.pedantic(target, setup=round_setup, rounds=rounds(n),
+        benchmark.pedantic(timed_round, setup=round_setup, rounds=rounds(n),
                            warmup_rounds=profile.warmup_rounds, iterations=1)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -106,11 +128,14 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
     sdpa_times = sdpa_times[-len(times):] if sdpa_times else times  # less warm-up; dense is its own anchor
     sdpa_median = statistics.median(sdpa_times)
     flops = variant.flops(b, n, h, d, backward=backward)
-    anchor = registry.Variant("sdpa", "The SDPA anchor of this benchmark.", "dense", causal=variant.causal)
+    anchor = registry.Variant("sdpa", "The SDPA anchor of this benchmark.", registry.Kind.DENSE,
+                              causal=variant.causal)
     sdpa_flops = anchor.flops(b, n, h, d, backward=backward)
     benchmark.extra_info.update({
         "variant": name,
-        "seed": variant.seed,
+        "kind": variant.kind.value,
+        "from_earlier_project": variant.from_earlier_project,
+        "aliases": registry.aliases_of(name),
         "causal": variant.causal,
         "N": n, "B": b, "H": h, "D": d,
         "dtype": dtype,
@@ -126,9 +151,14 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         "tflops": flops / median / 1e12,
         "sdpa_median_s": sdpa_median,
         "sdpa_tflops": sdpa_flops / sdpa_median / 1e12,
+        "sdpa_backend": anchor_backend or "default",
         "ratio_to_sdpa": measure.paired_ratio(times, sdpa_times),
         "max_error": max_error,
         "max_error_note": error_note,
         "rounds": rounds(n),
         "warmup_rounds": profile.warmup_rounds,
+        "repeats_per_round": repeats,
+        "sdpa_repeats_per_round": anchor_repeats,
+        "round_timer": "cuda-events" if dev == "cuda" else "perf_counter",
+        "l2_flush": flush.active,
     })

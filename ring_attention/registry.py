@@ -10,15 +10,22 @@ fixed segments and the causal / zigzag rings.
 Segment lengths that depend on ``N`` (the earlier project's ``(N/4, N/2)``) are given
 as functions of ``N``. Simulated rings run every rank's steps in one process.
 
+Each computation is registered once. The earlier project's spellings (``Production_CP``,
+``RingDilatedV2_Ring4``, ...) and the names of configurations that turned out to compute the
+same function by the same route are :data:`ALIASES`: :func:`get` and :func:`resolve`
+accept them, :data:`VARIANTS` (what tests and benchmarks iterate) holds each computation once.
+
     from ring_attention import registry
     for v in registry.VARIANTS.values():
         out = v(q, k, v_)            # the variant
         ref = v.reference(q, k, v_)  # SEMANTICS.md's dense definition of what it computes
+    registry.get("Production_CP")    # an alias: the Production-checkpoint variant
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable
 from typing import Optional
 
@@ -35,6 +42,15 @@ PatternFn = Callable[[int], Optional[DilatedPattern]]
 BACKWARD_FLOP_FACTOR = 2.5
 
 
+class Kind(str, enum.Enum):
+    """The public function a variant runs."""
+
+    DENSE = "dense"
+    DILATED = "dilated"
+    RING = "ring"
+    RING_DILATED = "ring_dilated"
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One named configuration.
@@ -42,22 +58,36 @@ class Variant:
     Attributes:
         name: registry key.
         description: what it computes, in SEMANTICS.md's terms, and what it replaces.
-        kind: ``dense`` | ``dilated`` | ``ring`` | ``ring_dilated``: the public function run.
+        kind: the public function run (a :class:`Kind`, or its value; anything else raises
+            ``ValueError`` at construction).
         pattern: ``N -> DilatedPattern`` (``None`` for full attention).
         ring_size: simulated ring size (``None`` for single-device functions).
         causal, layout, checkpoint: passed through.
-        seed: whether the earlier project's reports had this variant.
+        from_earlier_project: the earlier project's reports had this configuration.
+        large_n_devices: devices (``"cpu"``, ``"cuda"``) whose benchmark profile keeps this
+            variant at the lengths where running the whole registry would take too long.
+            A property of the variant, so renaming it keeps its benchmarks.
     """
 
     name: str
     description: str
-    kind: str
+    kind: Kind
     pattern: PatternFn = lambda n: None
     ring_size: Optional[int] = None
     causal: bool = False
     layout: str = "contiguous"
     checkpoint: bool = False
-    seed: bool = False
+    from_earlier_project: bool = False
+    large_n_devices: frozenset = frozenset()
+
+    def __post_init__(self):
+        try:
+            kind = Kind(self.kind)
+        except ValueError:
+            known = ", ".join(k.value for k in Kind)
+            raise ValueError(f"variant {self.name!r}: unknown kind {self.kind!r}; known: {known}") from None
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "large_n_devices", frozenset(self.large_n_devices))
 
     def pattern_for(self, seq_len: int) -> Optional[DilatedPattern]:
         return self.pattern(seq_len)
@@ -65,19 +95,22 @@ class Variant:
     def __call__(self, q, k, v):
         """Run the variant on the whole sequence ``[B, N, H, D]``."""
         p = self.pattern_for(q.shape[1])
-        if self.kind == "dense":
+        if self.kind is Kind.DENSE:
             return dense_attention(q, k, v, causal=self.causal)
-        if self.kind == "dilated":
+        if self.kind is Kind.DILATED:
             return dilated_attention(q, k, v, p, causal=self.causal, checkpoint=self.checkpoint)
-        if self.kind == "ring":
+        if self.kind is Kind.RING:
             return ring_attention(
                 q, k, v, ring_size=self.ring_size, causal=self.causal, layout=self.layout,
                 checkpoint=self.checkpoint,
             )
-        return ring_dilated_attention(
-            q, k, v, p, ring_size=self.ring_size, causal=self.causal, layout=self.layout,
-            checkpoint=self.checkpoint,
-        )
+        if self.kind is Kind.RING_DILATED:
+            return ring_dilated_attention(
+                q, k, v, p, ring_size=self.ring_size, causal=self.causal, layout=self.layout,
+                checkpoint=self.checkpoint,
+            )
+        # Only reachable by bypassing __post_init__; never fall through to some other function.
+        raise ValueError(f"variant {self.name!r}: unknown kind {self.kind!r}")
 
     def reference(self, q, k, v):
         """SEMANTICS.md's dense definition of this variant's output (small ``N`` only)."""
@@ -113,83 +146,135 @@ def longnet(mode: str = "mixture") -> PatternFn:
     return lambda n: DilatedPattern((256, 512, 1024), (1, 2, 4), mode)
 
 
+# The benchmark profiles keep these at their largest lengths (see ``large_n_devices``).
+# CUDA_ONLY: on CPU two fewer run there (Production-checkpoint, ring-zigzag-causal4): their
+# twins Production and StandardRingAttention already show what checkpointing and a causal
+# ring cost, and the 2-core CPU run stays near 3 minutes.
+EVERY_DEVICE = frozenset({"cpu", "cuda"})
+CUDA_ONLY = frozenset({"cuda"})
+
 _VARIANTS = [
-    Variant("dense", "Full attention through torch SDPA (W = 1): the speed anchor.", "dense"),
+    Variant("dense", "Full attention through torch SDPA (W = 1): the speed anchor.", Kind.DENSE,
+            large_n_devices=EVERY_DEVICE),
     # --- the earlier project's names, each mapped to a correct configuration ---------
     Variant(
         "StandardRingAttention",
         "Textbook causal ring attention: W = [j <= i], 4 simulated ranks, contiguous shards "
         "(blocks above the diagonal skipped).",
-        "ring", ring_size=4, causal=True, seed=True,
+        Kind.RING, ring_size=4, causal=True, from_earlier_project=True, large_n_devices=EVERY_DEVICE,
     ),
     *(
         Variant(
             f"RingAttention-ring{r}",
             f"Full attention (W = 1) over a simulated ring of {r} rank(s), contiguous shards.",
-            "ring", ring_size=r, seed=True,
+            Kind.RING, ring_size=r, from_earlier_project=True,
+            large_n_devices=EVERY_DEVICE if r == 4 else frozenset(),
         )
         for r in (1, 2, 4)
     ),
     Variant(
         "ImprovedDilatedAttention",
-        "Dilated attention, head_groups mode, segments (N/4, N/2), rates (1, 2), one device.",
-        "dilated", pattern=quarter_half("head_groups"), seed=True,
+        "Dilated attention, head_groups mode, segments (N/4, N/2), rates (1, 2), one device "
+        "(also the earlier project's RingDilatedV2 on one rank: the same computation).",
+        Kind.DILATED, pattern=quarter_half("head_groups"), from_earlier_project=True,
+        large_n_devices=EVERY_DEVICE,
     ),
     *(
         Variant(
-            f"RingDilatedV2-{label}",
+            f"RingDilatedV2-ring{r}",
             f"Ring dilated attention, head_groups mode, segments (N/4, N/2), rates (1, 2), "
-            f"simulated ring of {r} rank(s).",
-            "ring_dilated", pattern=quarter_half("head_groups"), ring_size=r, seed=True,
+            f"simulated ring of {r} ranks.",
+            Kind.RING_DILATED, pattern=quarter_half("head_groups"), ring_size=r, from_earlier_project=True,
+            large_n_devices=EVERY_DEVICE if r == 4 else frozenset(),
         )
-        for label, r in (("single", 1), ("ring2", 2), ("ring4", 4))
+        for r in (2, 4)
     ),
     Variant(
         "Production",
         "Ring dilated attention, mixture mode (LongNet's softmax-denominator mixing), "
         "segments (N/4, N/2), rates (1, 2), one rank, no checkpointing.",
-        "ring_dilated", pattern=quarter_half("mixture"), ring_size=1, seed=True,
+        Kind.RING_DILATED, pattern=quarter_half("mixture"), ring_size=1, from_earlier_project=True,
+        large_n_devices=EVERY_DEVICE,
     ),
     Variant(
         "Production-checkpoint",
         "Production with gradient checkpointing: the forward is recomputed in backward.",
-        "ring_dilated", pattern=quarter_half("mixture"), ring_size=1, checkpoint=True, seed=True,
+        Kind.RING_DILATED, pattern=quarter_half("mixture"), ring_size=1, checkpoint=True,
+        from_earlier_project=True, large_n_devices=CUDA_ONLY,
     ),
     Variant(
         "Production-ring4",
-        "Production over a simulated ring of 4 ranks.",
-        "ring_dilated", pattern=quarter_half("mixture"), ring_size=4, seed=True,
+        "Production over a simulated ring of 4 ranks, with gradient checkpointing (as the "
+        "earlier project's Production_Ring4 ran).",
+        Kind.RING_DILATED, pattern=quarter_half("mixture"), ring_size=4, checkpoint=True,
+        from_earlier_project=True,
     ),
     # --- our own ----------------------------------------------------------------------
-    Variant(
-        "dilated-mixture",
-        "Dilated attention, mixture mode, segments (N/4, N/2), rates (1, 2), one device.",
-        "dilated", pattern=quarter_half("mixture"),
-    ),
     Variant(
         "longnet",
         "LongNet's fixed segments (256, 512, 1024), rates (1, 2, 4), mixture mode, one device: "
         "cost linear in N.",
-        "dilated", pattern=longnet(),
+        Kind.DILATED, pattern=longnet(), large_n_devices=EVERY_DEVICE,
     ),
     Variant(
         "ring-zigzag-causal4",
         "Causal ring attention over 4 simulated ranks with the zigzag layout (balanced work).",
-        "ring", ring_size=4, causal=True, layout="zigzag",
+        Kind.RING, ring_size=4, causal=True, layout="zigzag", large_n_devices=CUDA_ONLY,
     ),
     Variant(
         "longnet-ring4-zigzag-causal",
         "Causal LongNet (256, 512, 1024) / (1, 2, 4) over 4 simulated ranks, zigzag layout.",
-        "ring_dilated", pattern=longnet(), ring_size=4, causal=True, layout="zigzag",
+        Kind.RING_DILATED, pattern=longnet(), ring_size=4, causal=True, layout="zigzag",
+        large_n_devices=EVERY_DEVICE,
     ),
 ]
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in _VARIANTS}
 
+# Other names of registered variants: the earlier project's spellings (underscores, its
+# capitalisation), and the names of two former entries that computed the same function by the
+# same route as the variant they now point to ("dilated-mixture" ran Production's mixture
+# pattern, "RingDilatedV2-single" ImprovedDilatedAttention's head_groups pattern, each on one
+# device). In the earlier project's benchmark scripts Production_NoCP / Production_CP
+# (also Production_WithCP) are Production on one rank without / with gradient checkpointing
+# ("CP": checkpointing), Production_Ring4 runs 4 ranks with checkpointing, and RingDilatedV2
+# unsuffixed runs one rank.
+ALIASES: dict[str, str] = {
+    "Production_NoCP": "Production",
+    "Production_CP": "Production-checkpoint",
+    "Production_WithCP": "Production-checkpoint",
+    "Production_Ring4": "Production-ring4",
+    "RingDilatedV2": "ImprovedDilatedAttention",
+    "RingDilatedV2_single": "ImprovedDilatedAttention",
+    "RingDilatedV2-single": "ImprovedDilatedAttention",
+    "RingDilatedV2_ring2": "RingDilatedV2-ring2",
+    "RingDilatedV2_Ring4": "RingDilatedV2-ring4",
+    "ImprovedDilated": "ImprovedDilatedAttention",
+    "RingAttention_ring1": "RingAttention-ring1",
+    "RingAttention_ring2": "RingAttention-ring2",
+    "RingAttention_ring4": "RingAttention-ring4",
+    "dilated-mixture": "Production",
+}
+
+
+def resolve(name: str) -> str:
+    """The registered name for ``name`` (itself, or what the alias points to).
+
+    Raises ``KeyError`` listing the known names and aliases.
+    """
+    if name in VARIANTS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}; "
+                   f"aliases: {', '.join(ALIASES)}")
+
 
 def get(name: str) -> Variant:
-    """The variant called ``name``; ``KeyError`` listing the known names otherwise."""
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}") from None
+    """The variant called ``name`` (a registered name or an alias); ``KeyError`` otherwise."""
+    return VARIANTS[resolve(name)]
+
+
+def aliases_of(name: str) -> list[str]:
+    """The aliases that point to the registered variant ``name``."""
+    return [alias for alias, target in ALIASES.items() if target == name]

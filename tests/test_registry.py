@@ -13,13 +13,33 @@ SEED_NAMES = [
     "RingAttention-ring2",
     "RingAttention-ring4",
     "ImprovedDilatedAttention",
-    "RingDilatedV2-single",
     "RingDilatedV2-ring2",
     "RingDilatedV2-ring4",
     "Production",
     "Production-checkpoint",
     "Production-ring4",
 ]
+
+# The earlier project's report names and the configuration each ran (its benchmark scripts:
+# RingDilatedV2 = RingDilatedAttentionV2 with ring_size=1; Production_* =
+# RingDilatedAttentionProduction, mixture weights, use_gradient_checkpointing False for NoCP
+# and True for CP and Ring4; ImprovedDilated = the head_groups dilated baseline).
+# (kind, ring size, causal, checkpoint, pattern mode or None for full attention)
+EARLIER_PROJECT = {
+    "Production_NoCP": ("ring_dilated", 1, False, False, "mixture"),
+    "Production_CP": ("ring_dilated", 1, False, True, "mixture"),
+    "Production_WithCP": ("ring_dilated", 1, False, True, "mixture"),
+    "Production_Ring4": ("ring_dilated", 4, False, True, "mixture"),
+    "RingDilatedV2": ("dilated", None, False, False, "head_groups"),
+    "RingDilatedV2_single": ("dilated", None, False, False, "head_groups"),
+    "RingDilatedV2_ring2": ("ring_dilated", 2, False, False, "head_groups"),
+    "RingDilatedV2_Ring4": ("ring_dilated", 4, False, False, "head_groups"),
+    "ImprovedDilated": ("dilated", None, False, False, "head_groups"),
+    "StandardRingAttention": ("ring", 4, True, False, None),
+    "RingAttention_ring1": ("ring", 1, False, False, None),
+    "RingAttention_ring2": ("ring", 2, False, False, None),
+    "RingAttention_ring4": ("ring", 4, False, False, None),
+}
 
 
 def _inputs(seed, b, n, h, hkv, d, dtype=torch.float64):
@@ -44,12 +64,75 @@ def _check_against_reference(variant, q, k, v, g, atol):
 def test_seed_variants_are_registered():
     missing = [n for n in SEED_NAMES + ["dense"] if n not in registry.VARIANTS]
     assert not missing
-    assert all(registry.VARIANTS[n].seed for n in SEED_NAMES)
+    assert all(registry.VARIANTS[n].from_earlier_project for n in SEED_NAMES)
 
 
 def test_every_variant_describes_itself():
     for v in registry.VARIANTS.values():
         assert v.description and v.kind in ("dense", "dilated", "ring", "ring_dilated")
+        assert isinstance(v.kind, registry.Kind)
+
+
+@pytest.mark.parametrize("alias", sorted(EARLIER_PROJECT))
+def test_earlier_project_names_resolve_to_their_configuration(alias):
+    kind, ring_size, causal, checkpoint, mode = EARLIER_PROJECT[alias]
+    v = registry.get(alias)
+    assert registry.resolve(alias) == v.name and v.name in registry.VARIANTS
+    assert (v.kind.value, v.ring_size, v.causal, v.checkpoint) == (kind, ring_size, causal, checkpoint)
+    n = 1024
+    p = v.pattern_for(n)
+    if mode is None:
+        assert p is None
+    else:  # the earlier project's (N/4, N/2) / (1, 2)
+        assert (p.mode, tuple(p.segment_lengths), tuple(p.dilation_rates)) == (mode, (n // 4, n // 2), (1, 2))
+
+
+def test_no_two_variants_compute_the_same_thing_by_the_same_route():
+    def signature(v):
+        p = v.pattern_for(1024)
+        pat = None if p is None else (p.mode, tuple(p.segment_lengths), tuple(p.dilation_rates))
+        return v.kind, v.ring_size or 1, v.causal, v.layout, v.checkpoint, pat
+
+    # ring_dilated on one rank computes what dilated computes (the twins the registry had):
+    # count them as one route.
+    def route(v):
+        kind, ring, *rest = signature(v)
+        if kind is registry.Kind.RING_DILATED and ring == 1 and not v.checkpoint:
+            kind = registry.Kind.DILATED
+        return (kind, ring, *rest)
+
+    seen = {}
+    for v in registry.VARIANTS.values():
+        assert route(v) not in seen, f"{v.name} duplicates {seen.get(route(v))}"
+        seen[route(v)] = v.name
+
+
+def test_aliases_point_to_registered_variants_and_are_not_registered():
+    for alias, target in registry.ALIASES.items():
+        assert target in registry.VARIANTS and alias not in registry.VARIANTS
+        assert alias in registry.aliases_of(target)
+    assert registry.get("dilated-mixture") is registry.get("Production")
+    assert registry.get("RingDilatedV2-single") is registry.get("ImprovedDilatedAttention")
+
+
+def test_unknown_kind_raises_at_construction_and_at_call():
+    with pytest.raises(ValueError, match="unknown kind 'flash'"):
+        registry.Variant("x", "not a kind", "flash")
+    v = registry.Variant("x", "a ring", "ring", ring_size=2)
+    assert v.kind is registry.Kind.RING
+    object.__setattr__(v, "kind", "flash")  # bypassing the check: __call__ must not guess
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="unknown kind"):
+        v(q, q, q)
+
+
+def test_large_n_devices_is_an_attribute_of_the_variant():
+    import dataclasses
+
+    renamed = dataclasses.replace(registry.get("longnet"), name="longnet-renamed")
+    assert renamed.large_n_devices == {"cpu", "cuda"}
+    assert registry.get("Production-checkpoint").large_n_devices == {"cuda"}
+    assert registry.get("RingAttention-ring2").large_n_devices == frozenset()
 
 
 @pytest.mark.parametrize("name", list(registry.VARIANTS))
@@ -103,5 +186,6 @@ def test_flops_count_the_computed_scores():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(KeyError, match="StandardRingAttention"):
+    with pytest.raises(KeyError, match="StandardRingAttention") as info:
         registry.get("NoSuchAttention")
+    assert "Production_CP" in str(info.value)  # and the aliases

@@ -14,7 +14,8 @@ def make_bench(variant="Production", n=1024, mode="fwd", *, median=0.010, peak=8
     return {
         "name": f"test_attention[{variant}-N{n}-{dtype}-{mode}]",
         "group": f"N={n} {dtype} {mode}",
-        "stats": {"median": median, "min": median * 0.9, "max": median * 1.1, "mean": median, "rounds": 5},
+        "stats": {"median": median, "min": median * 0.9, "max": median * 1.1, "mean": median, "rounds": 5,
+                  "iqr": median * 0.02},
         "extra_info": {
             "variant": variant, "N": n, "B": 1, "H": 8, "D": 64, "dtype": dtype, "pass": mode,
             "median_s": median, "peak_memory_bytes": peak, "tokens_per_s": n / median,

@@ -4,7 +4,8 @@ The end-to-end gate test loads it into a real benchmark run
 (``python -m perf ... -- -p perf.tests.planted_regression``) and checks that the gate
 fails on each arm, as it would on a bad change to ``ring_attention/kernels.py``:
 
-* time: every block forward does its work three times over;
+* time: every block forward sleeps ``DELAY_S`` (a sleep only grows under load, so no noise
+  can hide it: at N=512 a forward takes a few ms, the planted one over 50 ms);
 * memory: it holds an 8 MiB buffer while it runs;
 * correctness: its output is off by ``ERROR`` (above the float32 tolerance of 1e-3).
 
@@ -14,12 +15,15 @@ grows with the variant's time.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ring_attention import kernels
 
 ERROR = 1e-2
 BALLAST_BYTES = 8 << 20
+DELAY_S = 0.05
 
 
 def pytest_configure(config):
@@ -27,8 +31,7 @@ def pytest_configure(config):
 
     def regressed_forward(q, k, v, *, causal, scale):
         ballast = torch.ones(BALLAST_BYTES, dtype=torch.uint8, device=q.device)
-        for _ in range(2):
-            original(q, k, v, causal=causal, scale=scale)
+        time.sleep(DELAY_S)
         out, lse = original(q, k, v, causal=causal, scale=scale)
         del ballast
         return out + ERROR, lse
