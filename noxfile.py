@@ -1,4 +1,5 @@
-"""Sessions: ``nox -s tests`` (CPU test suite), ``nox -s perf`` (benchmarks + gate), ``nox -s lint``.
+"""Sessions: ``nox -s tests`` (CPU test suite), ``nox -s perf`` (benchmarks + gate), ``nox -s cuda``
+(the kernels and every variant on a real GPU against float64), ``nox -s lint``.
 
 torch comes from ``RING_ATTENTION_TORCH`` (default ``torch==2.13.0``):
 
@@ -91,6 +92,16 @@ def tests(session):
     _install(session, "test,perf")
     session.run("python", "-m", "pytest", "tests", "perf/tests", *session.posargs,
                 env={"OMP_NUM_THREADS": "1"}, external=KEEP_TORCH)
+
+
+@nox.session(venv_backend=TORCH_BACKEND)
+def cuda(session):
+    """On a GPU host: the CUDA tests (fails, never skips, without a CUDA device) and the fake-CUDA tier."""
+    _install(session, "test")
+    session.run("python", "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else "
+                "'nox -s cuda needs a CUDA device: torch.cuda.is_available() is False')", external=KEEP_TORCH)
+    session.run("python", "-m", "pytest", "tests/test_cuda.py", "tests/test_fake_cuda.py", *session.posargs,
+                external=KEEP_TORCH)
 
 
 @nox.session(venv_backend=TORCH_BACKEND)
