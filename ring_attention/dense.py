@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ._checks import check_flag, check_qkv, check_scale
-from .kernels import fold_scale
+from .kernels import fold_scale, quarantine_values
 
 
 def dense_attention(q, k, v, *, causal=False, scale=None):
@@ -25,12 +25,12 @@ def dense_attention(q, k, v, *, causal=False, scale=None):
     scale = check_scale(scale, d)
     causal = check_flag(causal, "causal")
     q, scale, _ = fold_scale(q, scale)  # autograd carries the fold's factor into dq
+    v = v.transpose(1, 2)
+    if causal:
+        v, poison = quarantine_values(v)  # a non-finite value shows in the rows attending it only
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=causal,
-        scale=scale,
-        enable_gqa=h != hkv,
+        q.transpose(1, 2), k.transpose(1, 2), v, is_causal=causal, scale=scale, enable_gqa=h != hkv
     )
+    if causal:
+        out = out + (poison.repeat_interleave(h // hkv, dim=1) if h != hkv else poison)
     return out.transpose(1, 2)

@@ -93,6 +93,26 @@ def attention_forward(q, k, v, *, causal: bool, scale: float):
     """
     _check_block(q, k, causal)
     q, scale, _ = fold_scale(q, scale)
+    if not causal:
+        return _forward(q, k, v, causal, scale)
+    v, poison = quarantine_values(v)
+    out, lse = _forward(q, k, v, causal, scale)
+    return out.add_(poison), lse
+
+
+def quarantine_values(v):
+    """``(v with its non-finite entries zeroed, poison)`` for a causal block ``v [..., L, D]``.
+
+    Fused kernels multiply a masked key's value by a zero probability, and 0 * NaN would
+    spread a NaN (or inf) in value ``v[j, d]`` to the rows before ``j``, which do not attend
+    it. ``poison [..., L, D]`` is NaN at ``[i, d]`` where some ``j <= i`` has a non-finite
+    ``v[j, d]`` and 0 elsewhere: added to the output, it marks exactly what the math does.
+    """
+    poison = v - v  # NaN exactly at the non-finite entries (inf - inf too), else 0
+    return v.nan_to_num(0.0, 0.0, 0.0), poison.cumsum_(-2)
+
+
+def _forward(q, k, v, causal, scale):
     kind = backend(q)
     if kind == "cpu":
         return _cpu_forward(q, k, v, causal, scale)
