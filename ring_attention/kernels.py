@@ -29,6 +29,10 @@ multiple of 8 (zero columns change neither the scores nor the kept columns of th
 output; the scale stays explicit), inputs copied when their storage offset or any
 stride is not 16-byte aligned, and batches above 65,535 split into several launches.
 
+In a causal block, non-finite values are zeroed before the kernel and their NaN added
+back to the rows that attend them (:func:`quarantine_values`): kernels multiply masked
+values by 0, and 0 * NaN would reach rows before the key.
+
 Any finite scale works: a scale the kernels cannot take as a positive float32 (zero,
 negative, subnormal) is folded into ``q``, because the fused ops scale the masked
 ``-inf`` scores too and would turn them into NaN.

@@ -122,7 +122,8 @@ class MultiheadDilatedAttention(nn.Module):
         bias: projections with biases.
         group, ring_size, layout: run as ring dilated attention (see
             :func:`~ring_attention.ring_dilated_attention`); a plain single-device
-            dilated attention when both are ``None``.
+            dilated attention when both are ``None``, except inside a torch.distributed
+            job of several processes, where that raises (pass ``ring_size=1`` to mean it).
         causal: as in :func:`~ring_attention.dilated_attention`.
         checkpoint: checkpoint the whole layer (projections and attention): backward
             recomputes it from the layer's inputs instead of storing its activations.
