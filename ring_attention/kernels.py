@@ -237,12 +237,13 @@ def _cpu_forward(q, k, v, causal, scale):
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
         q, k, v, 0.0, causal, attn_mask=None, scale=scale
     )
-    # A query row holding NaN or inf that sees fewer than 8 keys comes back as (0, 0) from
-    # the CPU op: make it NaN, as the math (and the reference) says. The row sum is
-    # non-finite exactly then (accumulated in float32 or wider, so finite rows stay finite).
-    bad = ~q.sum(-1, dtype=lse.dtype).isfinite()
-    out.masked_fill_(bad.unsqueeze(-1), float("nan"))
-    lse.masked_fill_(bad, float("nan"))
+    # A query row holding NaN or inf comes back from the CPU op as 0 or inf, not NaN as
+    # the math (and the reference) says. Its sum over D is non-finite exactly then (summed
+    # in float32 or wider, so finite rows stay finite), and adding it with alpha=0 (0 * inf
+    # is NaN) marks the row without touching the others: one kernel per tensor.
+    poison = q.sum(-1, dtype=lse.dtype)
+    out.add_(poison.unsqueeze(-1), alpha=0)
+    lse.add_(poison, alpha=0)
     return out, lse
 
 

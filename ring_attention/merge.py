@@ -27,18 +27,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def merge_into_(out_acc, lse_acc, out_b, lse_b) -> None:
     """Merge ``(out_b, lse_b)`` into the accumulators in place (strided views allowed).
 
+    Five kernels: the weight of ``b`` is ``sigmoid(lse_b - lse_acc)``, the output moves
+    towards ``out_b`` by it (``lerp``, exact at weights 0 and 1), the LSE is their
+    ``logaddexp``. Two empty sides give ``(-inf) - (-inf) = NaN``: that weight becomes
+    0.5, which leaves two zero outputs zero; a NaN partial has NaN in ``out`` as well as
+    ``lse``, so it still spreads through the ``lerp``.
+
     Args:
         out_acc, lse_acc: ``[..., D]`` and ``[...]`` in the accumulation dtype.
         out_b, lse_b: the other partial, any float dtype.
     """
-    out_acc.mul_(_weight(lse_acc, lse_b).unsqueeze(-1))
-    out_acc.add_(out_b * _weight(lse_b, lse_acc).unsqueeze(-1))
-    lse_acc.copy_(torch.logaddexp(lse_acc, lse_b))
-
-
-def _weight(lse_this, lse_other):
-    """``sigmoid(lse_this - lse_other)``; 0 for an empty side, even against another empty one."""
-    return torch.sigmoid(torch.where(lse_this == float("-inf"), float("-inf"), lse_this - lse_other))
+    weight = torch.sigmoid(lse_b - lse_acc).nan_to_num_(0.5).unsqueeze(-1)
+    out_acc.lerp_(out_b.to(out_acc.dtype), weight)
+    torch.logaddexp(lse_acc, lse_b, out=lse_acc)
 
 
 def merge(out_a, lse_a, out_b, lse_b):

@@ -26,6 +26,7 @@ dK/dV of received rows travel back to their owner, also in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 
@@ -34,7 +35,7 @@ import torch.utils.checkpoint
 
 from . import kernels
 from . import layout as _layout
-from .blocks import Block, Call, Index, Message, RankPlan, Step, index
+from .blocks import Block, Index, Message, RankPlan, Step, index
 from .comm import Ring
 from .merge import accumulation_dtype, merge_into_
 
@@ -45,33 +46,31 @@ def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
     return x[:, :, heads] if isinstance(heads, slice) else x.index_select(2, heads)
 
 
-def put(x: torch.Tensor, rows: Index, heads: slice, value: torch.Tensor) -> None:
-    """``x[:, rows, heads] = value`` (rows have no repeats)."""
-    if isinstance(rows, slice):
-        x[:, rows, heads] = value
-    else:
-        x[:, :, heads].index_copy_(1, rows, value)
-
-
-def add_rows(x: torch.Tensor, rows: Index, value: torch.Tensor) -> None:
-    """``x[:, rows] += value`` (rows have no repeats)."""
-    if isinstance(rows, slice):
-        x[:, rows] += value
-    else:
-        x.index_add_(1, rows, value)
-
-
 def _runs(x: torch.Tensor, start: int, runs: int, length: int) -> torch.Tensor:
-    """Packed ``[B, M, h, D]`` rows -> ``[B*runs, h, length, D]`` kernel layout."""
-    b, _, h, d = x.shape
-    piece = x[:, start : start + runs * length]
-    return piece.reshape(b * runs, length, h, d).transpose(1, 2)
+    """Packed ``[B, M, h, ...]`` rows -> ``[B*runs, h, length, ...]`` kernel layout."""
+    piece = x[:, start : start + runs * length].unflatten(1, (runs, length))
+    return piece.transpose(2, 3).flatten(0, 1)
 
 
-def _unruns(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Kernel layout ``[B*runs, h, L, ...]`` -> packed ``[B, runs*L, h, ...]``."""
-    x = x.transpose(1, 2)
-    return x.reshape(batch, -1, *x.shape[2:])
+def _by_run(x: torch.Tensor, runs: int) -> torch.Tensor:
+    """Kernel layout ``[B*runs, h, L, ...]`` -> ``[B, runs, h, L, ...]`` (a view)."""
+    return x.unflatten(0, (-1, runs))
+
+
+def _out_view(out: torch.Tensor, rows: slice, heads: slice, runs: int, length: int) -> torch.Tensor:
+    """``out [B, n, H, D]`` at ``rows`` and ``heads`` as a ``[B, runs, h, L, D]`` view."""
+    return out[:, rows, heads].unflatten(1, (runs, length)).transpose(2, 3)
+
+
+def _lse_view(lse: torch.Tensor, rows: slice, heads: slice, runs: int, length: int) -> torch.Tensor:
+    """``lse [B, H, n]`` at ``rows`` and ``heads`` as a ``[B, runs, h, L]`` view."""
+    return lse[:, heads, rows].unflatten(2, (runs, length)).transpose(1, 2)
+
+
+def _unruns(x: torch.Tensor, runs: int, dtype) -> torch.Tensor:
+    """Kernel layout ``[B*runs, h, L, ...]`` -> packed ``[B, runs*L, h, ...]``: a copy in ``dtype``."""
+    x = _by_run(x, runs).transpose(2, 3)
+    return x.to(dtype, memory_format=torch.contiguous_format).flatten(1, 2)
 
 
 def _blocks_in_order(plan: RankPlan):
@@ -79,12 +78,27 @@ def _blocks_in_order(plan: RankPlan):
     return itertools.chain(plan.local, *(step.blocks for step in plan.steps.values()))
 
 
-_WRITES: weakref.WeakKeyDictionary[RankPlan, dict[Call, bool]] = weakref.WeakKeyDictionary()
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """What the executor derives from a plan once: which calls write, what needs a merge.
+
+    ``writes[call]``: the call is the first to touch its cells, so its result is copied
+    in, not merged. ``merges``: some call merges (the output needs a float32 accumulator).
+    ``covering_rows``: the number of shard rows the first block writes for every head
+    before any merge reads them (0 if it does not): when that is the shard, the
+    accumulators need no initial ``(0, -inf)``.
+    """
+
+    writes: dict
+    merges: bool
+    covering_rows: int
 
 
-def _writes(plan: RankPlan) -> dict[Call, bool]:
-    """For each call, in execution order: whether it is the first to touch its cells."""
-    cached = _WRITES.get(plan)
+_SCHEDULES: weakref.WeakKeyDictionary[RankPlan, _Schedule] = weakref.WeakKeyDictionary()
+
+
+def _schedule(plan: RankPlan) -> _Schedule:
+    cached = _SCHEDULES.get(plan)
     if cached is not None:
         return cached
     touched_rows: dict[int, list[tuple[int, int]]] = {}  # unit -> packed query intervals
@@ -100,15 +114,40 @@ def _writes(plan: RankPlan) -> dict[Call, bool]:
             writes[c] = not shared and not any(a < hi and lo < b for a, b in rows)
             rows.append((lo, hi))
         touched_heads.setdefault(unit.pair, set()).update(heads)
-    _WRITES[plan] = writes
-    return writes
+    num_heads = max((u.heads[-1] + 1 for u in plan.units), default=0)
+    covering = 0
+    first = next(_blocks_in_order(plan), None)
+    if first is not None and len(plan.units[first.unit].heads) == num_heads:
+        written: list[tuple[int, int]] = []
+        for c in first.calls:  # a merge must read only what the block's writes put there
+            lo, hi = c.q_start, c.q_start + c.runs * c.q_len
+            if not writes[c] and not _within(lo, hi, written):
+                break
+            written.append((lo, hi))
+        else:
+            covering = len(first.q_rows)
+    schedule = _Schedule(writes, not all(writes.values()), covering)
+    _SCHEDULES[plan] = schedule
+    return schedule
+
+
+def _within(lo: int, hi: int, intervals: list[tuple[int, int]]) -> bool:
+    """Whether ``[lo, hi)`` lies inside the union of ``intervals``."""
+    for a, b in sorted(intervals):
+        if a > lo:
+            return False
+        lo = max(lo, b)
+        if lo >= hi:
+            return True
+    return lo >= hi
 
 
 # --- forward ---------------------------------------------------------------------------
 
 
 def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
-    batch = q.shape[0]
+    """Run the block's calls; each result is written into or merged with the accumulators
+    (``out_acc [B, n, H, D]``, ``lse_acc [B, H, n]``) in place, through strided views."""
     qb = take(q, index(blk.q_rows, q), blk.heads)
     kv_index = index(blk.kv_index, q)
     k_rows = index(blk.k_rows, q)
@@ -121,19 +160,27 @@ def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale:
             causal=c.causal,
             scale=scale,
         )
-        o, lse = _unruns(o, batch), _unruns(lse.unsqueeze(-1), batch).squeeze(-1)
         rows = index(c.q_rows, q)
-        if writes[c]:
-            put(out_acc, rows, blk.heads, o.to(out_acc.dtype))
-            put(lse_acc, rows, blk.heads, lse.to(lse_acc.dtype))
-        elif isinstance(rows, slice):
-            # Evenly spaced rows and heads: the accumulators' views merge in place.
-            merge_into_(out_acc[:, rows, blk.heads], lse_acc[:, rows, blk.heads], o, lse)
-        else:
-            o_acc, l_acc = take(out_acc, rows, blk.heads), take(lse_acc, rows, blk.heads)  # copies
+        if isinstance(rows, slice):
+            o_acc = _out_view(out_acc, rows, blk.heads, c.runs, c.q_len)
+            l_acc = _lse_view(lse_acc, rows, blk.heads, c.runs, c.q_len)
+            o, lse = _by_run(o, c.runs), _by_run(lse, c.runs)
+            if writes[c]:
+                o_acc.copy_(o)
+                l_acc.copy_(lse)
+            else:
+                merge_into_(o_acc, l_acc, o, lse)
+            continue
+        # Rows that are no progression (a dilated unit across zigzag chunks): gather, scatter.
+        o = _unruns(o, c.runs, out_acc.dtype)  # [B, M, h, D]
+        lse = _unruns(lse.unsqueeze(-1), c.runs, lse_acc.dtype).squeeze(-1)  # [B, M, h]
+        o_heads, l_heads = out_acc[:, :, blk.heads], lse_acc[:, blk.heads].transpose(1, 2)
+        if not writes[c]:
+            o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
             merge_into_(o_acc, l_acc, o, lse)
-            put(out_acc, rows, blk.heads, o_acc)
-            put(lse_acc, rows, blk.heads, l_acc)
+            o, lse = o_acc, l_acc
+        o_heads.index_copy_(1, rows, o)
+        l_heads.index_copy_(1, rows, lse)
 
 
 def _message_tensors(msgs: tuple[Message, ...], k, v) -> list[torch.Tensor]:
@@ -171,25 +218,37 @@ def _wait(pending) -> dict:
 
 
 def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float):
-    """Run the plans; returns ``{rank: (out [B,n,H,D] accumulation dtype, lse [B,n,H])}``."""
+    """Run the plans; returns ``{rank: (out [B,n,H,D], lse [B,H,n])}``.
+
+    ``out`` is in the accumulation dtype where some call merges, else in q's dtype;
+    ``lse`` is in the accumulation dtype.
+    """
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     state = {}
     for r in ring.ranks:
         b, n, h, d = qs[r].shape
-        state[r] = (
-            torch.zeros(b, n, h, d, dtype=acc, device=qs[r].device),
-            torch.full((b, n, h), float("-inf"), dtype=acc, device=qs[r].device),
-        )
+        schedule, device = _schedule(plans[r]), qs[r].device
+        out_dtype = acc if schedule.merges else qs[r].dtype
+        if schedule.covering_rows == n:  # the first block writes every cell before any merge
+            state[r] = (
+                torch.empty(b, n, h, d, dtype=out_dtype, device=device),
+                torch.empty(b, h, n, dtype=acc, device=device),
+            )
+        else:
+            state[r] = (
+                torch.zeros(b, n, h, d, dtype=out_dtype, device=device),
+                torch.full((b, h, n), float("-inf"), dtype=acc, device=device),
+            )
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
-        writes = _writes(plans[r])
+        writes = _schedule(plans[r]).writes
         for blk in plans[r].local:
             _block_forward(blk, writes, qs[r], ks[r], vs[r], *state[r], scale)
     for shift in range(1, ring.size):
         received = _wait(pending)
         pending = _post_kv(ring, plans, shift + 1, ks, vs)
         for r in ring.ranks:
-            writes = _writes(plans[r])
+            writes = _schedule(plans[r]).writes
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
                 _block_forward(blk, writes, qs[r], k_msg, v_msg, *state[r], scale)
@@ -202,19 +261,15 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
 def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, dq_acc, dk_src, dv_src, scale):
     """Adds this block's dQ into ``dq_acc`` and its dK/dV into ``dk_src``/``dv_src``.
 
-    ``dk_src``/``dv_src`` have the key source's shape in the accumulation dtype.
+    ``dk_src``/``dv_src`` have the key source's shape in the accumulation dtype; ``lse``
+    is ``[B, H, n]``. Each call's gradients go straight into strided views of the
+    accumulators where rows and heads are progressions, else through ``index_add_``.
     """
-    batch = q.shape[0]
     q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
-    qb = take(q, q_rows, blk.heads)
+    qb, dob, ob = (take(t, q_rows, blk.heads) for t in (q, dout, out))
+    lb = take(lse.transpose(1, 2), q_rows, blk.heads)
     kb, vb = take(k_src, k_rows, kv_index), take(v_src, k_rows, kv_index)
-    dob, ob, lb = (take(t, q_rows, blk.heads) for t in (dout, out, lse))
-    dq_b = torch.zeros(qb.shape, dtype=dq_acc.dtype, device=q.device)
-    dk_b = torch.zeros(kb.shape, dtype=dq_acc.dtype, device=q.device)
-    dv_b = torch.zeros(kb.shape, dtype=dq_acc.dtype, device=q.device)
     for c in blk.calls:
-        qsl = slice(c.q_start, c.q_start + c.runs * c.q_len)
-        ksl = slice(c.k_start, c.k_start + c.runs * c.k_len)
         dq, dk, dv = kernels.attention_backward(
             _runs(dob, c.q_start, c.runs, c.q_len),
             _runs(qb, c.q_start, c.runs, c.q_len),
@@ -225,23 +280,41 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, dq_acc, dk_src,
             causal=c.causal,
             scale=scale,
         )
-        dq_b[:, qsl] += _unruns(dq, batch)
-        dk_b[:, ksl] += _unruns(dk, batch)
-        dv_b[:, ksl] += _unruns(dv, batch)
-    add_rows(dq_acc, q_rows, _fold_heads(dq_b, blk.heads, q.shape[2]))
-    add_rows(dk_src, k_rows, _fold_heads(dk_b, kv_index, k_src.shape[2]))
-    add_rows(dv_src, k_rows, _fold_heads(dv_b, kv_index, k_src.shape[2]))
+        _add_grad(dq_acc, q_rows, blk.heads, c.q_start, c.runs, c.q_len, dq)
+        _add_grad(dk_src, k_rows, kv_index, c.k_start, c.runs, c.k_len, dk)
+        _add_grad(dv_src, k_rows, kv_index, c.k_start, c.runs, c.k_len, dv)
 
 
-def _fold_heads(x: torch.Tensor, heads: Index, num_heads: int) -> torch.Tensor:
-    """Scatter-add ``x [B, M, h, D]`` over ``heads`` into a ``[B, M, num_heads, D]`` tensor."""
-    b, m, _, d = x.shape
-    full = torch.zeros(b, m, num_heads, d, dtype=x.dtype, device=x.device)
-    if isinstance(heads, slice):
-        full[:, :, heads] += x
+def _add_grad(acc, rows: Index, heads: Index, start: int, runs: int, length: int, grad) -> None:
+    """``acc[:, rows, heads][:, start : start + runs*length] += grad``, ``grad`` in kernel layout."""
+    if isinstance(rows, slice):
+        sub = range(rows.start, rows.stop, rows.step)[start : start + runs * length]
+        rows = slice(sub.start, sub.stop, sub.step)
+        if isinstance(heads, slice):  # the common case: a strided view, no copy
+            _out_view(acc, rows, heads, runs, length).add_(_by_run(grad, runs))
+            return
     else:
-        full.index_add_(2, heads, x)
-    return full
+        rows = rows[start : start + runs * length]
+    _scatter_add(acc, rows, heads, _unruns(grad, runs, acc.dtype))
+
+
+def _scatter_add(acc, rows: Index, heads: Index, grad) -> None:
+    """``acc[:, rows, heads] += grad`` for packed ``grad [B, M, h, D]`` in ``acc``'s dtype.
+
+    Rows never repeat; heads may (grouped-query heads sharing a kv head), and add up.
+    """
+    if isinstance(rows, slice):
+        acc = acc[:, rows]
+        if isinstance(heads, slice):
+            acc[:, :, heads].add_(grad)
+        else:
+            acc.index_add_(2, heads, grad)
+    elif isinstance(heads, slice):
+        acc[:, :, heads].index_add_(1, rows, grad)
+    else:
+        b, m, _, d = grad.shape
+        folded = torch.zeros(b, m, acc.shape[2], d, dtype=acc.dtype, device=acc.device)
+        acc.index_add_(1, rows, folded.index_add_(2, heads, grad))
 
 
 def _post_returns(ring: Ring, plans, shift: int, back: dict, ks, acc):
@@ -264,8 +337,8 @@ def _add_returned(returning, plans, grads) -> None:
         _, dk, dv = grads[r]
         for m, dk_rows, dv_rows in zip(plans[r].step(shift).sends, tensors[0::2], tensors[1::2]):
             rows, heads = index(m.rows, dk), index(m.kv_heads, dk)
-            add_rows(dk, rows, _fold_heads(dk_rows, heads, dk.shape[2]))
-            add_rows(dv, rows, _fold_heads(dv_rows, heads, dv.shape[2]))
+            _scatter_add(dk, rows, heads, dk_rows)
+            _scatter_add(dv, rows, heads, dv_rows)
 
 
 def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
