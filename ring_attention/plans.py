@@ -95,22 +95,43 @@ def _holders(spec: _Spec, start: int, stop: int) -> set[int]:
 
 
 def _batch_calls(pairs, q_rows: Rows) -> tuple[Call, ...]:
-    """Group ``(q_run, k_run, causal)`` pairs into batched calls.
+    """Group ``(q_run, k_run, causal)`` pairs into as few kernel calls as possible.
 
-    Consecutive pairs join one call when their runs follow each other in both packed
-    orders and have the same lengths and mask.
+    Full pairs coalesce first: a query run's key runs that follow each other in packed
+    order become one longer key span, then query runs that follow each other against
+    the same key span one longer query span (a non-square block is fine without a mask).
+    Then spans batch: consecutive spans of equal lengths and mask that follow each other
+    in both packed orders join one call as its runs. Diagonal (causal) blocks stay square.
     """
-    calls: list[list] = []
+    diagonal = [(q.start, q.length, k.start, k.length, True) for q, k, causal in pairs if causal]
+    by_query: dict[tuple[int, int], list[list[int]]] = {}
     for q, k, causal in pairs:
+        if causal:
+            continue
+        spans = by_query.setdefault((q.start, q.length), [])
+        if spans and spans[-1][0] + spans[-1][1] == k.start:
+            spans[-1][1] += k.length
+        else:
+            spans.append([k.start, k.length])
+    full: list[list] = []
+    for (qs, ql), spans in by_query.items():
+        for ks, kl in spans:
+            prev = full[-1] if full else None
+            if prev and prev[2:4] == [ks, kl] and prev[0] + prev[1] == qs:
+                prev[1] += ql
+            else:
+                full.append([qs, ql, ks, kl, False])
+    calls: list[list] = []
+    for qs, ql, ks, kl, causal in diagonal + [tuple(f) for f in full]:
         if calls:
             c = calls[-1]
             if (
-                c[5] == causal and c[3] == q.length and c[4] == k.length
-                and q.start == c[0] + c[2] * c[3] and k.start == c[1] + c[2] * c[4]
+                c[5] == causal and c[3] == ql and c[4] == kl
+                and qs == c[0] + c[2] * c[3] and ks == c[1] + c[2] * c[4]
             ):
                 c[2] += 1
                 continue
-        calls.append([q.start, k.start, 1, q.length, k.length, causal])
+        calls.append([qs, ks, 1, ql, kl, causal])
     return tuple(
         Call(qs, ks, n, ql, kl, causal, q_rows.sub(qs, qs + n * ql)) for qs, ks, n, ql, kl, causal in calls
     )
