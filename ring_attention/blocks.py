@@ -131,6 +131,13 @@ class Call:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Block:
+    """Packed query rows of one unit against packed key rows of one source.
+
+    With ``offsets = O > 1`` the block stands for units ``unit .. unit+O-1`` at once: the
+    head offsets of one pair, whose rows and heads are those of ``unit`` shifted by
+    ``o`` (rows and heads are then progressions). Their calls run as one batch of ``O``.
+    """
+
     unit: int  # index into RankPlan.units
     q_rows: Rows  # rows of the query shard, packed order
     heads: slice  # query heads
@@ -138,6 +145,7 @@ class Block:
     kv_index: Rows  # for each query head, its head in the key source
     source: int | None  # None: the rank's own shard; i: the i-th message received at the step
     calls: tuple[Call, ...]
+    offsets: int = 1
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

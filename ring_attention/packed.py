@@ -46,31 +46,41 @@ def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
     return x[:, :, heads] if isinstance(heads, slice) else x.index_select(2, heads)
 
 
+def _packed(x: torch.Tensor, rows: Index, heads: Index, offsets: int = 1) -> torch.Tensor:
+    """A block's rows and heads of ``x [B, N, H, ...]`` as ``[B, O, M, h, ...]``.
+
+    Offset ``o`` of the ``O = offsets`` is the block shifted by ``o`` rows and ``o``
+    heads: one strided view (rows and heads are then slices). Index tensors gather a
+    copy (``O = 1``).
+    """
+    if not (isinstance(rows, slice) and isinstance(heads, slice)):
+        return take(x, rows, heads).unsqueeze(1)
+    st = x.stride()
+    size = (x.shape[0], offsets, len(range(rows.start, rows.stop, rows.step)),
+            len(range(heads.start, heads.stop, heads.step)), *x.shape[3:])
+    stride = (st[0], st[1] + st[2], st[1] * rows.step, st[2] * heads.step, *st[3:])
+    return x.as_strided(size, stride, x.storage_offset() + rows.start * st[1] + heads.start * st[2])
+
+
+def _run_view(x: torch.Tensor, start: int, runs: int, length: int) -> torch.Tensor:
+    """Packed ``[B, O, M, h, ...]`` rows ``start .. start + runs*length`` as ``[B, O, runs, h, length, ...]``."""
+    return x[:, :, start : start + runs * length].unflatten(2, (runs, length)).transpose(3, 4)
+
+
 def _runs(x: torch.Tensor, start: int, runs: int, length: int) -> torch.Tensor:
-    """Packed ``[B, M, h, ...]`` rows -> ``[B*runs, h, length, ...]`` kernel layout."""
-    piece = x[:, start : start + runs * length].unflatten(1, (runs, length))
-    return piece.transpose(2, 3).flatten(0, 1)
+    """Packed ``[B, O, M, h, ...]`` rows -> ``[B*O*runs, h, length, ...]``: the kernel's layout."""
+    return _run_view(x, start, runs, length).flatten(0, 2)
 
 
-def _by_run(x: torch.Tensor, runs: int) -> torch.Tensor:
-    """Kernel layout ``[B*runs, h, L, ...]`` -> ``[B, runs, h, L, ...]`` (a view)."""
-    return x.unflatten(0, (-1, runs))
-
-
-def _out_view(out: torch.Tensor, rows: slice, heads: slice, runs: int, length: int) -> torch.Tensor:
-    """``out [B, n, H, D]`` at ``rows`` and ``heads`` as a ``[B, runs, h, L, D]`` view."""
-    return out[:, rows, heads].unflatten(1, (runs, length)).transpose(2, 3)
-
-
-def _lse_view(lse: torch.Tensor, rows: slice, heads: slice, runs: int, length: int) -> torch.Tensor:
-    """``lse [B, H, n]`` at ``rows`` and ``heads`` as a ``[B, runs, h, L]`` view."""
-    return lse[:, heads, rows].unflatten(2, (runs, length)).transpose(1, 2)
-
-
-def _unruns(x: torch.Tensor, runs: int, dtype) -> torch.Tensor:
-    """Kernel layout ``[B*runs, h, L, ...]`` -> packed ``[B, runs*L, h, ...]``: a copy in ``dtype``."""
-    x = _by_run(x, runs).transpose(2, 3)
+def _unpacked(x: torch.Tensor, dtype) -> torch.Tensor:
+    """Kernel results ``[B, 1, runs, h, L, ...]`` -> ``[B, runs*L, h, ...]``: a copy in ``dtype``."""
+    x = x.squeeze(1).transpose(2, 3)
     return x.to(dtype, memory_format=torch.contiguous_format).flatten(1, 2)
+
+
+def _rows_major(lse: torch.Tensor) -> torch.Tensor:
+    """LSE ``[B, H, n]`` as a ``[B, n, H]`` view, indexed like the outputs."""
+    return lse.transpose(1, 2)
 
 
 def _blocks_in_order(plan: RankPlan):
@@ -105,19 +115,21 @@ def _schedule(plan: RankPlan) -> _Schedule:
     touched_heads: dict[int, set[int]] = {}  # pair -> query heads
     writes = {}
     for blk in _blocks_in_order(plan):
-        unit = plan.units[blk.unit]
-        heads = set(unit.heads)
-        shared = any(p != unit.pair and heads & seen for p, seen in touched_heads.items())
-        rows = touched_rows.setdefault(blk.unit, [])
+        units = range(blk.unit, blk.unit + blk.offsets)  # one pair
+        pair = plan.units[blk.unit].pair
+        heads = {h for u in units for h in plan.units[u].heads}
+        shared = any(p != pair and heads & seen for p, seen in touched_heads.items())
         for c in blk.calls:
             lo, hi = c.q_start, c.q_start + c.runs * c.q_len
-            writes[c] = not shared and not any(a < hi and lo < b for a, b in rows)
-            rows.append((lo, hi))
-        touched_heads.setdefault(unit.pair, set()).update(heads)
+            fresh = all(not any(a < hi and lo < b for a, b in touched_rows.get(u, ())) for u in units)
+            writes[c] = not shared and fresh
+            for u in units:
+                touched_rows.setdefault(u, []).append((lo, hi))
+        touched_heads.setdefault(pair, set()).update(heads)
     num_heads = max((u.heads[-1] + 1 for u in plan.units), default=0)
     covering = 0
     first = next(_blocks_in_order(plan), None)
-    if first is not None and len(plan.units[first.unit].heads) == num_heads:
+    if first is not None and len(first.q_rows) and first.offsets * len(plan.units[first.unit].heads) == num_heads:
         written: list[tuple[int, int]] = []
         for c in first.calls:  # a merge must read only what the block's writes put there
             lo, hi = c.q_start, c.q_start + c.runs * c.q_len
@@ -148,10 +160,14 @@ def _within(lo: int, hi: int, intervals: list[tuple[int, int]]) -> bool:
 def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
     (``out_acc [B, n, H, D]``, ``lse_acc [B, H, n]``) in place, through strided views."""
-    qb = take(q, index(blk.q_rows, q), blk.heads)
-    kv_index = index(blk.kv_index, q)
-    k_rows = index(blk.k_rows, q)
-    kb, vb = take(k_src, k_rows, kv_index), take(v_src, k_rows, kv_index)
+    q_rows = index(blk.q_rows, q)
+    k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
+    qb = _packed(q, q_rows, blk.heads, blk.offsets)
+    kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
+    strided = isinstance(q_rows, slice)
+    if strided:
+        out_b = _packed(out_acc, q_rows, blk.heads, blk.offsets)
+        lse_b = _packed(_rows_major(lse_acc), q_rows, blk.heads, blk.offsets)
     for c in blk.calls:
         o, lse = kernels.attention_forward(
             _runs(qb, c.q_start, c.runs, c.q_len),
@@ -160,11 +176,10 @@ def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale:
             causal=c.causal,
             scale=scale,
         )
-        rows = index(c.q_rows, q)
-        if isinstance(rows, slice):
-            o_acc = _out_view(out_acc, rows, blk.heads, c.runs, c.q_len)
-            l_acc = _lse_view(lse_acc, rows, blk.heads, c.runs, c.q_len)
-            o, lse = _by_run(o, c.runs), _by_run(lse, c.runs)
+        o, lse = o.unflatten(0, (-1, blk.offsets, c.runs)), lse.unflatten(0, (-1, blk.offsets, c.runs))
+        if strided:
+            o_acc = _run_view(out_b, c.q_start, c.runs, c.q_len)
+            l_acc = _run_view(lse_b, c.q_start, c.runs, c.q_len)
             if writes[c]:
                 o_acc.copy_(o)
                 l_acc.copy_(lse)
@@ -172,9 +187,10 @@ def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale:
                 merge_into_(o_acc, l_acc, o, lse)
             continue
         # Rows that are no progression (a dilated unit across zigzag chunks): gather, scatter.
-        o = _unruns(o, c.runs, out_acc.dtype)  # [B, M, h, D]
-        lse = _unruns(lse.unsqueeze(-1), c.runs, lse_acc.dtype).squeeze(-1)  # [B, M, h]
-        o_heads, l_heads = out_acc[:, :, blk.heads], lse_acc[:, blk.heads].transpose(1, 2)
+        rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
+        o = _unpacked(o, out_acc.dtype)  # [B, M, h, D]
+        lse = _unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)  # [B, M, h]
+        o_heads, l_heads = out_acc[:, :, blk.heads], _rows_major(lse_acc)[:, :, blk.heads]
         if not writes[c]:
             o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
             merge_into_(o_acc, l_acc, o, lse)
@@ -266,9 +282,12 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, dq_acc, dk_src,
     accumulators where rows and heads are progressions, else through ``index_add_``.
     """
     q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
-    qb, dob, ob = (take(t, q_rows, blk.heads) for t in (q, dout, out))
-    lb = take(lse.transpose(1, 2), q_rows, blk.heads)
-    kb, vb = take(k_src, k_rows, kv_index), take(v_src, k_rows, kv_index)
+    qb, dob, ob = (_packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
+    lb = _packed(_rows_major(lse), q_rows, blk.heads, blk.offsets)
+    kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
+    dq_b = _packed(dq_acc, q_rows, blk.heads, blk.offsets) if isinstance(q_rows, slice) else None
+    kv_strided = isinstance(k_rows, slice) and isinstance(kv_index, slice)
+    dk_b, dv_b = (_packed(t, k_rows, kv_index, blk.offsets) if kv_strided else None for t in (dk_src, dv_src))
     for c in blk.calls:
         dq, dk, dv = kernels.attention_backward(
             _runs(dob, c.q_start, c.runs, c.q_len),
@@ -280,22 +299,23 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, dq_acc, dk_src,
             causal=c.causal,
             scale=scale,
         )
-        _add_grad(dq_acc, q_rows, blk.heads, c.q_start, c.runs, c.q_len, dq)
-        _add_grad(dk_src, k_rows, kv_index, c.k_start, c.runs, c.k_len, dk)
-        _add_grad(dv_src, k_rows, kv_index, c.k_start, c.runs, c.k_len, dv)
-
-
-def _add_grad(acc, rows: Index, heads: Index, start: int, runs: int, length: int, grad) -> None:
-    """``acc[:, rows, heads][:, start : start + runs*length] += grad``, ``grad`` in kernel layout."""
-    if isinstance(rows, slice):
-        sub = range(rows.start, rows.stop, rows.step)[start : start + runs * length]
-        rows = slice(sub.start, sub.stop, sub.step)
-        if isinstance(heads, slice):  # the common case: a strided view, no copy
-            _out_view(acc, rows, heads, runs, length).add_(_by_run(grad, runs))
-            return
-    else:
-        rows = rows[start : start + runs * length]
-    _scatter_add(acc, rows, heads, _unruns(grad, runs, acc.dtype))
+        by_run = (-1, blk.offsets, c.runs)
+        if dq_b is not None:
+            _run_view(dq_b, c.q_start, c.runs, c.q_len).add_(dq.unflatten(0, by_run))
+        else:
+            rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
+            _scatter_add(dq_acc, rows, blk.heads, _unpacked(dq.unflatten(0, by_run), dq_acc.dtype))
+        for acc_b, acc, grad in ((dk_b, dk_src, dk), (dv_b, dv_src, dv)):
+            if acc_b is not None:
+                _run_view(acc_b, c.k_start, c.runs, c.k_len).add_(grad.unflatten(0, by_run))
+                continue
+            rows = k_rows
+            if isinstance(rows, slice):
+                sub = range(rows.start, rows.stop, rows.step)[c.k_start : c.k_start + c.runs * c.k_len]
+                rows = slice(sub.start, sub.stop, sub.step)
+            else:
+                rows = rows[c.k_start : c.k_start + c.runs * c.k_len]
+            _scatter_add(acc, rows, kv_index, _unpacked(grad.unflatten(0, by_run), acc.dtype))
 
 
 def _scatter_add(acc, rows: Index, heads: Index, grad) -> None:

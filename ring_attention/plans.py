@@ -187,14 +187,43 @@ def _head_slice(unit: Unit) -> slice:
 
 def _local_blocks(spec: _Spec, rank: int) -> tuple[Block, ...]:
     blocks = []
-    for u, unit in enumerate(spec.units):
-        kept = _kept(spec, rank, u)
+    u = 0
+    while u < len(spec.units):
+        unit, kept = spec.units[u], _kept(spec, rank, u)
         pairs = _block_pairs(kept.runs, kept.runs, spec.causal, same_rank=True)
+        offsets = _shifted_units(spec, rank, u)
         if pairs:
             kv_index = _kv_rows(spec, u)[0]
             calls = _batch_calls(pairs, kept.rows)
-            blocks.append(Block(u, kept.rows, _head_slice(unit), kept.rows, kv_index, None, calls))
+            blocks.append(Block(u, kept.rows, _head_slice(unit), kept.rows, kv_index, None, calls, offsets))
+        u += offsets
     return tuple(blocks)
+
+
+def _shifted_units(spec: _Spec, rank: int, u: int) -> int:
+    """How many units from ``u`` on are ``u`` shifted by 0, 1, 2, ... rows and heads.
+
+    Such units (the head offsets of one pair, when the rate divides the heads and the
+    segments) run as one batch of kernel calls over a strided view. Only without
+    grouped-query heads, where a head's kv head shifts with it.
+    """
+    unit, kept = spec.units[u], _kept(spec, rank, u)
+    if spec.group != 1 or kept.rows.as_slice() is None:
+        return 1
+    count = 1
+    while u + count < len(spec.units):
+        other = spec.units[u + count]
+        shifted = range(unit.heads.start + count, unit.heads.stop + count, unit.heads.step)
+        if other.pair != unit.pair or other.heads != shifted:
+            break
+        theirs = _kept(spec, rank, u + count)
+        rows = tuple(range(r.start + count, r.stop + count, r.step) for r in kept.rows.ranges)
+        if theirs.rows.ranges != rows or [(k.start, k.length) for k in theirs.runs] != [
+            (k.start, k.length) for k in kept.runs
+        ]:
+            break
+        count += 1
+    return count
 
 
 def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None:
