@@ -24,7 +24,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def merge_into_(out_acc, lse_acc, out_b, lse_b) -> None:
+def merge_into_(out_acc, lse_acc, out_b, lse_b, *, empty_rows: bool = True) -> None:
     """Merge ``(out_b, lse_b)`` into the accumulators in place (strided views allowed).
 
     Five kernels: the weight of ``b`` is ``sigmoid(lse_b - lse_acc)``, the output moves
@@ -36,8 +36,14 @@ def merge_into_(out_acc, lse_acc, out_b, lse_b) -> None:
     Args:
         out_acc, lse_acc: ``[..., D]`` and ``[...]`` in the accumulation dtype.
         out_b, lse_b: the other partial, any float dtype.
+        empty_rows: whether both sides may be empty ``(0, -inf)`` at once. ``False`` when
+            the accumulator holds a kernel's result in every row (a kernel never returns
+            ``lse = -inf`` for a row with keys), which saves the NaN guard.
     """
-    weight = torch.sigmoid(lse_b - lse_acc).nan_to_num_(0.5).unsqueeze(-1)
+    weight = torch.sigmoid(lse_b - lse_acc)
+    if empty_rows:
+        weight = weight.nan_to_num_(0.5)
+    weight = weight.unsqueeze(-1)
     out_acc.lerp_(out_b.to(out_acc.dtype), weight)
     torch.logaddexp(lse_acc, lse_b, out=lse_acc)
 

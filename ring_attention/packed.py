@@ -157,7 +157,7 @@ def _within(lo: int, hi: int, intervals: list[tuple[int, int]]) -> bool:
 # --- forward ---------------------------------------------------------------------------
 
 
-def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
+def _block_forward(blk: Block, schedule, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
     (``out_acc [B, n, H, D]``, ``lse_acc [B, H, n]``) in place, through strided views."""
     q_rows = index(blk.q_rows, q)
@@ -180,20 +180,20 @@ def _block_forward(blk: Block, writes, q, k_src, v_src, out_acc, lse_acc, scale:
         if strided:
             o_acc = _run_view(out_b, c.q_start, c.runs, c.q_len)
             l_acc = _run_view(lse_b, c.q_start, c.runs, c.q_len)
-            if writes[c]:
+            if schedule.writes[c]:
                 o_acc.copy_(o)
                 l_acc.copy_(lse)
             else:
-                merge_into_(o_acc, l_acc, o, lse)
+                merge_into_(o_acc, l_acc, o, lse, empty_rows=schedule.covering_rows != q.shape[1])
             continue
         # Rows that are no progression (a dilated unit across zigzag chunks): gather, scatter.
         rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
         o = _unpacked(o, out_acc.dtype)  # [B, M, h, D]
         lse = _unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)  # [B, M, h]
         o_heads, l_heads = out_acc[:, :, blk.heads], _rows_major(lse_acc)[:, :, blk.heads]
-        if not writes[c]:
+        if not schedule.writes[c]:
             o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
-            merge_into_(o_acc, l_acc, o, lse)
+            merge_into_(o_acc, l_acc, o, lse, empty_rows=schedule.covering_rows != q.shape[1])
             o, lse = o_acc, l_acc
         o_heads.index_copy_(1, rows, o)
         l_heads.index_copy_(1, rows, lse)
@@ -245,29 +245,28 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
         b, n, h, d = qs[r].shape
         schedule, device = _schedule(plans[r]), qs[r].device
         out_dtype = acc if schedule.merges else qs[r].dtype
-        if schedule.covering_rows == n:  # the first block writes every cell before any merge
-            state[r] = (
-                torch.empty(b, n, h, d, dtype=out_dtype, device=device),
-                torch.empty(b, h, n, dtype=acc, device=device),
-            )
+        covered = schedule.covering_rows == n  # the first block writes every cell before any merge
+        # Cells no call writes are rows without keys: output 0. Their LSE is read only by
+        # a merge into cells not written before it.
+        out = (torch.empty if covered else torch.zeros)(b, n, h, d, dtype=out_dtype, device=device)
+        if covered or not schedule.merges:
+            lse = torch.empty(b, h, n, dtype=acc, device=device)
         else:
-            state[r] = (
-                torch.zeros(b, n, h, d, dtype=out_dtype, device=device),
-                torch.full((b, h, n), float("-inf"), dtype=acc, device=device),
-            )
+            lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=device)
+        state[r] = (out, lse)
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
-        writes = _schedule(plans[r]).writes
+        schedule = _schedule(plans[r])
         for blk in plans[r].local:
-            _block_forward(blk, writes, qs[r], ks[r], vs[r], *state[r], scale)
+            _block_forward(blk, schedule, qs[r], ks[r], vs[r], *state[r], scale)
     for shift in range(1, ring.size):
         received = _wait(pending)
         pending = _post_kv(ring, plans, shift + 1, ks, vs)
         for r in ring.ranks:
-            writes = _schedule(plans[r]).writes
+            schedule = _schedule(plans[r])
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, writes, qs[r], k_msg, v_msg, *state[r], scale)
+                _block_forward(blk, schedule, qs[r], k_msg, v_msg, *state[r], scale)
     return state
 
 

@@ -365,7 +365,7 @@ _NO_LAUNCH = {
     "aten.lift_fresh.default", "prim.device.default", "aten._local_scalar_dense.default",
     "aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
     "aten.sym_storage_offset.default", "aten.is_contiguous.default", "aten.resize_.default",
-    "aten.set_.source_Storage_storage_offset",
+    "aten.set_.source_Storage_storage_offset", "aten.promote_types.default",
 }
 
 

@@ -277,7 +277,7 @@ def _work(plan, h, rank, triangle):
     blocks = list(plan.local[rank]) + [b for s in plan.steps for b in s.blocks.get(rank, ())]
     total = 0
     for blk in blocks:
-        nh = len(range(*blk.heads.indices(h)))
+        nh = blk.offsets * len(range(*blk.heads.indices(h)))  # O units shifted by o heads
         for c in blk.calls:
             per = c.q_len * (c.q_len + 1) // 2 if (triangle and c.causal) else c.q_len * c.k_len
             total += nh * c.runs * per
