@@ -90,18 +90,47 @@ def backend(q: torch.Tensor) -> str:
     return "math"
 
 
-def attention_forward(q, k, v, *, causal: bool, scale: float):
+def attention_forward(q, k, v, *, causal: bool, scale: float, mark_query_rows: bool = True):
     """Attention of one block. Returns ``(out [B,H,L,D] in q.dtype, lse [B,H,L])``.
 
     ``lse`` is float32 (float64 for float64 inputs) and contiguous.
+
+    ``mark_query_rows=False`` leaves a backend's non-finite query rows as it returns them
+    (:func:`marks_query_rows`): the caller marks them once with :func:`mark_query_rows_`
+    after merging every block of the rows, instead of once per block.
     """
     _check_block(q, k, causal)
     q, scale, _ = fold_scale(q, scale)
     if not causal:
-        return _forward(q, k, v, causal, scale)
-    v, poison = quarantine_values(v)
-    out, lse = _forward(q, k, v, causal, scale)
-    return out.add_(poison), lse
+        out, lse = _forward(q, k, v, causal, scale)
+    else:
+        v, poison = quarantine_values(v)
+        out, lse = _forward(q, k, v, causal, scale)
+        out.add_(poison)
+    if mark_query_rows and marks_query_rows(q):
+        mark_query_rows_(q, out, lse)
+    return out, lse
+
+
+def marks_query_rows(q) -> bool:
+    """Whether blocks of ``q`` need :func:`mark_query_rows_` to show a non-finite query as NaN.
+
+    The CPU op returns a query row holding NaN or inf as 0 or inf, not NaN as the math
+    (and the reference) says; the CUDA kernels and the math backend propagate it.
+    """
+    return backend(q) == "cpu"
+
+
+def mark_query_rows_(q, out, lse) -> None:
+    """Make ``out [..., D]`` and ``lse [...]`` NaN where ``q [..., D]`` holds NaN or inf.
+
+    The row's sum over D is non-finite exactly then (summed in float32 or wider, so finite
+    rows stay finite), and adding it with alpha=0 (0 * inf is NaN) marks the row without
+    touching the others: one kernel per tensor.
+    """
+    poison = q.sum(-1, dtype=lse.dtype)
+    out.add_(poison.unsqueeze(-1), alpha=0)
+    lse.add_(poison, alpha=0)
 
 
 def quarantine_values(v):
@@ -237,13 +266,6 @@ def _cpu_forward(q, k, v, causal, scale):
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
         q, k, v, 0.0, causal, attn_mask=None, scale=scale
     )
-    # A query row holding NaN or inf comes back from the CPU op as 0 or inf, not NaN as
-    # the math (and the reference) says. Its sum over D is non-finite exactly then (summed
-    # in float32 or wider, so finite rows stay finite), and adding it with alpha=0 (0 * inf
-    # is NaN) marks the row without touching the others: one kernel per tensor.
-    poison = q.sum(-1, dtype=lse.dtype)
-    out.add_(poison.unsqueeze(-1), alpha=0)
-    lse.add_(poison, alpha=0)
     return out, lse
 
 

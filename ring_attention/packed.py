@@ -157,9 +157,13 @@ def _within(lo: int, hi: int, intervals: list[tuple[int, int]]) -> bool:
 # --- forward ---------------------------------------------------------------------------
 
 
-def _block_forward(blk: Block, schedule, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
+def _block_forward(blk: Block, writes, covered: bool, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
-    (``out_acc [B, n, H, D]``, ``lse_acc [B, H, n]``) in place, through strided views."""
+    (``out_acc [B, n, H, D]``, ``lse_acc [B, H, n]``) in place, through strided views.
+
+    ``covered``: every cell holds a kernel's result before any merge reads it; the rows
+    then are never empty, and non-finite query rows are marked once at the end.
+    """
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
@@ -175,25 +179,26 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, out_acc, lse_acc, scal
             _runs(vb, c.k_start, c.runs, c.k_len),
             causal=c.causal,
             scale=scale,
+            mark_query_rows=not covered,
         )
         o, lse = o.unflatten(0, (-1, blk.offsets, c.runs)), lse.unflatten(0, (-1, blk.offsets, c.runs))
         if strided:
             o_acc = _run_view(out_b, c.q_start, c.runs, c.q_len)
             l_acc = _run_view(lse_b, c.q_start, c.runs, c.q_len)
-            if schedule.writes[c]:
+            if writes[c]:
                 o_acc.copy_(o)
                 l_acc.copy_(lse)
             else:
-                merge_into_(o_acc, l_acc, o, lse, empty_rows=schedule.covering_rows != q.shape[1])
+                merge_into_(o_acc, l_acc, o, lse, empty_rows=not covered)
             continue
         # Rows that are no progression (a dilated unit across zigzag chunks): gather, scatter.
         rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
         o = _unpacked(o, out_acc.dtype)  # [B, M, h, D]
         lse = _unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)  # [B, M, h]
         o_heads, l_heads = out_acc[:, :, blk.heads], _rows_major(lse_acc)[:, :, blk.heads]
-        if not schedule.writes[c]:
+        if not writes[c]:
             o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
-            merge_into_(o_acc, l_acc, o, lse, empty_rows=schedule.covering_rows != q.shape[1])
+            merge_into_(o_acc, l_acc, o, lse, empty_rows=not covered)
             o, lse = o_acc, l_acc
         o_heads.index_copy_(1, rows, o)
         l_heads.index_copy_(1, rows, lse)
@@ -257,16 +262,22 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
         schedule = _schedule(plans[r])
+        covered = schedule.covering_rows == qs[r].shape[1]
         for blk in plans[r].local:
-            _block_forward(blk, schedule, qs[r], ks[r], vs[r], *state[r], scale)
+            _block_forward(blk, schedule.writes, covered, qs[r], ks[r], vs[r], *state[r], scale)
     for shift in range(1, ring.size):
         received = _wait(pending)
         pending = _post_kv(ring, plans, shift + 1, ks, vs)
         for r in ring.ranks:
             schedule = _schedule(plans[r])
+            covered = schedule.covering_rows == qs[r].shape[1]
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, schedule, qs[r], k_msg, v_msg, *state[r], scale)
+                _block_forward(blk, schedule.writes, covered, qs[r], k_msg, v_msg, *state[r], scale)
+    for r in ring.ranks:
+        if _schedule(plans[r]).covering_rows == qs[r].shape[1] and kernels.marks_query_rows(qs[r]):
+            out, lse = state[r]
+            kernels.mark_query_rows_(qs[r], out, _rows_major(lse))
     return state
 
 
