@@ -36,8 +36,8 @@ def merge_into_(out_acc, lse_acc, out_b, lse_b, *, empty_rows: bool = True) -> N
     Args:
         out_acc, lse_acc: ``[..., D]`` and ``[...]`` in the accumulation dtype.
         out_b, lse_b: the other partial, any float dtype.
-        empty_rows: whether both sides may be empty ``(0, -inf)`` at once. ``False`` when
-            the accumulator holds a kernel's result in every row (a kernel never returns
+        empty_rows: whether both sides may be empty ``(0, -inf)`` at once. ``False``
+            when ``(out_b, lse_b)`` is a kernel's result (a kernel never returns
             ``lse = -inf`` for a row with keys), which saves the NaN guard.
     """
     weight = torch.sigmoid(lse_b - lse_acc)

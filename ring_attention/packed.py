@@ -161,8 +161,8 @@ def _block_forward(blk: Block, writes, covered: bool, q, k_src, v_src, out_acc, 
     """Run the block's calls; each result is written into or merged with the accumulators
     (``out_acc [B, n, H, D]``, ``lse_acc [B, H, n]``) in place, through strided views.
 
-    ``covered``: every cell holds a kernel's result before any merge reads it; the rows
-    then are never empty, and non-finite query rows are marked once at the end.
+    ``covered``: every cell holds a kernel's result before any merge reads it, so
+    non-finite query rows can be marked once at the end.
     """
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
@@ -189,7 +189,7 @@ def _block_forward(blk: Block, writes, covered: bool, q, k_src, v_src, out_acc, 
                 o_acc.copy_(o)
                 l_acc.copy_(lse)
             else:
-                merge_into_(o_acc, l_acc, o, lse, empty_rows=not covered)
+                merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
             continue
         # Rows that are no progression (a dilated unit across zigzag chunks): gather, scatter.
         rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
@@ -198,7 +198,7 @@ def _block_forward(blk: Block, writes, covered: bool, q, k_src, v_src, out_acc, 
         o_heads, l_heads = out_acc[:, :, blk.heads], _rows_major(lse_acc)[:, :, blk.heads]
         if not writes[c]:
             o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
-            merge_into_(o_acc, l_acc, o, lse, empty_rows=not covered)
+            merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
             o, lse = o_acc, l_acc
         o_heads.index_copy_(1, rows, o)
         l_heads.index_copy_(1, rows, lse)
