@@ -35,7 +35,7 @@ import torch.utils.checkpoint
 
 from . import kernels
 from . import layout as _layout
-from .blocks import Block, Index, Message, RankPlan, Step, index
+from .blocks import Block, Call, Index, Message, RankPlan, Step, index
 from .comm import Ring
 from .merge import accumulation_dtype, merge_into_
 
@@ -96,12 +96,14 @@ class _Schedule:
     in, not merged. ``merges``: some call merges (the output needs a float32 accumulator).
     ``covering_rows``: the number of shard rows the first block writes for every head
     before any merge reads them (0 if it does not): when that is the shard, the
-    accumulators need no initial ``(0, -inf)``.
+    accumulators need no initial ``(0, -inf)``. ``adopted``: the first call, when it alone
+    writes every row and head in order: its kernel outputs *are* the accumulators.
     """
 
     writes: dict
     merges: bool
     covering_rows: int
+    adopted: Call | None  # its kernel results become the accumulators (see _adoptable)
 
 
 _SCHEDULES: weakref.WeakKeyDictionary[RankPlan, _Schedule] = weakref.WeakKeyDictionary()
@@ -138,7 +140,12 @@ def _schedule(plan: RankPlan) -> _Schedule:
             written.append((lo, hi))
         else:
             covering = len(first.q_rows)
-    schedule = _Schedule(writes, not all(writes.values()), covering)
+    adopted = None
+    if covering and first.offsets == 1 and first.heads == slice(0, num_heads, 1):
+        c = first.calls[0]
+        if c.runs == 1 and c.q_start == 0 and c.q_len == covering and first.q_rows.as_slice() == slice(0, covering, 1):
+            adopted = c
+    schedule = _Schedule(writes, not all(writes.values()), covering, adopted)
     _SCHEDULES[plan] = schedule
     return schedule
 
@@ -157,9 +164,10 @@ def _within(lo: int, hi: int, intervals: list[tuple[int, int]]) -> bool:
 # --- forward ---------------------------------------------------------------------------
 
 
-def _block_forward(blk: Block, writes, covered: bool, q, k_src, v_src, out_acc, lse_acc, scale: float) -> None:
+def _block_forward(blk: Block, schedule, covered: bool, q, k_src, v_src, acc: list, scale: float) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
-    (``out_acc [B, n, H, D]``, ``lse_acc [B, H, n]``) in place, through strided views.
+    ``acc = [out [B, n, H, D], lse [B, H, n]]`` in place, through strided views (or, for
+    the schedule's adopted call, becomes them).
 
     ``covered``: every cell holds a kernel's result before any merge reads it, so
     non-finite query rows can be marked once at the end.
@@ -168,10 +176,6 @@ def _block_forward(blk: Block, writes, covered: bool, q, k_src, v_src, out_acc, 
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
-    strided = isinstance(q_rows, slice)
-    if strided:
-        out_b = _packed(out_acc, q_rows, blk.heads, blk.offsets)
-        lse_b = _packed(_rows_major(lse_acc), q_rows, blk.heads, blk.offsets)
     for c in blk.calls:
         o, lse = kernels.attention_forward(
             _runs(qb, c.q_start, c.runs, c.q_len),
@@ -181,11 +185,15 @@ def _block_forward(blk: Block, writes, covered: bool, q, k_src, v_src, out_acc, 
             scale=scale,
             mark_query_rows=not covered,
         )
+        if acc[0] is None:  # the adopted call: [B, H, n, D] and [B, H, n] are the accumulators
+            acc[0], acc[1] = o.transpose(1, 2), lse
+            continue
+        out_acc, lse_acc = acc
         o, lse = o.unflatten(0, (-1, blk.offsets, c.runs)), lse.unflatten(0, (-1, blk.offsets, c.runs))
-        if strided:
-            o_acc = _run_view(out_b, c.q_start, c.runs, c.q_len)
-            l_acc = _run_view(lse_b, c.q_start, c.runs, c.q_len)
-            if writes[c]:
+        if isinstance(q_rows, slice):
+            o_acc = _run_view(_packed(out_acc, q_rows, blk.heads, blk.offsets), c.q_start, c.runs, c.q_len)
+            l_acc = _run_view(_packed(_rows_major(lse_acc), q_rows, blk.heads, blk.offsets), c.q_start, c.runs, c.q_len)
+            if schedule.writes[c]:
                 o_acc.copy_(o)
                 l_acc.copy_(lse)
             else:
@@ -196,7 +204,7 @@ def _block_forward(blk: Block, writes, covered: bool, q, k_src, v_src, out_acc, 
         o = _unpacked(o, out_acc.dtype)  # [B, M, h, D]
         lse = _unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)  # [B, M, h]
         o_heads, l_heads = out_acc[:, :, blk.heads], _rows_major(lse_acc)[:, :, blk.heads]
-        if not writes[c]:
+        if not schedule.writes[c]:
             o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
             merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
             o, lse = o_acc, l_acc
@@ -239,10 +247,10 @@ def _wait(pending) -> dict:
 
 
 def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float):
-    """Run the plans; returns ``{rank: (out [B,n,H,D], lse [B,H,n])}``.
+    """Run the plans; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
 
-    ``out`` is in the accumulation dtype where some call merges, else in q's dtype;
-    ``lse`` is in the accumulation dtype.
+    ``out`` is in the accumulation dtype where some call merges, else in q's dtype
+    (a ``[B, H, n, D]`` tensor seen through a transpose); ``lse`` is in the accumulation dtype.
     """
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     state = {}
@@ -251,20 +259,23 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
         schedule, device = _schedule(plans[r]), qs[r].device
         out_dtype = acc if schedule.merges else qs[r].dtype
         covered = schedule.covering_rows == n  # the first block writes every cell before any merge
+        if covered and schedule.adopted is not None and out_dtype == qs[r].dtype:
+            state[r] = [None, None]  # the adopted call's results will be the accumulators
+            continue
         # Cells no call writes are rows without keys: output 0. Their LSE is read only by
         # a merge into cells not written before it.
-        out = (torch.empty if covered else torch.zeros)(b, n, h, d, dtype=out_dtype, device=device)
+        out = (torch.empty if covered else torch.zeros)(b, h, n, d, dtype=out_dtype, device=device)
         if covered or not schedule.merges:
             lse = torch.empty(b, h, n, dtype=acc, device=device)
         else:
             lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=device)
-        state[r] = (out, lse)
+        state[r] = [out.transpose(1, 2), lse]
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
         schedule = _schedule(plans[r])
         covered = schedule.covering_rows == qs[r].shape[1]
         for blk in plans[r].local:
-            _block_forward(blk, schedule.writes, covered, qs[r], ks[r], vs[r], *state[r], scale)
+            _block_forward(blk, schedule, covered, qs[r], ks[r], vs[r], state[r], scale)
     for shift in range(1, ring.size):
         received = _wait(pending)
         pending = _post_kv(ring, plans, shift + 1, ks, vs)
@@ -273,7 +284,7 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
             covered = schedule.covering_rows == qs[r].shape[1]
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, schedule.writes, covered, qs[r], k_msg, v_msg, *state[r], scale)
+                _block_forward(blk, schedule, covered, qs[r], k_msg, v_msg, state[r], scale)
     for r in ring.ranks:
         if _schedule(plans[r]).covering_rows == qs[r].shape[1] and kernels.marks_query_rows(qs[r]):
             out, lse = state[r]
