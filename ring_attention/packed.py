@@ -295,20 +295,20 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
 # --- backward --------------------------------------------------------------------------
 
 
-def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, dq_acc, dk_src, dv_src, scale):
-    """Adds this block's dQ into ``dq_acc`` and its dK/dV into ``dk_src``/``dv_src``.
+def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, scale):
+    """Adds this block's dQ, dK, dV into ``accs = [dq, dk, dv]``.
 
-    ``dk_src``/``dv_src`` have the key source's shape in the accumulation dtype; ``lse``
+    ``dk``/``dv`` have the key source's shape, all three the accumulation dtype; ``lse``
     is ``[B, H, n]``. Each call's gradients go straight into strided views of the
     accumulators where rows and heads are progressions, else through ``index_add_``.
+    ``accs = [None] * 3`` adopts the first call's gradients as the accumulators (the
+    forward's adopted call: it covers every row and head of q, k and v).
     """
     q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
     qb, dob, ob = (_packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
     lb = _packed(_rows_major(lse), q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
-    dq_b = _packed(dq_acc, q_rows, blk.heads, blk.offsets) if isinstance(q_rows, slice) else None
     kv_strided = isinstance(k_rows, slice) and isinstance(kv_index, slice)
-    dk_b, dv_b = (_packed(t, k_rows, kv_index, blk.offsets) if kv_strided else None for t in (dk_src, dv_src))
     for c in blk.calls:
         dq, dk, dv = kernels.attention_backward(
             _runs(dob, c.q_start, c.runs, c.q_len),
@@ -320,6 +320,12 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, dq_acc, dk_src,
             causal=c.causal,
             scale=scale,
         )
+        if accs[0] is None:
+            accs[:] = [g.transpose(1, 2) for g in (dq, dk, dv)]
+            continue
+        dq_acc, dk_src, dv_src = accs
+        dq_b = _packed(dq_acc, q_rows, blk.heads, blk.offsets) if isinstance(q_rows, slice) else None
+        dk_b, dv_b = (_packed(t, k_rows, kv_index, blk.offsets) if kv_strided else None for t in (dk_src, dv_src))
         by_run = (-1, blk.offsets, c.runs)
         if dq_b is not None:
             _run_view(dq_b, c.q_start, c.runs, c.q_len).add_(dq.unflatten(0, by_run))
@@ -383,17 +389,22 @@ def _add_returned(returning, plans, grads) -> None:
 
 
 def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
-    """Gradients ``{rank: (dq, dk, dv)}`` in the accumulation dtype."""
+    """Gradients ``{rank: [dq, dk, dv]}`` in the accumulation dtype."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
-    grads = {
-        r: tuple(torch.zeros(t.shape, dtype=acc, device=t.device) for t in (qs[r], ks[r], vs[r]))
-        for r in ring.ranks
-    }
+    grads = {}
+    for r in ring.ranks:
+        schedule = _schedule(plans[r])
+        adopt = (
+            schedule.adopted is not None and schedule.covering_rows == qs[r].shape[1]
+            and qs[r].dtype == acc and ks[r].shape == qs[r].shape
+        )
+        grads[r] = [None] * 3 if adopt else [
+            torch.zeros(t.shape, dtype=acc, device=t.device) for t in (qs[r], ks[r], vs[r])
+        ]
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:
-        dq, dk, dv = grads[r]
         for blk in plans[r].local:
-            _block_backward(blk, qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], dq, dk, dv, scale)
+            _block_backward(blk, qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], grads[r], scale)
     returning = None
     for shift in range(1, ring.size):
         received = _wait(pending)
@@ -406,10 +417,8 @@ def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses,
                 dmsgs = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in msgs]
                 for blk in step.blocks:
                     j = 2 * blk.source
-                    _block_backward(
-                        blk, qs[r], msgs[j], msgs[j + 1], douts[r], outs[r], lses[r],
-                        grads[r][0], dmsgs[j], dmsgs[j + 1], scale,
-                    )
+                    accs = [grads[r][0], dmsgs[j], dmsgs[j + 1]]
+                    _block_backward(blk, qs[r], msgs[j], msgs[j + 1], douts[r], outs[r], lses[r], accs, scale)
                 back[r] = dmsgs
         _add_returned(returning, plans, grads)
         returning = _post_returns(ring, plans, shift, back, ks, acc)
