@@ -1,6 +1,6 @@
 """The regression gate: pure functions over pytest-benchmark JSON dicts.
 
-Four arms, each comparing one benchmark of the current run with the same-named benchmark
+Five arms, each comparing one benchmark of the current run with the same-named benchmark
 of the device's baseline:
 
 * time: raw median slower than ``time_pct`` percent (the same rule as pytest-benchmark's
@@ -13,6 +13,12 @@ of the device's baseline:
   threshold is tighter than the raw-time one. A benchmark whose own median moved by no more
   than its rounds' spread (the larger interquartile range of the two runs) is not flagged:
   its ratio moved because SDPA's rounds did.
+
+Cost counters (``extra_info["counters"]``, from :mod:`perf.counters`: launches, fused calls,
+live-bytes peak, bytes sent per rank, FLOPs) are deterministic, so their arm has no noise
+allowance: any counter above the baseline's fails, one below is noted as an improvement,
+and a benchmark whose run or baseline has no counters (a baseline older than the counters)
+is noted as not compared.
 
 Coverage: a run that compares no benchmark with the baseline fails; a benchmark of the
 baseline absent from a full run (nothing deselected) fails; benchmarks new to the run get
@@ -111,12 +117,24 @@ _REQUIRED = (
 )
 
 
+def _counters_problem(counters):
+    """The problem with an ``extra_info.counters`` value, as ``(key, problem)``, or ``None``."""
+    if not isinstance(counters, dict):
+        return "", f"not a JSON object: {counters!r}"
+    for key, value in counters.items():
+        problem = _number(value)
+        if problem:
+            return f".{key}", problem
+    return None
+
+
 def validate(data, path="baseline") -> dict:
     """Check a baseline's schema and numbers; return it, or raise :class:`BaselineError`.
 
     Every field the gate reads must be there, numbers must be numbers (not strings, not
     booleans), finite, and positive where the gate divides by them (a NaN ``max_error``
-    would turn the relative correctness check off: refused). Names must be unique.
+    would turn the relative correctness check off: refused). Names must be unique. The
+    optional ``extra_info.counters`` must be an object of numbers >= 0.
     """
     if not isinstance(data, dict):
         raise BaselineError(path, "<top level>", f"not a JSON object: {type(data).__name__}")
@@ -148,6 +166,10 @@ def validate(data, path="baseline") -> dict:
                 if rule is None else _number(value, **rule)
             if problem:
                 raise BaselineError(path, f"{where}.{section}.{key}", problem)
+        if "counters" in bench["extra_info"]:  # optional: baselines older than the counters lack it
+            problem = _counters_problem(bench["extra_info"]["counters"])
+            if problem:
+                raise BaselineError(path, f"{where}.extra_info.counters{problem[0]}", problem[1])
     return data
 
 
@@ -237,7 +259,45 @@ def check_ratio(name, now, base, thr: Thresholds):
     return None
 
 
-ARMS = (check_time, check_memory, check_error, check_ratio)
+def _counter_pairs(now, base):
+    """``(key, run value, baseline value)`` of the counters both hold, in the run's order."""
+    c_now, c_base = now["extra_info"].get("counters"), base["extra_info"].get("counters")
+    if not c_now or not c_base:
+        return []
+    return [(key, c_now[key], c_base[key]) for key in c_now if key in c_base]
+
+
+def _counter_change(pairs) -> str:
+    return ", ".join(f"{key} {v_now:.12g} vs baseline {v_base:.12g} ({v_now - v_base:+.12g})"
+                     for key, v_now, v_base in pairs)
+
+
+def check_counters(name, now, base, thr: Thresholds):
+    """Any cost counter above the baseline's fails: they are deterministic, so no allowance."""
+    risen = [(key, v_now, v_base) for key, v_now, v_base in _counter_pairs(now, base) if v_now > v_base]
+    if risen:
+        return Finding("counters", name, _counter_change(risen))
+    return None
+
+
+def counter_notes(name, now, base) -> list[Finding]:
+    """Notes of the counter arm: counters below the baseline's, and counters not compared."""
+    c_now, c_base = now["extra_info"].get("counters"), base["extra_info"].get("counters")
+    if not c_now or not c_base:
+        which = "the run" if c_base else "the baseline (older than the counters?)" if c_now else \
+            "the run or the baseline"
+        return [Finding("counters-not-compared", name, f"no cost counters in {which}")]
+    notes = []
+    fallen = [(key, v_now, v_base) for key, v_now, v_base in _counter_pairs(now, base) if v_now < v_base]
+    if fallen:
+        notes.append(Finding("improved", name, _counter_change(fallen)))
+    unmatched = sorted(c_now.keys() ^ c_base.keys())
+    if unmatched:
+        notes.append(Finding("counters-not-compared", name, f"only in one of run and baseline: {', '.join(unmatched)}"))
+    return notes
+
+
+ARMS = (check_time, check_memory, check_error, check_ratio, check_counters)
 TIMING_ARMS = ("time", "ratio")
 
 
@@ -265,6 +325,7 @@ def check(current: dict, baseline: dict, thresholds: Thresholds | None = None, *
             finding = arm(name, now, base, thr)
             if finding:
                 failures.append(finding)
+        notes += counter_notes(name, now, base)
     for name in sorted(base_map.keys() - now_map.keys()):
         if full_run:
             failures.append(Finding("coverage", name, "in the baseline, missing from this full run "
@@ -306,5 +367,10 @@ def summary(result: GateResult) -> str:
         lines.append(f"  note: {len(new)} benchmark(s) not in the baseline")
     if missing:
         lines.append(f"  note: {len(missing)} baseline benchmark(s) not selected in this run")
+    lines += [f"  improved {n}" for n in result.notes if n.arm == "improved"]
+    uncounted = [n for n in result.notes if n.arm == "counters-not-compared"]
+    if uncounted:
+        lines.append(f"  note: cost counters not compared for {len(uncounted)} benchmark(s) "
+                     f"({uncounted[0].message}, ...)")
     lines.append("perf gate: " + ("PASS" if result.ok else "FAIL"))
     return "\n".join(lines)

@@ -32,8 +32,6 @@ from collections.abc import Callable
 
 import torch
 
-from ring_attention import pattern as _pattern
-
 # A round measures at least this much device time (calls shorter than it are repeated).
 MIN_ROUND_S = 1e-3
 # ... but never more calls than this per round (a call of a few nanoseconds is a bug).
@@ -225,37 +223,6 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
     return _cuda_peak_bytes(fn) if device == "cuda" else _cpu_peak_bytes(fn)
 
 
-def sampled_reference(variant, q, k, v, rows: torch.Tensor) -> torch.Tensor:
-    """SEMANTICS.md's output for the query positions ``rows`` only: ``[B, len(rows), H, D]``.
-
-    Builds ``W[h, rows, :]`` with the same pair masks as :func:`ring_attention.pattern.weights`
-    (memory ``H * len(rows) * N`` instead of ``H * N * N``), computed in float32 / float64.
-    """
-    n, h, d = q.shape[1], q.shape[2], q.shape[3]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qpos = rows.to(q.device)
-    kpos = torch.arange(n, device=q.device)
-    pat = variant.pattern_for(n)
-    if pat is None:
-        w = torch.ones(h, len(rows), n, dtype=acc, device=q.device)
-    else:
-        w = torch.zeros(h, len(rows), n, dtype=acc, device=q.device)
-        segments = pat.effective_segment_lengths(n)
-        for seg, rate, heads in zip(segments, pat.dilation_rates, pat.heads_of_pair(h)):
-            for head in heads:
-                w[head] += _pattern.pair_mask(qpos, kpos, seg, rate, _pattern.head_offset(head, rate)).to(acc)
-    if variant.causal:
-        w = w * _pattern.causal(qpos, kpos).to(acc)
-    scores = torch.einsum("bihd,bjhd->bhij", q[:, qpos].to(acc), k.to(acc)) / math.sqrt(d)
-    scores = scores.masked_fill(w == 0, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = w * torch.exp(scores - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.einsum("bhij,bjhd->bihd", p, v.to(acc))
-
-
 def reference_dtype(device: str) -> torch.dtype:
     """The oracle's precision: float64 on CPU, float32 on CUDA."""
     return torch.float64 if device == "cpu" else torch.float32
@@ -277,11 +244,14 @@ def full_error(variant, q, k, v, grad_out, backward: bool, device: str) -> float
 
 
 def sampled_error(variant, q, k, v, num_rows: int = 32) -> float:
-    """Max abs error of the forward output on ``num_rows`` query rows spread over ``N``."""
+    """Max abs error of the forward output on ``num_rows`` query rows spread over ``N``.
+
+    The reference computes those rows only (``query_rows=``: ``H * num_rows * N`` memory).
+    """
     n = q.shape[1]
     rows = torch.linspace(0, n - 1, num_rows).round().long().unique()
     with torch.no_grad():
         out = variant(q, k, v)
         rdt = reference_dtype(q.device.type)
-        ref = sampled_reference(variant, q.to(rdt), k.to(rdt), v.to(rdt), rows)
+        ref = variant.reference(q.to(rdt), k.to(rdt), v.to(rdt), query_rows=rows)
     return float((out[:, rows.to(out.device)].double() - ref.double()).abs().max().item())

@@ -8,7 +8,9 @@ Shaped like the earlier project's reports, readable on GitHub:
    against the dense reference, and whether that error is within the dtype's tolerance;
 2. key findings: the best throughput per length among the *correct* rows (a wrong row is
    flagged and never ranked), and memory against the reference variant at the largest length;
-3. the full table (every benchmark, with TFLOP/s and % of SDPA's TFLOP/s) and the plot.
+3. the cost counters of :mod:`perf.counters` (launches, fused calls, live-bytes peak, bytes
+   sent per rank, FLOPs);
+4. the full table (every benchmark, with TFLOP/s and % of SDPA's TFLOP/s) and the plot.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from perf import gate
 REFERENCE_VARIANT = "ImprovedDilatedAttention"
 REFERENCE_SHORT = "ImprovedDilated"
 
+COUNTER_COLUMNS = ("variant", "N", "dtype", "pass", "launches", "fused calls", "live peak (MiB)",
+                   "sent per rank (MiB)", "GFLOP")
 COLUMNS = ("variant", "N", "dtype", "pass", "time (median ms)", "memory (MiB)", "tokens/s",
            "relative speed (vs dense SDPA)", "TFLOP/s", "% of SDPA", "max error")
 LENGTH_COLUMNS = ("variant", "time (ms)", "memory (MiB)", f"memory vs {REFERENCE_SHORT}", "throughput (tokens/s)",
@@ -54,6 +58,7 @@ def rows(run: dict, thresholds: gate.Thresholds | None = None) -> list[dict]:
             "max_error": err,
             "correct": err is not None and math.isfinite(err) and err <= thr.tolerance(e["dtype"]),
             "error_note": e.get("max_error_note", ""),
+            "counters": e.get("counters"),
         })
     out.sort(key=lambda r: (r["N"], r["dtype"], r["pass"], r["order"]))
     return out
@@ -95,6 +100,27 @@ def length_table(group: list[dict]) -> list[str]:
         verdict = "pass" if r["correct"] else "**FAIL** (not ranked)"
         lines.append(f"| {r['variant']} | {r['time_ms']:.2f} | {r['memory_mib']:.2f} | {mem_vs} | "
                      f"{r['tokens_per_s']:,.0f} | {speed_vs} | {r['speed_vs_sdpa']:.2f}x | {_error(r)} | {verdict} |")
+    return lines
+
+
+# The counter columns of the report: (key in extra_info["counters"], divisor, format).
+_COUNTER_CELLS = (("launches", 1, "{:.0f}"), ("fused_calls", 1, "{:.0f}"), ("peak_bytes", 2**20, "{:.2f}"),
+                  ("bytes_sent", 2**20, "{:.2f}"), ("flops", 1e9, "{:.2f}"))
+
+
+def _counter(counters: dict, key: str, scale, fmt: str) -> str:
+    return "n/a" if counters.get(key) is None else fmt.format(counters[key] / scale)
+
+
+def counter_table(data: list[dict]) -> list[str]:
+    """The cost counters of every row that has them (``extra_info["counters"]``, gated exactly)."""
+    counted = [r for r in data if r["counters"]]
+    if not counted:
+        return ["No cost counters in this run."]
+    lines = ["| " + " | ".join(COUNTER_COLUMNS) + " |", "|" + "|".join("---" for _ in COUNTER_COLUMNS) + "|"]
+    for r in counted:
+        cells = [_counter(r["counters"], key, scale, fmt) for key, scale, fmt in _COUNTER_CELLS]
+        lines.append(f"| {r['variant']} | {r['N']} | {r['dtype']} | {r['pass']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -149,6 +175,16 @@ def markdown(run: dict, title: str | None = None) -> str:
         lines.append(f"- N = {n:,}, {dtype}, {mode}: " + ", ".join(parts))
 
     lines += [
+        "",
+        "## Cost counters",
+        "",
+        "Counted per call, not timed, so they are the same on every run of the same code "
+        "(`python -m perf.counters`): aten ops that would launch a kernel, fused attention calls, "
+        "peak bytes of the storages the call's ops create (inputs excluded, kernels' internal "
+        "scratch not counted), bytes the busiest rank sends per call, and effective FLOPs. The gate "
+        "fails on any rise.",
+        "",
+        *counter_table(data),
         "",
         "## Full table",
         "",

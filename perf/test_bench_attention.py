@@ -1,9 +1,10 @@
 """Benchmarks: every registry variant x sequence length x dtype x pass (fwd, fwd+bwd).
 
 Each benchmark times rounds of the variant with ``benchmark.pedantic`` (fixed rounds and
-warm-up rounds) and fills ``extra_info`` with separate, untimed measurements: peak memory
-and error against the dense reference. A round is timed by :mod:`perf.measure` (CUDA events
-on CUDA, a synchronized ``perf_counter`` on CPU), repeats calls shorter than
+warm-up rounds) and fills ``extra_info`` with separate, untimed measurements: peak memory,
+error against the dense reference, and the deterministic cost counters of :mod:`perf.counters`
+(``extra_info["counters"]``, gated exactly). A round is timed by :mod:`perf.measure` (CUDA
+events on CUDA, a synchronized ``perf_counter`` on CPU), repeats calls shorter than
 ``measure.MIN_ROUND_S`` until it lasts that long, starts with a flushed L2 on CUDA, and
 reports the time per call to pytest-benchmark through ``measure.round_clock``.
 
@@ -20,8 +21,8 @@ import statistics
 import pytest
 import torch
 
+from perf import counters, measure
 from perf import device as _device
-from perf import measure
 from ring_attention import registry
 from ring_attention.dense import dense_attention
 
@@ -88,9 +89,11 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         q, k, v, grad_out = _inputs(profile, n, dtype)
         call = _call(variant, q, k, v, grad_out, backward, anchor_backend if is_anchor else None)
 
-        # Untimed: correctness, then memory, then the round sizes.
+        # Untimed: correctness, then memory, the cost counters, then the round sizes.
         max_error, error_note = _error(variant, n, dtype, q, k, v, grad_out, backward, profile, error_cache)
         peak = measure.peak_memory_bytes(call, dev)
+        # the memory run above called this shape: plan caches are warm, no extra warm call
+        cost = counters.count(variant, q, k, v, grad_out, backward=backward, warm=False)
         repeats = _repeats(call, timer)
 
         # SDPA of the same shape / dtype / causal flag / pass, timed in pedantic's (untimed)
@@ -153,6 +156,7 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         "sdpa_tflops": sdpa_flops / sdpa_median / 1e12,
         "sdpa_backend": anchor_backend or "default",
         "ratio_to_sdpa": measure.paired_ratio(times, sdpa_times),
+        "counters": cost.as_dict(),
         "max_error": max_error,
         "max_error_note": error_note,
         "rounds": rounds(n),

@@ -157,23 +157,32 @@ def pair_mask(
 
 
 def weights(
-    pattern: DilatedPattern | None, seq_len: int, num_heads: int, *, is_causal: bool = False
+    pattern: DilatedPattern | None,
+    seq_len: int,
+    num_heads: int,
+    *,
+    is_causal: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The explicit integer weights ``W[h, i, j]`` of SEMANTICS.md, shape ``[H, N, N]``.
+
+    ``rows``: the query positions ``i`` to build (a 1-d integer tensor), giving
+    ``[H, len(rows), N]``: a sample of rows of a long sequence costs ``H * len(rows) * N``.
 
     Memory is ``H * N * N``: for the reference and tests only.
     """
     pos = torch.arange(seq_len)
+    q_pos = pos if rows is None else rows.to(pos.device)
     if pattern is None:
-        w = torch.ones(num_heads, seq_len, seq_len, dtype=torch.int64)
+        w = torch.ones(num_heads, len(q_pos), seq_len, dtype=torch.int64)
     else:
-        w = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64)
+        w = torch.zeros(num_heads, len(q_pos), seq_len, dtype=torch.int64)
         segments = pattern.effective_segment_lengths(seq_len)
         for seg, rate, heads in zip(segments, pattern.dilation_rates, pattern.heads_of_pair(num_heads)):
             for h in heads:
-                w[h] += pair_mask(pos, pos, seg, rate, head_offset(h, rate))
+                w[h] += pair_mask(q_pos, pos, seg, rate, head_offset(h, rate))
     if is_causal:
-        w = w * causal(pos, pos)
+        w = w * causal(q_pos, pos)
     return w
 
 

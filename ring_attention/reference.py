@@ -22,7 +22,7 @@ from . import pattern as _pattern
 from ._checks import check_flag, check_qkv, check_scale
 
 
-def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None):
+def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None, query_rows=None):
     """Dense weighted attention ``O = sum_j W exp(s) v / sum_j W exp(s)``.
 
     Args:
@@ -30,23 +30,30 @@ def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None):
         pattern: a :class:`~ring_attention.DilatedPattern`, or ``None`` for full attention.
         causal: keep only keys at or before the query (global positions).
         scale: score scale, ``1/sqrt(D)`` by default.
+        query_rows: compute only these query positions (a 1-d integer tensor or sequence,
+            each in ``[0, N)``, in any order, repeats allowed): the rows of the full result,
+            at ``H * len(rows) * N`` memory, so long sequences can be checked on a sample.
 
     Returns:
-        ``[B, N, H, D]`` in the input dtype. Computed in float32 (float64 for float64
-        inputs). Rows whose weights are all zero are exactly 0 and pass no gradient;
-        keys with zero weight never enter a row, even when they hold NaN or inf.
+        ``[B, N, H, D]`` (``[B, len(query_rows), H, D]``) in the input dtype. Computed in
+        float32 (float64 for float64 inputs). Rows whose weights are all zero are exactly
+        0 and pass no gradient; keys with zero weight never enter a row, even when they
+        hold NaN or inf.
     """
     b, n, h, hkv, d = check_qkv(q, k, v)
     scale = check_scale(scale, d)
     causal = check_flag(causal, "causal")
     if pattern is not None:
         _pattern.as_pattern(pattern).check(n, h)
-    w = _pattern.weights(pattern, n, h, is_causal=causal).to(q.device)
+    rows = None if query_rows is None else _check_rows(query_rows, n)
+    w = _pattern.weights(pattern, n, h, is_causal=causal, rows=rows).to(q.device)
+    if rows is not None:
+        q = q[:, rows.to(q.device)]
     acc = torch.promote_types(q.dtype, torch.float32)
     group = h // hkv
     kx = k.to(acc).repeat_interleave(group, dim=2)
     vx = v.to(acc).repeat_interleave(group, dim=2)
-    keep = (w > 0)[None]  # [1, H, N, N]
+    keep = (w > 0)[None]  # [1, H, N or len(query_rows), N]
     drop = ~keep
     has_keys = keep.any(dim=-1, keepdim=True)
     scores = _KeptScores.apply(q.to(acc), kx, drop, scale)  # -inf where W = 0
@@ -57,6 +64,21 @@ def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None):
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(has_keys, denom, 1.0)
     return _KeptProduct.apply(p, vx, drop).to(q.dtype)
+
+
+def _check_rows(query_rows, seq_len: int) -> torch.Tensor:
+    """``query_rows`` as a 1-d int64 CPU tensor of positions in ``[0, seq_len)``."""
+    rows = torch.as_tensor(query_rows).cpu()
+    if rows.numel() == 0 and rows.dim() == 1:  # torch.as_tensor([]) is float32
+        rows = rows.long()
+    if rows.dtype.is_floating_point or rows.is_complex() or rows.dtype == torch.bool:
+        raise TypeError(f"query_rows must hold integer positions, got dtype {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"query_rows must be 1-d, got shape {tuple(rows.shape)}")
+    rows = rows.long()
+    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= seq_len):
+        raise ValueError(f"query_rows must lie in [0, {seq_len}), got {int(rows.min())} .. {int(rows.max())}")
+    return rows
 
 
 class _KeptScores(torch.autograd.Function):

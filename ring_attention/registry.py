@@ -112,9 +112,10 @@ class Variant:
         # Only reachable by bypassing __post_init__; never fall through to some other function.
         raise ValueError(f"variant {self.name!r}: unknown kind {self.kind!r}")
 
-    def reference(self, q, k, v):
-        """SEMANTICS.md's dense definition of this variant's output (small ``N`` only)."""
-        return reference_attention(q, k, v, pattern=self.pattern_for(q.shape[1]), causal=self.causal)
+    def reference(self, q, k, v, *, query_rows=None):
+        """SEMANTICS.md's dense definition of this variant's output (small ``N``, or a few ``query_rows``)."""
+        return reference_attention(q, k, v, pattern=self.pattern_for(q.shape[1]), causal=self.causal,
+                                   query_rows=query_rows)
 
     def supports(self, seq_len: int, num_heads: int) -> bool:
         """Whether ``N`` and ``H`` fit the variant's pattern and ring."""

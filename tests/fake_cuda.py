@@ -69,6 +69,8 @@ from torch._subclasses.fake_tensor import (
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from perf.counters import launches_kernel  # the one definition of a launch, shared with perf
+
 aten = torch.ops.aten
 
 # CUDA caps gridDim.y and gridDim.z at 65,535. Flash puts batch on y and heads on z
@@ -357,17 +359,6 @@ HOST_SYNC_OPS = {
     aten.equal.default: "host sync: torch.equal returns a Python bool",
 }
 
-# Calls that launch no kernel: allocation without initialization, aliasing, metadata.
-_NO_LAUNCH = {
-    "aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
-    "aten.empty_permuted.default", "aten.new_empty.default", "aten.new_empty_strided.default",
-    "aten.detach.default", "aten._unsafe_view.default", "aten.alias.default",
-    "aten.lift_fresh.default", "prim.device.default", "aten._local_scalar_dense.default",
-    "aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
-    "aten.sym_storage_offset.default", "aten.is_contiguous.default", "aten.resize_.default",
-    "aten.set_.source_Storage_storage_offset", "aten.promote_types.default",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class _OpInfo:
@@ -391,11 +382,6 @@ def _bind(func, args, kwargs) -> dict:
     return bound
 
 
-def _is_view(func) -> bool:
-    returns = func._schema.returns
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
-
-
 _OP_INFO: dict = {}
 
 
@@ -406,7 +392,7 @@ def _op_info(func) -> _OpInfo:
         rule = FUSED_RULES.get(func) or UNFUSED_RULES.get(func)
         info = _OpInfo(
             name=name,
-            launches=name not in _NO_LAUNCH and not _is_view(func),
+            launches=launches_kernel(func),
             rule=rule,
             host_sync=HOST_SYNC_OPS.get(func),
             fused=func in FUSED_RULES,

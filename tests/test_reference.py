@@ -257,3 +257,38 @@ def test_non_finite_upstream_gradient_reaches_exactly_the_keys_its_row_attends()
     assert dk[0, :4].isnan().all() and not dk[0, 4:].isnan().any()
     assert dv[0, :4, 0, 1].isnan().all() and not dv[0, 4:].isnan().any()
     assert not dv[0, :, :, [0, 2, 3]].isnan().any()
+
+
+@given(cases(dtypes=(torch.float64,), max_seq_len=24), st.data())
+def test_query_rows_are_the_full_references_rows(case, data):
+    """``query_rows=`` computes those rows of the full result, any order, repeats allowed, and
+    their gradients are the full reference's with the upstream gradient on those rows only."""
+    n = case.seq_len
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n)))
+    q, k, v = case.qkv(requires_grad=True)
+    kwargs = dict(pattern=case.pattern, causal=case.causal)
+    full = ra.reference_attention(q, k, v, **kwargs)
+    some = ra.reference_attention(q, k, v, query_rows=rows, **kwargs)
+    assert some.shape == (q.shape[0], len(rows), *q.shape[2:]) and some.dtype == q.dtype
+    torch.testing.assert_close(some, full[:, rows], rtol=0, atol=1e-12)
+    g = torch.randn(some.shape, dtype=some.dtype)
+    grads = torch.autograd.grad((some * g).sum(), (q, k, v))
+    expected = torch.autograd.grad((full[:, rows] * g).sum(), (q, k, v))
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
+def test_query_rows_accepts_sequences_and_nothing():
+    q, k, v = _qkv()
+    full = ra.reference_attention(q, k, v, causal=True)
+    torch.testing.assert_close(ra.reference_attention(q, k, v, causal=True, query_rows=[7, 0]), full[:, [7, 0]])
+    assert ra.reference_attention(q, k, v, query_rows=[]).shape == (2, 0, 4, 4)
+
+
+@pytest.mark.parametrize("rows, error", [
+    ([8], ValueError), ([-1], ValueError), ([[0, 1]], ValueError), ([0.5], TypeError), ([True], TypeError),
+])
+def test_query_rows_refuses_what_is_not_a_list_of_positions(rows, error):
+    q, k, v = _qkv()
+    with pytest.raises(error, match="query_rows"):
+        ra.reference_attention(q, k, v, query_rows=rows)

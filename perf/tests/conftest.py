@@ -7,9 +7,19 @@ import copy
 import pytest
 
 
+def make_counters(launches=60, fused_calls=3, peak_bytes=4 << 20, bytes_sent=0, flops=2e8):
+    """``extra_info["counters"]`` as perf/counters.py records it."""
+    return {"launches": launches, "fused_calls": fused_calls, "peak_bytes": peak_bytes,
+            "bytes_sent": bytes_sent, "flops": flops}
+
+
 def make_bench(variant="Production", n=1024, mode="fwd", *, median=0.010, peak=8 << 20, error=1e-6,
-               ratio=1.5, dtype="float32"):
-    """One benchmark entry shaped like pytest-benchmark's JSON, with the suite's extra_info."""
+               ratio=1.5, dtype="float32", counters=None):
+    """One benchmark entry shaped like pytest-benchmark's JSON, with the suite's extra_info.
+
+    ``counters``: ``extra_info["counters"]`` (default :func:`make_counters`; ``False``: none,
+    as in baselines older than the counters).
+    """
     sdpa = median / ratio
     return {
         "name": f"test_attention[{variant}-N{n}-{dtype}-{mode}]",
@@ -21,6 +31,7 @@ def make_bench(variant="Production", n=1024, mode="fwd", *, median=0.010, peak=8
             "median_s": median, "peak_memory_bytes": peak, "tokens_per_s": n / median,
             "tflops": 1e-3 / median, "sdpa_median_s": sdpa, "sdpa_tflops": 1e-3 / sdpa,
             "ratio_to_sdpa": ratio, "max_error": error, "max_error_note": "output vs full dense reference",
+            **({} if counters is False else {"counters": counters or make_counters()}),
         },
     }
 

@@ -7,7 +7,9 @@ fails on each arm, as it would on a bad change to ``ring_attention/kernels.py``:
 * time: every block forward sleeps ``DELAY_S`` (a sleep only grows under load, so no noise
   can hide it: at N=512 a forward takes a few ms, the planted one over 50 ms);
 * memory: it holds an 8 MiB buffer while it runs;
-* correctness: its output is off by ``ERROR`` (above the float32 tolerance of 1e-3).
+* correctness: its output is off by ``ERROR`` (above the float32 tolerance of 1e-3);
+* counters: the ballast and the added error are two more launches per block (and the
+  ballast raises the live-bytes peak), which the exact counter arm fails on.
 
 ``dense`` runs torch SDPA, not this kernel, so it stays as it was: the ratio to SDPA
 grows with the variant's time.

@@ -54,6 +54,9 @@ def test_first_run_saves_baseline_and_report(saved):
         assert e["threads"] == device.CPU_PROFILE.threads == 1
         assert e["repeats_per_round"] >= 1 and e["sdpa_backend"] == "default" and "data" not in b["stats"]
         assert b["options"]["timer"] == "round_clock"  # the perf rounds clock, not perf_counter
+        c = e["counters"]
+        assert c["launches"] >= c["fused_calls"] >= 1 and c["peak_bytes"] > 0 and c["bytes_sent"] == 0
+        assert c["flops"] == e["flops"]
     assert run["machine_info"]["perf_device"] == device.device_slug("cpu")
     report = tmp / "reports" / device.device_slug("cpu")
     assert f"### N = {N} (float32, fwd)" in (report / "report.md").read_text()
@@ -97,7 +100,8 @@ def test_gate_fails_against_planted_better_baseline(saved, tmp_path):
 
 
 def test_gate_fails_on_planted_code_regression(saved):
-    """A slower (sleeping), bigger, wrong block kernel (perf/tests/planted_regression.py) fails every arm.
+    """A slower (sleeping), bigger, wrong block kernel with more launches (perf/tests/planted_regression.py)
+    fails every arm.
 
     Deterministic: memory and error do not depend on timing, and the planted 50 ms sleep per
     block is over ten times the forward's own few milliseconds, which load can only lengthen.
@@ -106,7 +110,7 @@ def test_gate_fails_on_planted_code_regression(saved):
     rc, out = _perf(tmp, *TINY, "--", "-p", "perf.tests.planted_regression")
     assert rc == 1, out
     failures = [line for line in out.splitlines() if line.strip().startswith("FAIL [")]
-    for arm in ("time", "memory", "correctness", "ratio"):
+    for arm in ("time", "memory", "correctness", "ratio", "counters"):
         assert any(f"[{arm}] test_attention[Production-N{N}-" in line for line in failures), out
     assert not any("dense" in line for line in failures), out  # SDPA does not call the kernel
     assert "perf gate: FAIL" in out

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from perf import gate
-from perf.tests.conftest import make_bench, make_run
+from perf.tests.conftest import make_bench, make_counters, make_run
 
 
 def _bench(run, variant, n=2048, mode="fwd"):
@@ -182,6 +182,59 @@ def test_a_run_that_compares_nothing_fails(baseline_run):
     assert "FAIL" in gate.summary(result)
 
 
+@pytest.mark.parametrize("counter", list(make_counters()))
+def test_counter_arm_fails_on_a_rise_of_one_and_passes_equal(baseline_run, current_run, counter):
+    assert gate.check(current_run, baseline_run).ok  # equal counters pass
+    _bench(current_run, "longnet", mode="fwd+bwd")["extra_info"]["counters"][counter] += 1
+    result = gate.check(current_run, baseline_run)
+    assert [(f.arm, f.name) for f in result.failures] == [
+        ("counters", "test_attention[longnet-N2048-float32-fwd+bwd]")], gate.summary(result)
+    assert f"{counter} " in result.failures[0].message and "(+1)" in result.failures[0].message
+    # no allowance anywhere: the loosest thresholds leave the rise failing, and no re-run drops it
+    loose = gate.Thresholds(time_pct=1e6, memory_pct=1e6, ratio_pct=1e6, error_factor=1e6)
+    assert not gate.confirmed(gate.check(current_run, baseline_run, loose), gate.GateResult([], [], 1)).ok
+
+
+def test_counter_fall_is_an_improvement_not_a_failure(baseline_run, current_run):
+    counters = _bench(current_run, "Production")["extra_info"]["counters"]
+    counters["launches"] -= 20
+    counters["peak_bytes"] -= 1
+    result = gate.check(current_run, baseline_run)
+    assert result.ok
+    improved = [n for n in result.notes if n.arm == "improved"]
+    assert [n.name for n in improved] == ["test_attention[Production-N2048-float32-fwd]"]
+    assert "launches 40 vs baseline 60 (-20)" in improved[0].message and "peak_bytes" in improved[0].message
+    assert "improved [improved] test_attention[Production-N2048" in gate.summary(result)
+
+
+def test_counters_missing_from_a_side_are_not_compared(baseline_run, current_run):
+    for b in baseline_run["benchmarks"]:  # a baseline saved before the counters existed
+        del b["extra_info"]["counters"]
+    for c in _bench(current_run, "longnet")["extra_info"]["counters"], \
+            _bench(current_run, "Production", 1024)["extra_info"]["counters"]:
+        c["launches"] += 1000
+    result = gate.check(current_run, baseline_run)
+    assert result.ok, gate.summary(result)
+    skipped = [n for n in result.notes if n.arm == "counters-not-compared"]
+    assert len(skipped) == len(baseline_run["benchmarks"]) and "baseline" in skipped[0].message
+    assert f"cost counters not compared for {len(skipped)} benchmark(s)" in gate.summary(result)
+    # a run without counters against a baseline with them: not compared either, never a crash
+    fresh = make_run([make_bench("dense", 1024, "fwd", ratio=1.0), make_bench("longnet", counters=make_counters())])
+    bare = make_run([make_bench("dense", 1024, "fwd", ratio=1.0, counters=False), make_bench("longnet")])
+    result = gate.check(bare, fresh)
+    assert result.ok and [n.message for n in result.notes if n.arm == "counters-not-compared"] == [
+        "no cost counters in the run"]
+
+
+def test_counters_only_on_one_side_are_noted_and_the_shared_ones_gated(baseline_run, current_run):
+    counters = _bench(current_run, "longnet")["extra_info"]["counters"]
+    counters["graph_breaks"] = 3
+    counters["fused_calls"] += 1
+    result = gate.check(current_run, baseline_run)
+    assert [f.arm for f in result.failures] == ["counters"] and "fused_calls" in result.failures[0].message
+    assert any(n.arm == "counters-not-compared" and "graph_breaks" in n.message for n in result.notes)
+
+
 def test_confirmed_keeps_deterministic_failures_and_timing_failures_seen_twice():
     F = gate.Finding
     first = gate.GateResult([
@@ -214,6 +267,10 @@ def _write(tmp_path, data):
     (lambda d: d["benchmarks"].append(dict(d["benchmarks"][0])), "name", "duplicate"),
     (lambda d: d.update(benchmarks=[]), "benchmarks", "empty"),
     (lambda d: d.pop("benchmarks"), "benchmarks", "missing"),
+    (lambda d: d["benchmarks"][3]["extra_info"].update(counters=[1]), "extra_info.counters", "not a JSON object"),
+    (lambda d: d["benchmarks"][3]["extra_info"]["counters"].update(launches="5"), "counters.launches",
+     "not a number"),
+    (lambda d: d["benchmarks"][3]["extra_info"]["counters"].update(bytes_sent=-1), "counters.bytes_sent", ">= 0"),
 ])
 def test_validate_names_file_and_field(tmp_path, baseline_run, mutate, field, problem):
     for b in baseline_run["benchmarks"]:

@@ -95,3 +95,22 @@ def test_write_png(tmp_path, baseline_run):
     assert md.read_text().startswith("# ring_attention benchmarks on cpu-test\n")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_cost_counters_table():
+    from perf.tests.conftest import make_counters
+
+    run = make_run([make_bench("longnet", counters=make_counters(launches=158, fused_calls=7, peak_bytes=3 << 20,
+                                                                 bytes_sent=0, flops=4.5e9)),
+                    make_bench("RingAttention-ring2", counters=make_counters(bytes_sent=1 << 20)),
+                    make_bench("dense", counters=False)])
+    section = _section(report.markdown(run), "## Cost counters")
+    header = _cells(section, "| variant")[0]
+    assert header == ["variant", "N", "dtype", "pass", "launches", "fused calls", "live peak (MiB)",
+                      "sent per rank (MiB)", "GFLOP"]
+    rows = {c[0]: c for c in _cells(section, "| ") if c[0] != "variant"}
+    assert rows["longnet"][4:] == ["158", "7", "3.00", "0.00", "4.50"]
+    assert rows["RingAttention-ring2"][7] == "1.00"
+    assert "dense" not in rows  # a benchmark without counters has no row
+    bare = report.markdown(make_run([make_bench("dense", counters=False)]))
+    assert "No cost counters in this run." in _section(bare, "## Cost counters")

@@ -1,0 +1,142 @@
+"""Cost counters: deterministic, independent of N where they should be, exact on known cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perf import counters
+from ring_attention import kernels, registry
+
+B, H, D = 1, 8, 8
+aten = torch.ops.aten
+
+# Lengths at which a variant's blocks no longer depend on N. Most variants: any two that fit.
+# longnet-ring4-zigzag-causal: once a zigzag chunk (N / 8) holds LongNet's largest segment
+# (1024), no segment straddles two chunks; below that the segments split differently per N.
+TWO_LENGTHS = {"longnet-ring4-zigzag-causal": (8192, 16384)}
+
+
+def _counts(name, n, dtype="float32", passes=counters.PASSES):
+    return counters.counters_for(registry.VARIANTS[name], B, n, H, D, dtype, passes=passes)
+
+
+def test_the_launch_predicate():
+    assert counters.launches_kernel(aten.add.Tensor) and counters.launches_kernel(aten.add_.Tensor)
+    assert counters.launches_kernel(aten.zeros.default) and counters.launches_kernel(aten.clone.default)
+    for op in (aten.view.default, aten.transpose.int, aten.slice.Tensor, aten.expand.default,
+               aten.empty.memory_format, aten.detach.default, aten._unsafe_view.default):
+        assert not counters.launches_kernel(op), op
+    assert counters.is_fused(aten._scaled_dot_product_flash_attention_for_cpu.default)
+    assert counters.is_fused(aten._scaled_dot_product_efficient_attention_backward.default)
+    assert not counters.is_fused(aten.bmm.default)
+
+
+def test_fake_cuda_counts_launches_with_the_same_predicate():
+    from tests import fake_cuda
+
+    assert fake_cuda.launches_kernel is counters.launches_kernel
+
+
+@pytest.mark.parametrize("name", ["Production", "RingAttention-ring4", "ring-zigzag-causal4"])
+def test_counters_are_the_same_twice(name):
+    assert _counts(name, 512) == _counts(name, 512)
+
+
+@pytest.mark.parametrize("name", list(registry.VARIANTS))
+def test_launches_and_fused_calls_do_not_depend_on_n(name):
+    small, large = TWO_LENGTHS.get(name, (512, 1024))
+    a, b = _counts(name, small), _counts(name, large)
+    for mode in counters.PASSES:
+        assert (a[mode].launches, a[mode].fused_calls) == (b[mode].launches, b[mode].fused_calls), mode
+        assert a[mode].launches >= a[mode].fused_calls >= 1
+
+
+def test_dense_is_one_fused_call_per_pass_direction():
+    c = _counts("dense", 256)
+    assert (c["fwd"].fused_calls, c["fwd+bwd"].fused_calls) == (1, 2)
+    assert c["fwd"].bytes_sent == c["fwd+bwd"].bytes_sent == 0
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("float64", 8)])
+def test_bytes_sent_by_a_ring_of_two(dtype, itemsize):
+    """Full attention on 2 ranks, per rank: forward sends its K and V shard once; the backward
+    sends them again and returns the dK/dV of the shard it received, in float32 or wider."""
+    n = 512
+    shard = B * (n // 2) * H * D  # elements of one rank's K (or V)
+    c = _counts("RingAttention-ring2", n, dtype)
+    assert c["fwd"].bytes_sent == 2 * shard * itemsize
+    assert c["fwd+bwd"].bytes_sent == 2 * shard * itemsize + 2 * shard * itemsize + 2 * shard * max(itemsize, 4)
+
+
+def test_single_device_variants_send_nothing():
+    for name in ("dense", "RingAttention-ring1", "ImprovedDilatedAttention", "Production", "longnet"):
+        assert all(c.bytes_sent == 0 for c in _counts(name, 1024).values()), name
+
+
+def test_flops_are_the_variants():
+    var = registry.VARIANTS["longnet"]
+    c = _counts("longnet", 1024)
+    assert c["fwd"].flops == var.flops(B, 1024, H, D)
+    assert c["fwd+bwd"].flops == var.flops(B, 1024, H, D, backward=True)
+
+
+def test_peak_counts_live_storages_exactly():
+    x = torch.zeros(1000)  # an input: never counted, nor are its views and in-place writes
+
+    def call():
+        x.add_(1)
+        x.view(10, 100).t()
+        a = torch.ones(1000)  # 4000 B
+        b = a * 2  # 8000 B live
+        a_view = a[:10]
+        del a
+        c = b + a_view.sum()  # a held by its view, the 4 B sum, c: 12004 B live
+        del a_view  # a freed: 8000 B
+        d = torch.empty(500, dtype=torch.float64)  # 12000 B again, no launch
+        return c, d
+
+    meter, sent = counters.count_call(call)
+    assert meter.peak_bytes == 12004 and meter.live_bytes == 0  # everything freed on return
+    assert meter.launches == 5  # add_, ones, mul, sum, add; views and empty launch nothing
+    assert meter.fused_calls == 0 and not sent
+
+
+def test_peak_is_exact_for_sdpa_output():
+    q, k, v = (torch.randn(1, 4, 64, 16) for _ in range(3))
+    meter, _ = counters.count_call(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    # the output and the logsumexp the CPU flash op returns: the kernel's scratch is not counted
+    assert meter.peak_bytes == q.numel() * 4 + 1 * 4 * 64 * 4
+
+
+def test_a_planted_op_per_kernel_call_counts_once_per_call(monkeypatch):
+    before = _counts("longnet", 1024, passes=("fwd",))["fwd"]
+    original = kernels.attention_forward
+
+    def one_more_op(q, k, v, *, causal, scale):
+        out, lse = original(q, k, v, causal=causal, scale=scale)
+        return out.clone(), lse
+
+    monkeypatch.setattr(kernels, "attention_forward", one_more_op)
+    after = _counts("longnet", 1024, passes=("fwd",))["fwd"]
+    assert after.launches == before.launches + before.fused_calls
+    assert after.fused_calls == before.fused_calls and after.peak_bytes > before.peak_bytes
+
+
+def test_the_command_prints_every_counter(capsys):
+    assert counters.main(["--variant", "dense,RingAttention_ring2", "--n", "64,128", "--heads", "2",
+                          "--dim", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# counters per call: B=1 H=2 D=8 float32")
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ["dense", "N=64"], ["RingAttention-ring2", "N=64"], ["dense", "N=128"], ["RingAttention-ring2", "N=128"]]
+    for field in counters.FIELDS:
+        assert f" {field}_fwd=" in lines[1] and f" {field}_fwd_bwd=" in lines[1]
+    assert " launches_fwd=1 " in lines[1] and " bytes_sent_fwd=4096 " in lines[2]  # K and V: 2 x 32 x 2 x 8 x 4 B
+
+
+def test_the_command_names_what_it_cannot_run(capsys):
+    assert counters.main(["--variant", "ring-zigzag-causal4", "--n", "100", "--pass", "fwd"]) == 0
+    assert "ring-zigzag-causal4 N=100 unsupported" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        counters.main(["--n", "64"])  # no variant
