@@ -173,13 +173,21 @@ EMPTY_STEP = Step(0, (), (), ())
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RankPlan:
-    """Everything one rank computes and exchanges, forward and backward."""
+    """Everything one rank computes and exchanges, forward and backward.
+
+    ``relay``: a neighbour ring. At shift ``s`` every rank passes the K/V shard it holds
+    (its own at shift 1, then the one received at ``s - 1``) to ``rank + 1``, so the shard
+    of ``rank - s`` arrives at shift ``s``; dK/dV travel the same way, one hop behind,
+    and reach their owner after the last shift. Otherwise messages go straight from
+    ``rank`` to ``rank + s`` and dK/dV straight back.
+    """
 
     rank: int
     ring_size: int
     units: tuple[Unit, ...]
     local: tuple[Block, ...]
     steps: dict[int, Step]  # by shift; shifts with no traffic for this rank are absent
+    relay: bool = False
 
     def step(self, shift: int) -> Step:
         return self.steps.get(shift, EMPTY_STEP)

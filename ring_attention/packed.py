@@ -237,18 +237,22 @@ def _shapes(k: torch.Tensor, sizes, dtype) -> list:
     return spec
 
 
-def _post_kv(ring: Ring, plans: dict[int, RankPlan], shift: int, ks, vs):
-    """Post shift ``shift``'s exchange of k/v rows for every rank this process runs."""
+def _post_kv(ring: Ring, plans: dict[int, RankPlan], shift: int, ks, vs, held=None):
+    """Post shift ``shift``'s exchange of k/v rows for every rank this process runs.
+
+    A relay plan passes on ``held[r]`` (what arrived at the shift before) from shift 2 on.
+    """
+    relay = plans[ring.ranks[0]].relay
     sends, specs = {}, {}
     for r in ring.ranks:
         step = plans[r].step(shift)
         if step.sends:
-            sends[r] = _message_tensors(step.sends, ks[r], vs[r])
+            sends[r] = held[r] if relay and shift > 1 else _message_tensors(step.sends, ks[r], vs[r])
         if step.receives:
             specs[r] = _shapes(ks[r], step.receives, ks[r].dtype)
     if not sends and not specs:
         return None
-    return ring.exchange(shift, sends, specs, ks[ring.ranks[0]].device)
+    return ring.exchange(1 if relay else shift, sends, specs, ks[ring.ranks[0]].device)
 
 
 def _wait(pending) -> dict:
@@ -287,7 +291,7 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
             _block_forward(blk, schedule, covered, qs[r], ks[r], vs[r], state[r], scale)
     for shift in range(1, ring.size):
         received = _wait(pending)
-        pending = _post_kv(ring, plans, shift + 1, ks, vs)
+        pending = _post_kv(ring, plans, shift + 1, ks, vs, received)
         for r in ring.ranks:
             schedule = _schedule(plans[r])
             covered = schedule.covering_rows == qs[r].shape[1]
@@ -373,16 +377,17 @@ def _scatter_add(acc, rows: Index, heads: Index, grad) -> None:
         acc.index_add_(1, rows, folded.index_add_(2, heads, grad))
 
 
-def _post_returns(ring: Ring, plans, shift: int, back: dict, ks, acc):
-    """Send the dK/dV of rows received at ``shift`` back to their owners (shift ``-shift``)."""
+def _post_returns(ring: Ring, plans, shift: int, back: dict, ks, acc, hop: int):
+    """Send the dK/dV of rows received at ``shift`` ``hop`` ranks on: back to their owners
+    (``-shift``), or to the neighbour that holds their K/V next (relay)."""
     specs = {}
     for r in ring.ranks:
         step = plans[r].step(shift)
-        if step.sends:  # gradients of the rows r sent come back from (r + shift)
+        if step.sends:  # direct: the gradients of the rows r sent; relay: of the rows r passed on
             specs[r] = _shapes(ks[r], [(len(m.rows), len(m.kv_heads)) for m in step.sends], acc)
     if not back and not specs:
         return None
-    return shift, ring.exchange(-shift, back, specs, ks[ring.ranks[0]].device)
+    return shift, ring.exchange(hop, back, specs, ks[ring.ranks[0]].device)
 
 
 def _add_returned(returning, plans, grads) -> None:
@@ -414,24 +419,29 @@ def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses,
     for r in ring.ranks:
         for blk in plans[r].local:
             _block_backward(blk, qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], grads[r], scale)
-    returning = None
+    relay = plans[ring.ranks[0]].relay
+    returning = None  # dK/dV of the last shift on their way: back to owners, or one hop on
     for shift in range(1, ring.size):
         received = _wait(pending)
-        pending = _post_kv(ring, plans, shift + 1, ks, vs)
+        pending = _post_kv(ring, plans, shift + 1, ks, vs, received)
+        passed_on = _wait(returning[1]) if relay and returning is not None else {}
         back = {}
         for r in ring.ranks:
             step: Step = plans[r].step(shift)
             if step.receives:
                 msgs = received[r]
-                dmsgs = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in msgs]
+                dmsgs = passed_on.get(r) or [torch.zeros(t.shape, dtype=acc, device=t.device) for t in msgs]
                 for blk in step.blocks:
                     j = 2 * blk.source
                     accs = [grads[r][0], dmsgs[j], dmsgs[j + 1]]
                     _block_backward(blk, qs[r], msgs[j], msgs[j + 1], douts[r], outs[r], lses[r], accs, scale)
                 back[r] = dmsgs
-        _add_returned(returning, plans, grads)
-        returning = _post_returns(ring, plans, shift, back, ks, acc)
-    _add_returned(returning, plans, grads)
+        if relay:
+            returning = _post_returns(ring, plans, shift, back, ks, acc, hop=1)
+        else:
+            _add_returned(returning, plans, grads)
+            returning = _post_returns(ring, plans, shift, back, ks, acc, hop=-shift)
+    _add_returned(returning, plans, grads)  # relay: after R-1 hops, each rank's own shard
     return grads
 
 

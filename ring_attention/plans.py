@@ -297,6 +297,9 @@ def rank_plan(
     order (see :mod:`ring_attention.packed`).
     """
     spec = _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout)
+    if pattern is None and ring_size > 1 and (not causal or layout == "zigzag"):
+        with _gc_paused():
+            return _relay_plan(spec, rank)
     with _gc_paused():
         steps = {}
         partners = _partners(spec, rank)
@@ -308,6 +311,31 @@ def rank_plan(
                         steps[shift] = step
         local = _local_blocks(spec, rank)
     return RankPlan(rank, ring_size, spec.units, local, dict(sorted(steps.items())))
+
+
+def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
+    """Full attention where every rank needs every shard: a neighbour ring.
+
+    Each rank passes its whole K/V shard around the ring, one hop per shift (as
+    ring-flash-attn and PyTorch's context parallel do): between nodes, a shard crosses
+    each node boundary once per shift instead of once per pair of ranks. Causal
+    attention in the contiguous layout keeps direct sends: there rank ``r`` needs only
+    the ``r`` shards before its own, and relaying would move the others too.
+    """
+    kept = _kept(spec, rank, 0)  # full attention: one unit, every row
+    per_head, sent_heads, positions = _kv_rows(spec, 0)
+    message = Message(kept.rows, sent_heads)
+    steps = {}
+    for shift in range(1, spec.ring_size):
+        theirs = _kept(spec, (rank - shift) % spec.ring_size, 0)
+        pairs = _block_pairs(kept.runs, theirs.runs, spec.causal, same_rank=False)
+        blocks = ()
+        if pairs:
+            k_rows = Rows.of(range(len(theirs.rows)))
+            calls = _batch_calls(pairs, kept.rows)
+            blocks = (Block(0, kept.rows, _head_slice(spec.units[0]), k_rows, positions, 0, calls),)
+        steps[shift] = Step(shift, (message,), ((len(theirs.rows), len(sent_heads)),), blocks)
+    return RankPlan(rank, spec.ring_size, spec.units, _local_blocks(spec, rank), steps, relay=True)
 
 
 @contextlib.contextmanager

@@ -274,3 +274,50 @@ def test_group_without_initialized_process_group_raises():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="not initialized"):
         ra.ring_attention(*_small(8), group=object())
+
+
+# --- traffic: a neighbour ring -------------------------------------------------------------
+
+
+def _exchanges(monkeypatch, fn, *args, **kwargs):
+    """Run ``fn``, forward and backward; record every exchange: (hop, {sender: bytes})."""
+    from ring_attention import comm
+
+    log, original = [], comm.SimulatedRing.exchange
+
+    def exchange(self, shift, sends, specs, device):
+        log.append((shift % self.size, {r: sum(t.numel() * t.element_size() for t in ts) for r, ts in sends.items()}))
+        return original(self, shift, sends, specs, device)
+
+    monkeypatch.setattr(comm.SimulatedRing, "exchange", exchange)
+    q, k, v, g = args
+    fn(q, k, v, **kwargs).backward(g)
+    return log
+
+
+@pytest.mark.parametrize("causal, layout", [(False, "contiguous"), (False, "zigzag"), (True, "zigzag")])
+def test_full_attention_ring_passes_shards_to_the_neighbour(monkeypatch, causal, layout):
+    """Each rank sends only to rank + 1: its K/V shard, then what it received, R - 1 times
+    a pass; dK/dV follow the same way back to their owner. Per rank and pass, forward:
+    (R - 1) K/V shards; backward: as many again, plus (R - 1) float32 dK/dV shards."""
+    r, n, h, d = 4, 64, 2, 8
+    q, k, v, g = make_qkv(0, 1, n, h, h, d, dtype=torch.float32)
+    log = _exchanges(monkeypatch, ra.ring_attention, q, k, v, g, ring_size=r, causal=causal, layout=layout)
+    assert {hop for hop, _ in log} == {1}
+    shard = (n // r) * h * d * 4  # bytes of one rank's K (or V, or float32 dK)
+    sent = {rank: sum(by_rank.get(rank, 0) for _, by_rank in log) for rank in range(r)}
+    assert sent == {rank: 3 * 2 * (r - 1) * shard for rank in range(r)}
+
+
+def test_causal_contiguous_ring_sends_only_what_ranks_after_need(monkeypatch):
+    """Rank r holds keys that only ranks after it attend: it sends them straight there."""
+    r, n, h, d = 4, 64, 2, 8
+    q, k, v, g = make_qkv(0, 1, n, h, h, d, dtype=torch.float32)
+    log = _exchanges(monkeypatch, ra.ring_attention, q, k, v, g, ring_size=r, causal=True)
+    shard = (n // r) * h * d * 4
+    forward = {rank: 0 for rank in range(r)}
+    for hop, by_rank in log[: r - 1]:  # the forward's shifts 1 .. R-1
+        for rank, size in by_rank.items():
+            assert rank + hop < r, f"rank {rank} sent to rank {(rank + hop) % r}, which does not attend it"
+            forward[rank] += size
+    assert forward == {rank: 2 * (r - 1 - rank) * shard for rank in range(r)}
