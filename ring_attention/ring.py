@@ -1,12 +1,20 @@
 """Ring attention: full (or causal) attention over a sequence sharded across a ring.
 
 Each rank keeps its queries. At ring step ``d = 1 .. R-1`` rank ``r`` receives the K/V
-shard of rank ``r - d`` by batched P2P (every rank posts the same shift, so there is one
-send/recv order and no deadlock); the next step is posted before the current block is
-computed, so communication overlaps compute. Each block's ``(out, lse)`` merges into the
-rank's running result by log-sum-exp in float32. The backward recomputes nothing in
-forward's place: it re-exchanges K/V, keeps dQ local, and sends the dK/dV of every
-received block back to its owner, accumulated in float32.
+shard of rank ``r - d``: passed along the ring one hop per step (every rank sends the
+shard it holds to ``r + 1``, as ring-flash-attn and PyTorch's context parallel do), so
+between nodes each shard crosses a node boundary once per step. The next step is posted
+before the current block is computed, so communication overlaps compute, and every rank
+posts the same exchanges in the same order, so there is no deadlock. Each block's
+``(out, lse)`` merges into the rank's running result by log-sum-exp in float32. The
+backward re-exchanges K/V, keeps dQ local, and passes each shard's dK/dV (float32) along
+with it, one hop behind, until it reaches its owner.
+
+Causal attention in the contiguous layout is the exception: rank ``r`` needs only the
+shards before its own, so each rank sends its shard straight to the ranks after it
+(``r + d`` at step ``d``) and their dK/dV come straight back. Per pass that is fewer
+bytes, but on ``k`` nodes of ``g`` ranks each a shard crosses node boundaries up to
+``k - 1`` times per step instead of once.
 
 - Causal: a block whose keys all come after the queries is skipped (never computed,
   never sent); the diagonal block is block-causal; blocks below it are full.
