@@ -48,6 +48,10 @@ from .blocks import Block, Call, Index, Message, RankPlan, Step, index
 from .comm import Ring
 from .merge import accumulation_dtype, merge_into_
 
+# Bytes of q, k and v a call that batches a block's head offsets may gather into copies;
+# beyond it the offsets run one by one on strided views (see _offset_groups).
+MAX_GATHER_BYTES = 32 * 2**20
+
 
 def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
     """``x[:, rows, heads]`` for ``x [B, N, H, ...]``; a view where both are slices."""
@@ -186,39 +190,64 @@ def _block_forward(blk: Block, schedule, covered: bool, q, k_src, v_src, acc: li
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
     for c in blk.calls:
-        o, lse = kernels.attention_forward(
-            _runs(qb, c.q_start, c.runs, c.q_len),
-            _runs(kb, c.k_start, c.runs, c.k_len),
-            _runs(vb, c.k_start, c.runs, c.k_len),
-            causal=c.causal,
-            scale=scale,
-            mark_query_rows=not covered,
-        )
-        if acc[0] is None:  # the adopted call: [B, H, n, D] and [B, H, n] are the accumulators
-            acc[0], acc[1] = o.transpose(1, 2), lse
-            continue
-        out_acc, lse_acc = acc
-        o, lse = o.unflatten(0, (-1, blk.offsets, c.runs)), lse.unflatten(0, (-1, blk.offsets, c.runs))
-        if isinstance(q_rows, slice):
-            o_acc = _run_view(_packed(out_acc, q_rows, blk.heads, blk.offsets), c.q_start, c.runs, c.q_len)
-            l_acc = _run_view(_packed(_rows_major(lse_acc), q_rows, blk.heads, blk.offsets), c.q_start, c.runs, c.q_len)
-            if schedule.writes[c]:
-                o_acc.copy_(o)
-                l_acc.copy_(lse)
-            else:
-                merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
-            continue
-        # Rows that are no progression (a dilated unit across zigzag chunks): gather, scatter.
-        rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
-        o = _unpacked(o, out_acc.dtype)  # [B, M, h, D]
-        lse = _unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)  # [B, M, h]
-        o_heads, l_heads = out_acc[:, :, blk.heads], _rows_major(lse_acc)[:, :, blk.heads]
-        if not schedule.writes[c]:
-            o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
-            merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
-            o, lse = o_acc, l_acc
-        o_heads.index_copy_(1, rows, o)
-        l_heads.index_copy_(1, rows, lse)
+        for g in _offset_groups(blk, c, q):
+            o, lse = kernels.attention_forward(
+                _runs(qb[:, g], c.q_start, c.runs, c.q_len),
+                _runs(kb[:, g], c.k_start, c.runs, c.k_len),
+                _runs(vb[:, g], c.k_start, c.runs, c.k_len),
+                causal=c.causal,
+                scale=scale,
+                mark_query_rows=not covered,
+            )
+            if acc[0] is None:  # the adopted call: [B, H, n, D] and [B, H, n] are the accumulators
+                acc[0], acc[1] = o.transpose(1, 2), lse
+                continue
+            out_acc, lse_acc = acc
+            by_run = (-1, g.stop - g.start, c.runs)
+            o, lse = o.unflatten(0, by_run), lse.unflatten(0, by_run)
+            if isinstance(q_rows, slice):
+                o_acc = _packed(out_acc, q_rows, blk.heads, blk.offsets)[:, g]
+                l_acc = _packed(_rows_major(lse_acc), q_rows, blk.heads, blk.offsets)[:, g]
+                o_acc, l_acc = (_run_view(t, c.q_start, c.runs, c.q_len) for t in (o_acc, l_acc))
+                if schedule.writes[c]:
+                    o_acc.copy_(o)
+                    l_acc.copy_(lse)
+                else:
+                    merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
+                continue
+            _scatter_result(q_rows[c.q_start : c.q_start + c.runs * c.q_len], blk.heads, schedule.writes[c], acc, o, lse)
+
+
+def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o, lse) -> None:
+    """Write or merge a result ``[B, 1, runs, h, L, ...]`` at ``rows`` that are no progression
+    (a dilated unit across zigzag chunks): gather, merge, scatter."""
+    out_acc, lse_acc = acc
+    o = _unpacked(o, out_acc.dtype)  # [B, M, h, D]
+    lse = _unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)  # [B, M, h]
+    o_heads, l_heads = out_acc[:, :, heads], _rows_major(lse_acc)[:, :, heads]
+    if not write:
+        o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
+        merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
+        o, lse = o_acc, l_acc
+    o_heads.index_copy_(1, rows, o)
+    l_heads.index_copy_(1, rows, lse)
+
+
+def _offset_groups(blk: Block, c, q) -> list[slice]:
+    """The block's head offsets as the call batches them: all at once, or one by one.
+
+    All ``O`` offsets in one launch are a strided view only with one run and one batch
+    element; otherwise the kernel gets gathered copies of q, k and v, allowed up to
+    :data:`MAX_GATHER_BYTES` (short sequences, where launches cost more than the kernels).
+    """
+    if blk.offsets == 1 or (q.shape[0] == 1 and c.runs == 1):
+        return [slice(0, blk.offsets)]
+    heads = len(range(*blk.heads.indices(q.shape[2])))
+    rows = c.runs * (c.q_len + 2 * c.k_len)
+    gathered = q.shape[0] * blk.offsets * rows * heads * q.shape[3] * q.element_size()
+    if gathered <= MAX_GATHER_BYTES:
+        return [slice(0, blk.offsets)]
+    return [slice(o, o + 1) for o in range(blk.offsets)]
 
 
 def _message_tensors(msgs: tuple[Message, ...], k, v) -> list[torch.Tensor]:
@@ -322,31 +351,31 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, sca
     lb = _packed(_rows_major(lse), q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
     kv_strided = isinstance(k_rows, slice) and isinstance(kv_index, slice)
-    for c in blk.calls:
+    for c, g in ((call, g) for call in blk.calls for g in _offset_groups(blk, call, q)):
         dq, dk, dv = kernels.attention_backward(
-            _runs(dob, c.q_start, c.runs, c.q_len),
-            _runs(qb, c.q_start, c.runs, c.q_len),
-            _runs(kb, c.k_start, c.runs, c.k_len),
-            _runs(vb, c.k_start, c.runs, c.k_len),
-            _runs(ob, c.q_start, c.runs, c.q_len),
-            _runs(lb.unsqueeze(-1), c.q_start, c.runs, c.q_len).squeeze(-1),
+            _runs(dob[:, g], c.q_start, c.runs, c.q_len),
+            _runs(qb[:, g], c.q_start, c.runs, c.q_len),
+            _runs(kb[:, g], c.k_start, c.runs, c.k_len),
+            _runs(vb[:, g], c.k_start, c.runs, c.k_len),
+            _runs(ob[:, g], c.q_start, c.runs, c.q_len),
+            _runs(lb[:, g].unsqueeze(-1), c.q_start, c.runs, c.q_len).squeeze(-1),
             causal=c.causal,
             scale=scale,
         )
         if accs[0] is None:
-            accs[:] = [g.transpose(1, 2) for g in (dq, dk, dv)]
+            accs[:] = [grad.transpose(1, 2) for grad in (dq, dk, dv)]
             continue
         dq_acc, dk_src, dv_src = accs
-        dq_b = _packed(dq_acc, q_rows, blk.heads, blk.offsets) if isinstance(q_rows, slice) else None
-        dk_b, dv_b = (_packed(t, k_rows, kv_index, blk.offsets) if kv_strided else None for t in (dk_src, dv_src))
-        by_run = (-1, blk.offsets, c.runs)
-        if dq_b is not None:
+        by_run = (-1, g.stop - g.start, c.runs)
+        if isinstance(q_rows, slice):
+            dq_b = _packed(dq_acc, q_rows, blk.heads, blk.offsets)[:, g]
             _run_view(dq_b, c.q_start, c.runs, c.q_len).add_(dq.unflatten(0, by_run))
         else:
             rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
             _scatter_add(dq_acc, rows, blk.heads, _unpacked(dq.unflatten(0, by_run), dq_acc.dtype))
-        for acc_b, acc, grad in ((dk_b, dk_src, dk), (dv_b, dv_src, dv)):
-            if acc_b is not None:
+        for acc, grad in ((dk_src, dk), (dv_src, dv)):
+            if kv_strided:
+                acc_b = _packed(acc, k_rows, kv_index, blk.offsets)[:, g]
                 _run_view(acc_b, c.k_start, c.runs, c.k_len).add_(grad.unflatten(0, by_run))
                 continue
             rows = k_rows

@@ -331,3 +331,18 @@ def test_double_backward_is_refused_clearly(fn):
     assert dq.shape == q.shape
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(fn(q, k, v).sum(), q, create_graph=True)
+
+
+@pytest.mark.parametrize("gather_limit", [0, 2**40])
+@pytest.mark.parametrize("batch, causal", [(1, False), (2, True)])
+def test_head_offsets_batched_or_one_by_one_match_the_reference(monkeypatch, gather_limit, batch, causal):
+    """A pair's head offsets run as one launch over a strided view, or (past the gather
+    limit) one by one: the same result either way, forward and backward."""
+    from ring_attention import packed
+
+    monkeypatch.setattr(packed, "MAX_GATHER_BYTES", gather_limit)
+    pattern = ra.DilatedPattern((8, 16), (2, 4))  # segments of several runs: offsets need a gather
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(batch, 32, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(batch, 32, 4, 8, dtype=torch.float64)
+    _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
