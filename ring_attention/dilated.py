@@ -10,6 +10,9 @@ meet which is built in :mod:`ring_attention.plans` and run by
 
 from __future__ import annotations
 
+import torch
+
+from . import ops
 from . import pattern as _pattern
 from ._checks import check_flag, check_qkv, check_scale
 from .comm import SimulatedRing
@@ -42,5 +45,8 @@ def dilated_attention(q, k, v, pattern, *, causal=False, scale=None, checkpoint=
     scale = check_scale(scale, d)
     causal = check_flag(causal, "causal")
     checkpoint = check_flag(checkpoint, "checkpoint")
+    if torch.compiler.is_compiling():
+        return ops.attention(q, k, v, pattern, causal=causal, ring_size=1, layout="contiguous", scale=scale,
+                             checkpoint=checkpoint)
     plans = ring_plans(pattern, n, h, hkv, causal, 1, "contiguous", (0,))
     return run_on_ring(plans, SimulatedRing(1), scale, "contiguous", q, k, v, checkpoint=checkpoint)

@@ -13,7 +13,8 @@ Case kinds:
 - ``ok``: forward and dq/dk/dv of this rank's shard (backward of ``sum(out * g)`` with a
   seeded global ``g`` split the same way), compared with ``reference_attention`` on the
   full sequence. Optional ``subgroup``: run on ``dist.new_group(subgroup)`` instead of
-  the world (ranks outside it record ``skipped``).
+  the world (ranks outside it record ``skipped``); ``compile``: call through
+  ``torch.compile``.
 - ``bad``: a malformed call; records ``"Type: message"`` of what it raised, or ``None``.
   Rank 1 may pass other arguments than the rest (``*_on_rank1``: rows, heads, dtype,
   layout, causal, scale, pattern, ring_size, checkpoint; a string pattern is not one).
@@ -82,10 +83,14 @@ def run_ok(case, group, rank, world):
         kwargs["checkpoint"] = True
     if case.get("pass_ring_size"):
         kwargs["ring_size"] = world
-    if pattern is None:
-        out = ra.ring_attention(*shard, **kwargs)
-    else:
-        out = ra.ring_dilated_attention(*shard, pattern, **kwargs)
+    def call(q, k, v):
+        if pattern is None:
+            return ra.ring_attention(q, k, v, **kwargs)
+        return ra.ring_dilated_attention(q, k, v, pattern, **kwargs)
+
+    if case.get("compile"):  # the process group's call runs eagerly inside the compiled function
+        call = torch.compile(call, backend="aot_eager")
+    out = call(*shard)
     grads = torch.autograd.grad(out, shard, mine(g))
     result = {
         "shape_ok": tuple(out.shape) == tuple(shard[0].shape),

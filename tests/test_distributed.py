@@ -119,6 +119,8 @@ def _ring_cases(world: int) -> list[dict]:
              layout="contiguous", causal=False, scale=1.9, pass_ring_size=True),
         dict(name="ring-checkpoint-zigzag-causal", kind="ok", seed=14, shape=[2, N, 4, 2, 8],
              layout="zigzag", causal=True, checkpoint=True),
+        dict(name="ring-compiled-zigzag-causal", kind="ok", seed=18, shape=[2, N, 4, 2, 8],
+             layout="zigzag", causal=True, compile=True),
         dict(name="ring-float32-contiguous-causal", kind="ok", seed=15, shape=[2, 4 * N, 4, 2, 16],
              layout="contiguous", causal=True, dtype="float32"),
         # Half precision: K/V travel in bfloat16/float16, returned dK/dV in float32.
@@ -161,6 +163,8 @@ def _dilated_cases(world: int) -> list[dict]:
              causal=True, scale=0.4, pattern=[[8, N], [2, 3], "head_groups"]),
         dict(name="dilated-checkpoint", kind="ok", seed=23, shape=[2, N, 4, 2, 8], layout="contiguous",
              causal=True, checkpoint=True, pattern=[[8, N], [3, 2], "mixture"]),
+        dict(name="dilated-compiled", kind="ok", seed=26, shape=[2, N, 4, 2, 8], layout="zigzag",
+             causal=True, compile=True, pattern=[[8, N], [3, 2], "mixture"]),
         dict(name="dilated-float32", kind="ok", seed=24, shape=[2, 4 * N, 4, 2, 16], layout="zigzag",
              causal=True, dtype="float32", pattern=[[16, 4 * N], [1, 4], "mixture"]),
     ]

@@ -1,0 +1,123 @@
+"""The attention of one process as ``torch.library`` custom ops: what ``torch.compile`` sees.
+
+Under ``torch.compile`` the public functions (one device, or a ring simulated in this
+process) call :func:`attention`, which runs two opaque ops, ``ring_attention::forward``
+and ``ring_attention::backward``. Dynamo records each as one node and never traces the
+plan builder or the executor, so a compiled model has no graph break and no guard on a
+plan; the fake (meta) implementations give the ops' output shapes without running them.
+Inside, the ops run exactly the eager code (:func:`~ring_attention.packed.run_forward`
+and :func:`~ring_attention.packed.run_backward`), so compiled results equal eager ones.
+
+The ops take only what fixes the plan (pattern as two integer lists and a mode, causal,
+ring size, layout) and the scale. Outputs are contiguous, as the fake implementations
+promise: inductor checks an opaque op's output strides against them.
+
+Outside ``torch.compile`` the public functions keep the autograd function of
+:mod:`~ring_attention.packed`: its ops are what the fake-CUDA checks and the cost
+counters see, which a custom op would hide.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils.checkpoint
+
+from . import layout as _layout
+from .comm import SimulatedRing
+from .merge import accumulation_dtype
+from .packed import run_backward, run_forward
+from .pattern import DilatedPattern
+from .plans import ring_plans
+
+
+def _plans(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout):
+    pattern = DilatedPattern(tuple(segment_lengths), tuple(dilation_rates), mode) if segment_lengths else None
+    _, n, h, _ = q.shape
+    ranks = tuple(range(ring_size))
+    return dict(zip(ranks, ring_plans(pattern, n, h, k.shape[2], causal, ring_size, layout, ranks)))
+
+
+def _shards(x: torch.Tensor, ring_size: int, layout: str) -> dict[int, torch.Tensor]:
+    return dict(enumerate(_layout.split(x, ring_size, layout)))
+
+
+def _joined(shards: list[torch.Tensor], layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """The ranks' shards in natural order: a new contiguous tensor in ``dtype``."""
+    shards = [s.to(dtype) for s in shards]
+    x = shards[0] if len(shards) == 1 else _layout.join(shards, layout)
+    return x.contiguous()
+
+
+@torch.library.custom_op("ring_attention::forward", mutates_args=())
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
+    dilation_rates: list[int], mode: str, causal: bool, ring_size: int, layout: str, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, N, H, D] in q's dtype, lse [R, B, H, N/R])``: every rank's LSE, stacked."""
+    plans = _plans(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout)
+    qs, ks, vs = (_shards(t, ring_size, layout) for t in (q, k, v))
+    state = run_forward(plans, SimulatedRing(ring_size), qs, ks, vs, scale)
+    out = _joined([state[r][0] for r in plans], layout, q.dtype)
+    return out, torch.stack([state[r][1] for r in plans])
+
+
+@_forward.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, mode, causal, ring_size, layout, scale):
+    b, n, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((ring_size, b, h, n // ring_size), dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("ring_attention::backward", mutates_args=())
+def _backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int], mode: str, causal: bool,
+    ring_size: int, layout: str, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
+    plans = _plans(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout)
+    qs, ks, vs, outs, douts = (_shards(t, ring_size, layout) for t in (q, k, v, out, dout))
+    lses = dict(enumerate(lse.unbind(0)))
+    grads = run_backward(plans, SimulatedRing(ring_size), qs, ks, vs, outs, lses, douts, scale)
+    return tuple(_joined([grads[r][i] for r in plans], layout, t.dtype) for i, t in enumerate((q, k, v)))
+
+
+@_backward.register_fake
+def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, mode, causal, ring_size, layout, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.plan_args = inputs[3:]
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs[:3], *output)
+
+
+def _backward_fn(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, *ctx.plan_args)
+    return (dq, dk, dv) + (None,) * len(ctx.plan_args)
+
+
+torch.library.register_autograd("ring_attention::forward", _backward_fn, setup_context=_setup_context)
+
+
+def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_size: int, layout: str,
+              scale: float, checkpoint: bool) -> torch.Tensor:
+    """The whole sequence's output through the custom ops (inputs already validated).
+
+    ``pattern=None`` is full attention; ``ring_size`` ranks are simulated in this process.
+    ``checkpoint`` wraps the forward op in ``torch.utils.checkpoint``, which the compiler
+    honours: a plain rerun of the op in its backward formula would be merged with the
+    forward's call as a common subexpression, and its outputs stored after all.
+    """
+    ws, rs, mode = ([], [], "mixture") if pattern is None else (
+        list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.mode)
+
+    def run(q, k, v):
+        return _forward(q, k, v, ws, rs, mode, causal, ring_size, layout, scale)[0]
+
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
+    return run(q, k, v)
