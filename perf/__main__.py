@@ -84,6 +84,8 @@ def parse(argv):
     p.add_argument("--pass", dest="passes", type=options.passes, default=None,
                    help="comma-separated passes: fwd, fwd+bwd")
     p.add_argument("--dtype", type=options.dtypes, default=None, help="comma-separated dtypes")
+    p.add_argument("--compiled", type=options.variant_names, default=None,
+                   help="comma-separated variants also benchmarked through torch.compile (<name>+compiled)")
     p.add_argument("--rounds", type=options.positive_int, default=None,
                    help="timed rounds per benchmark (overrides the profile)")
     p.add_argument("--warmup", type=options.non_negative_int, default=None,
@@ -115,10 +117,11 @@ def parse(argv):
 
 def selection_args(args) -> list[str]:
     """The pytest options for the runner's ``--variants``, ``--n``, ``--pass``, ``--dtype``,
-    ``--rounds``, ``--warmup`` and ``--smoke``."""
+    ``--compiled``, ``--rounds``, ``--warmup`` and ``--smoke``."""
     out = []
     for flag, value in (("--perf-variants", args.variants), ("--perf-n", args.n),
-                        ("--perf-pass", args.passes), ("--perf-dtype", args.dtype)):
+                        ("--perf-pass", args.passes), ("--perf-dtype", args.dtype),
+                        ("--perf-compiled", args.compiled)):
         if value:
             out.append(f"{flag}={','.join(str(x) for x in value)}")
     if args.smoke:
@@ -129,7 +132,7 @@ def selection_args(args) -> list[str]:
     return out
 
 
-_SELECTING = ("-k", "-m", "--deselect", "--perf-variants", "--perf-n", "--perf-dtype", "--perf-pass",
+_SELECTING = ("-k", "-m", "--deselect", "--perf-variants", "--perf-n", "--perf-dtype", "--perf-pass", "--perf-compiled",
               "--lf", "--last-failed", "--sw", "--stepwise", "--ignore")
 
 

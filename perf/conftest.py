@@ -3,7 +3,8 @@
 * ``--perf-device auto|cpu|cuda`` picks the profile (``auto``: CUDA when available).
 * ``--perf-variants Production_CP,longnet`` (registry names or aliases), ``--perf-n 1024,2048``,
   ``--perf-dtype float32``, ``--perf-pass fwd``, ``--perf-rounds 3``, ``--perf-warmup 1``,
-  ``--perf-threads 1`` select and override the profile. Bad values are usage errors (exit 4
+  ``--perf-threads 1``, ``--perf-compiled longnet`` and ``--perf-compile-mode default`` (the
+  variants also benchmarked through ``torch.compile``) select and override the profile. Bad values are usage errors (exit 4
   from pytest, 2 from ``python -m perf``) that name the option.
 * Baselines are read from ``perf/baselines/<device-slug>/``: pytest-benchmark's storage is set
   to ``perf/baselines`` and its machine id (normally ``Linux-CPython-3.11-64bit``, which names
@@ -25,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from perf import compiled, measure
 from perf import device as _device
-from perf import measure
 from perf.options import dtypes, non_negative_int, passes, positive_int, seq_lens, variant_names
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -47,6 +48,11 @@ def pytest_addoption(parser):
                     help="comma-separated sequence lengths (overrides the profile)")
     group.addoption("--perf-dtype", type=dtypes, default=None, help="comma-separated dtypes (overrides the profile)")
     group.addoption("--perf-pass", type=passes, default=None, help="comma-separated passes: fwd, fwd+bwd")
+    group.addoption("--perf-compiled", type=variant_names, default=None,
+                    help="comma-separated variants also benchmarked through torch.compile (overrides the profile)")
+    group.addoption("--perf-compile-mode", default=None,
+                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                    help="torch.compile mode of the compiled benchmarks (overrides the profile)")
     group.addoption("--perf-rounds", type=positive_int, default=None, help="timed rounds (overrides the profile)")
     group.addoption("--perf-warmup", type=non_negative_int, default=None,
                     help="warm-up rounds (overrides the profile)")
@@ -66,6 +72,10 @@ def _profile(config) -> _device.Profile:
         prof = dataclasses.replace(prof, dtypes=config.getoption("--perf-dtype"))
     if config.getoption("--perf-warmup") is not None:
         prof = dataclasses.replace(prof, warmup_rounds=config.getoption("--perf-warmup"))
+    if config.getoption("--perf-compiled"):
+        prof = dataclasses.replace(prof, compiled=config.getoption("--perf-compiled"))
+    if config.getoption("--perf-compile-mode"):
+        prof = dataclasses.replace(prof, compile_mode=config.getoption("--perf-compile-mode"))
     if config.getoption("--perf-threads") is not None:
         prof = dataclasses.replace(prof, threads=config.getoption("--perf-threads"))
     config._perf_profile = prof
@@ -185,7 +195,9 @@ def pytest_generate_tests(metafunc):
     for n in prof.seq_lens:
         for dtype in prof.dtypes:
             for mode in modes:
-                for name in prof.variants_at(n, variants):
+                eager = prof.variants_at(n, variants)
+                names = eager + [name + compiled.SUFFIX for name in prof.compiled if name in eager]
+                for name in names:
                     cases.append((name, n, dtype, mode))
                     ids.append(f"{name}-N{n}-{dtype}-{mode}")
     metafunc.parametrize("case", cases, ids=ids)

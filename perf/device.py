@@ -33,6 +33,9 @@ class Profile:
         full_reference_max_n: up to this ``N`` the error is measured against the full dense
             reference (output and gradients); above it, on sampled query rows of the output.
         warmup_rounds: untimed rounds before timing.
+        compiled: registry names also benchmarked through ``torch.compile`` (``<name>+compiled``,
+            :mod:`perf.compiled`), at the lengths where the eager variant runs.
+        compile_mode: the ``torch.compile`` mode of those (``reduce-overhead``: CUDA graphs).
         threads: ``torch.set_num_threads`` for the run (``None``: torch's default). The CPU
             profile runs on one thread: intra-op parallel regions wait for their slowest
             thread, so on a 2-core machine one busy neighbouring process slowed a
@@ -49,6 +52,8 @@ class Profile:
     all_variants_max_n: int = 2048
     full_reference_max_n: int = 1024
     warmup_rounds: int = 1
+    compiled: tuple[str, ...] = ()
+    compile_mode: str = "default"
     threads: int | None = None
 
     def rounds(self, seq_len: int) -> int:
@@ -79,6 +84,9 @@ CUDA_PROFILE = Profile(
     all_variants_max_n=16384,
     full_reference_max_n=1024,
     warmup_rounds=2,
+    # the most launch-bound single-device and ring variants (python -m perf.counters)
+    compiled=("longnet", "ring-zigzag-causal4"),
+    compile_mode="reduce-overhead",
 )
 
 

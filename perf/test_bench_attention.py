@@ -21,7 +21,7 @@ import statistics
 import pytest
 import torch
 
-from perf import counters, measure
+from perf import compiled, counters, measure
 from perf import device as _device
 from ring_attention import registry
 from ring_attention.dense import dense_attention
@@ -77,7 +77,9 @@ def _error(variant, n, dtype, q, k, v, grad_out, backward, profile, error_cache)
 
 def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
     name, n, dtype, mode = case
-    variant = registry.VARIANTS[name]
+    variant = registry.VARIANTS[compiled.base_name(name)]
+    if compiled.is_compiled(name):
+        variant = compiled.CompiledVariant(variant, profile.compile_mode)
     if not variant.supports(n, profile.heads):
         pytest.skip(f"{name} does not support N={n}, H={profile.heads}")
     backward = mode == "fwd+bwd"
@@ -93,7 +95,8 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         max_error, error_note = _error(variant, n, dtype, q, k, v, grad_out, backward, profile, error_cache)
         peak = measure.peak_memory_bytes(call, dev)
         # the memory run above called this shape: plan caches are warm, no extra warm call
-        cost = counters.count(variant, q, k, v, grad_out, backward=backward, warm=False)
+        cost = None if compiled.is_compiled(name) else counters.count(
+            variant, q, k, v, grad_out, backward=backward, warm=False)
         repeats = _repeats(call, timer)
 
         # SDPA of the same shape / dtype / causal flag / pass, timed in pedantic's (untimed)
@@ -156,7 +159,8 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         "sdpa_tflops": sdpa_flops / sdpa_median / 1e12,
         "sdpa_backend": anchor_backend or "default",
         "ratio_to_sdpa": measure.paired_ratio(times, sdpa_times),
-        "counters": cost.as_dict(),
+        **({} if cost is None else {"counters": cost.as_dict()}),
+        "compiled": profile.compile_mode if compiled.is_compiled(name) else None,
         "max_error": max_error,
         "max_error_note": error_note,
         "rounds": rounds(n),
