@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ._checks import check_flag, check_qkv, check_scale
-from .kernels import fold_scale, quarantine_values
+from .kernels import fold_scale, quarantine_values, query_row_poison
 
 
 def dense_attention(q, k, v, *, causal=False, scale=None):
@@ -33,4 +34,8 @@ def dense_attention(q, k, v, *, causal=False, scale=None):
     )
     if causal:
         out = out + (poison.repeat_interleave(h // hkv, dim=1) if h != hkv else poison)
+    # A query row holding inf can score -inf against every key, which the fused kernels
+    # take for a row without keys (output 0); the math, and the reference, give NaN.
+    poison = query_row_poison(q.detach(), torch.promote_types(q.dtype, torch.float32)).mul_(0)  # 0 or NaN
+    out = out + poison.to(out.dtype).transpose(1, 2).unsqueeze(-1)
     return out.transpose(1, 2)

@@ -12,7 +12,8 @@ causal mask top-left and CUDA flash bottom-right, which agree only when ``Lq == 
 Backends (:func:`backend`), each called only with inputs its kernel accepts:
 
 - ``cpu``: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
-  (float16, bfloat16, float32, float64; any head dim).
+  (float16, bfloat16, float32, float64; any head dim), for blocks of at least
+  :data:`CPU_FEW_KEYS` keys (smaller ones run on ``math``).
 - ``flash``: ``aten._scaled_dot_product_flash_attention`` (CUDA, float16/bfloat16, sm80 or
   newer, flash enabled in ``torch.backends.cuda``). Its kernel requires ``D % 8 == 0`` and
   ``D <= 256``, loads 16-byte vectors, and puts the batch on the grid's y axis.
@@ -56,6 +57,10 @@ MAX_GRID_BATCH = 65_535
 # Bytes of float32 scores the math backend materializes per chunk of query rows.
 MATH_SCORE_BYTES = 256 * 2**20
 FLASH_MAX_HEAD_DIM = 256
+# With fewer keys than this, torch's CPU op returns a finite 0 for a row whose every score
+# is NaN (a NaN query row, or a causal row that sees only a NaN key): measured on torch 2.13
+# for 1-15 keys. Such small blocks run on the math backend, which propagates the NaN.
+CPU_FEW_KEYS = 16
 _ALIGN_BYTES = 16
 _EFFICIENT_LSE_ALIGN = 32
 _F32 = torch.finfo(torch.float32)
@@ -73,8 +78,11 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def backend(q: torch.Tensor) -> str:
-    """The backend a block with ``q [B, H, L, D]`` runs on: cpu, flash, efficient or math."""
+def backend(q: torch.Tensor, kv_len: int | None = None) -> str:
+    """The backend a block with ``q [B, H, L, D]`` (and ``kv_len`` keys) runs on: cpu,
+    flash, efficient or math."""
+    if q.device.type == "cpu" and kv_len is not None and kv_len < CPU_FEW_KEYS:
+        return "math"
     if q.device.type in ("cpu", "meta"):  # meta: shapes only, through the CPU op's meta kernel
         return "cpu"
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -121,14 +129,17 @@ def marks_query_rows(q) -> bool:
     return backend(q) == "cpu"
 
 
-def mark_query_rows_(q, out, lse) -> None:
-    """Make ``out [..., D]`` and ``lse [...]`` NaN where ``q [..., D]`` holds NaN or inf.
+def query_row_poison(q, dtype) -> torch.Tensor:
+    """``q [..., D]`` summed over D in ``dtype`` (float32 or wider): non-finite exactly in
+    the rows that hold NaN or inf, finite elsewhere. Added with ``alpha=0`` (0 * inf is
+    NaN), it makes those rows NaN and leaves the others as they are."""
+    return q.sum(-1, dtype=dtype)
 
-    The row's sum over D is non-finite exactly then (summed in float32 or wider, so finite
-    rows stay finite), and adding it with alpha=0 (0 * inf is NaN) marks the row without
-    touching the others: one kernel per tensor.
-    """
-    poison = q.sum(-1, dtype=lse.dtype)
+
+def mark_query_rows_(q, out, lse) -> None:
+    """Make ``out [..., D]`` and ``lse [...]`` NaN where ``q [..., D]`` holds NaN or inf:
+    one kernel per tensor (:func:`query_row_poison`)."""
+    poison = query_row_poison(q, lse.dtype)
     out.add_(poison.unsqueeze(-1), alpha=0)
     lse.add_(poison, alpha=0)
 
@@ -146,7 +157,7 @@ def quarantine_values(v):
 
 
 def _forward(q, k, v, causal, scale):
-    kind = backend(q)
+    kind = backend(q, k.shape[-2])
     if kind == "cpu":
         return _cpu_forward(q, k, v, causal, scale)
     if kind == "math":
@@ -174,7 +185,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
     _check_block(q, k, causal)
     q, scale, q_factor = fold_scale(q, scale)
-    kind = backend(q)
+    kind = backend(q, k.shape[-2])
     if kind == "cpu":
         dq, dk, dv = _cpu_backward(dout, q, k, v, out, lse, causal, scale)
     elif kind == "math":
@@ -294,7 +305,13 @@ def _math_probs(q, k, start: int, length: int, *, causal, scale, lse=None):
         i = torch.arange(start, start + length, device=q.device).unsqueeze(1)
         j = torch.arange(k.shape[-2], device=q.device).unsqueeze(0)
         s = s.masked_fill(j > i, float("-inf"))
-    return s if lse is None else torch.exp(s - lse.narrow(2, start, length).unsqueeze(-1))
+    return s if lse is None else torch.exp(s - _finite_shift(lse.narrow(2, start, length)).unsqueeze(-1))
+
+
+def _finite_shift(lse):
+    """``lse`` with ``-inf`` (a row whose scores are all ``-inf``) as 0: its probabilities
+    are then ``exp(-inf) = 0``, as the fused kernels give, not ``-inf - -inf = NaN``."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
 def _math_forward(q, k, v, *, causal, scale):
@@ -302,7 +319,7 @@ def _math_forward(q, k, v, *, causal, scale):
     for start, length in _row_chunks(q, k):
         s = _math_probs(q, k, start, length, causal=causal, scale=scale)
         lse = torch.logsumexp(s, dim=-1)
-        outs.append(torch.matmul(torch.exp(s - lse[..., None]), v.to(s.dtype)).to(q.dtype))
+        outs.append(torch.matmul(torch.exp(s - _finite_shift(lse)[..., None]), v.to(s.dtype)).to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 

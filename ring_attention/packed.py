@@ -107,16 +107,21 @@ class _Schedule:
 
     ``writes[call]``: the call is the first to touch its cells, so its result is copied
     in, not merged. ``merges``: some call merges (the output needs a float32 accumulator).
-    ``covering_rows``: the number of shard rows the first block writes for every head
-    before any merge reads them (0 if it does not): when that is the shard, the
-    accumulators need no initial ``(0, -inf)``. ``adopted``: the first call, when it alone
-    writes every row and head in order: its kernel outputs *are* the accumulators.
+    ``cells_before_merge``: the (row, head) cells written before the first merge. Writes
+    never overlap, so when that is every cell of the shard, each cell holds a kernel's
+    result before any merge reads it: the accumulators need no initial ``(0, -inf)``.
+    ``adopted``: the first call, when it alone writes every row and head in order: its
+    kernel outputs *are* the accumulators.
     """
 
     writes: dict
     merges: bool
-    covering_rows: int
-    adopted: Call | None  # its kernel results become the accumulators (see _adoptable)
+    cells_before_merge: int
+    adopted: Call | None
+
+    def covers(self, q: torch.Tensor) -> bool:
+        """Whether every cell of the shard ``q [B, n, H, D]`` is written before any merge."""
+        return self.cells_before_merge == q.shape[1] * q.shape[2]
 
 
 _SCHEDULES: weakref.WeakKeyDictionary[RankPlan, _Schedule] = weakref.WeakKeyDictionary()
@@ -141,55 +146,47 @@ def _schedule(plan: RankPlan) -> _Schedule:
             for u in units:
                 touched_rows.setdefault(u, []).append((lo, hi))
         touched_heads.setdefault(pair, set()).update(heads)
+    cells = 0
+    calls = ((c, blk.offsets * len(plan.units[blk.unit].heads)) for blk in _blocks_in_order(plan) for c in blk.calls)
+    for c, heads in calls:
+        if not writes[c]:
+            break
+        cells += c.runs * c.q_len * heads
     num_heads = max((u.heads[-1] + 1 for u in plan.units), default=0)
-    covering = 0
-    first = next(_blocks_in_order(plan), None)
-    if first is not None and len(first.q_rows) and first.offsets * len(plan.units[first.unit].heads) == num_heads:
-        written: list[tuple[int, int]] = []
-        for c in first.calls:  # a merge must read only what the block's writes put there
-            lo, hi = c.q_start, c.q_start + c.runs * c.q_len
-            if not writes[c] and not _within(lo, hi, written):
-                break
-            written.append((lo, hi))
-        else:
-            covering = len(first.q_rows)
     adopted = None
-    if covering and first.offsets == 1 and first.heads == slice(0, num_heads, 1):
-        c = first.calls[0]
-        if c.runs == 1 and c.q_start == 0 and c.q_len == covering and first.q_rows.as_slice() == slice(0, covering, 1):
-            adopted = c
-    schedule = _Schedule(writes, not all(writes.values()), covering, adopted)
+    first = next(_blocks_in_order(plan), None)
+    if first is not None and first.offsets == 1 and first.heads == slice(0, num_heads, 1):
+        c, n = first.calls[0], len(first.q_rows)
+        if writes[c] and c.runs == 1 and c.q_start == 0 and c.q_len == n and first.q_rows.as_slice() == slice(0, n, 1):
+            adopted = c  # writes every row and head of the shard: n * num_heads cells
+    schedule = _Schedule(writes, not all(writes.values()), cells, adopted)
     _SCHEDULES[plan] = schedule
     return schedule
-
-
-def _within(lo: int, hi: int, intervals: list[tuple[int, int]]) -> bool:
-    """Whether ``[lo, hi)`` lies inside the union of ``intervals``."""
-    for a, b in sorted(intervals):
-        if a > lo:
-            return False
-        lo = max(lo, b)
-        if lo >= hi:
-            return True
-    return lo >= hi
 
 
 # --- forward ---------------------------------------------------------------------------
 
 
-def _block_forward(blk: Block, schedule, covered: bool, q, k_src, v_src, acc: list, scale: float) -> None:
+def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: float, poison=None) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
-    ``acc = [out [B, n, H, D], lse [B, H, n]]`` in place, through strided views (or, for
-    the schedule's adopted call, becomes them).
+    ``acc = [out [B, n, H, D], lse [B, H, n] or None]`` in place, through strided views
+    (or, for the schedule's adopted call, becomes them). ``lse`` is ``None`` where nothing
+    reads it (no merge, no backward).
 
-    ``covered``: every cell holds a kernel's result before any merge reads it, so
-    non-finite query rows can be marked once at the end.
+    Non-finite query rows (:func:`kernels.marks_query_rows`) are marked where a result is
+    written: ``poison [B, n, H]`` (:func:`kernels.query_row_poison`, ``None`` where
+    nothing needs marking or the caller marks at the end) is added with weight 0 as the
+    result is copied in, and a merge keeps the NaN. A merge needs no mark of its own: a
+    kernel's result for such a row is NaN, or ``(0, -inf)`` where every score is ``-inf``,
+    and merged into a cell that no result reached before (``(0, -inf)`` too) that makes a
+    NaN weight.
     """
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
     for c in blk.calls:
+        write = schedule.writes[c]
         for g in _offset_groups(blk, c, q):
             o, lse = kernels.attention_forward(
                 _runs(qb[:, g], c.q_start, c.runs, c.q_len),
@@ -197,7 +194,7 @@ def _block_forward(blk: Block, schedule, covered: bool, q, k_src, v_src, acc: li
                 _runs(vb[:, g], c.k_start, c.runs, c.k_len),
                 causal=c.causal,
                 scale=scale,
-                mark_query_rows=not covered,
+                mark_query_rows=False,  # written results are marked here, or at the end if adopted
             )
             if acc[0] is None:  # the adopted call: [B, H, n, D] and [B, H, n] are the accumulators
                 acc[0], acc[1] = o.transpose(1, 2), lse
@@ -205,32 +202,48 @@ def _block_forward(blk: Block, schedule, covered: bool, q, k_src, v_src, acc: li
             out_acc, lse_acc = acc
             by_run = (-1, g.stop - g.start, c.runs)
             o, lse = o.unflatten(0, by_run), lse.unflatten(0, by_run)
-            if isinstance(q_rows, slice):
-                o_acc = _packed(out_acc, q_rows, blk.heads, blk.offsets)[:, g]
-                l_acc = _packed(_rows_major(lse_acc), q_rows, blk.heads, blk.offsets)[:, g]
-                o_acc, l_acc = (_run_view(t, c.q_start, c.runs, c.q_len) for t in (o_acc, l_acc))
-                if schedule.writes[c]:
-                    o_acc.copy_(o)
-                    l_acc.copy_(lse)
-                else:
-                    merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
+            if not isinstance(q_rows, slice):
+                rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
+                _scatter_result(rows, blk.heads, write, acc, o, lse, poison)
                 continue
-            _scatter_result(q_rows[c.q_start : c.q_start + c.runs * c.q_len], blk.heads, schedule.writes[c], acc, o, lse)
+
+            def view(x):  # [B, n, H, ...] -> the call's cells, shaped like its results
+                return _run_view(_packed(x, q_rows, blk.heads, blk.offsets)[:, g], c.q_start, c.runs, c.q_len)
+
+            o_acc = view(out_acc)
+            l_acc = None if lse_acc is None else view(_rows_major(lse_acc))
+            if not write:
+                merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
+            elif poison is None:
+                o_acc.copy_(o)
+                if l_acc is not None:
+                    l_acc.copy_(lse)
+            else:  # the copy marks the rows: out = o + 0 * poison
+                p = view(poison)
+                torch.add(o, p.unsqueeze(-1), alpha=0, out=o_acc)
+                if l_acc is not None:
+                    torch.add(lse, p, alpha=0, out=l_acc)
 
 
-def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o, lse) -> None:
+def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o, lse, poison) -> None:
     """Write or merge a result ``[B, 1, runs, h, L, ...]`` at ``rows`` that are no progression
     (a dilated unit across zigzag chunks): gather, merge, scatter."""
     out_acc, lse_acc = acc
     o = _unpacked(o, out_acc.dtype)  # [B, M, h, D]
-    lse = _unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)  # [B, M, h]
-    o_heads, l_heads = out_acc[:, :, heads], _rows_major(lse_acc)[:, :, heads]
+    lse = _unpacked(lse.unsqueeze(-1), torch.float32 if lse_acc is None else lse_acc.dtype).squeeze(-1)
+    if write and poison is not None:
+        p = poison[:, :, heads].index_select(1, rows)
+        o.add_(p.unsqueeze(-1), alpha=0)
+        lse.add_(p, alpha=0)
+    o_heads = out_acc[:, :, heads]
+    l_heads = None if lse_acc is None else _rows_major(lse_acc)[:, :, heads]
     if not write:
         o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
         merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
         o, lse = o_acc, l_acc
     o_heads.index_copy_(1, rows, o)
-    l_heads.index_copy_(1, rows, lse)
+    if l_heads is not None:
+        l_heads.index_copy_(1, rows, lse)
 
 
 def _offset_groups(blk: Block, c, q) -> list[slice]:
@@ -288,26 +301,33 @@ def _wait(pending) -> dict:
     return {} if pending is None else pending.wait()
 
 
-def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float):
+def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
+                need_lse: bool = True):
     """Run the plans; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
 
     ``out`` is in the accumulation dtype where some call merges, else in q's dtype
     (a ``[B, H, n, D]`` tensor seen through a transpose); ``lse`` is in the accumulation dtype.
+    ``need_lse=False`` (no backward will run): ``lse`` may be ``None`` where no call merges.
     """
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
-    state = {}
+    state, poisons, adopted = {}, {}, set()
     for r in ring.ranks:
         b, n, h, d = qs[r].shape
         schedule, device = _schedule(plans[r]), qs[r].device
         out_dtype = acc if schedule.merges else qs[r].dtype
-        covered = schedule.covering_rows == n  # the first block writes every cell before any merge
+        covered = schedule.covers(qs[r])
         if covered and schedule.adopted is not None and out_dtype == qs[r].dtype:
             state[r] = [None, None]  # the adopted call's results will be the accumulators
+            adopted.add(r)
             continue
+        if kernels.marks_query_rows(qs[r]):
+            poisons[r] = kernels.query_row_poison(qs[r], acc)
         # Cells no call writes are rows without keys: output 0. Their LSE is read only by
         # a merge into cells not written before it.
         out = (torch.empty if covered else torch.zeros)(b, h, n, d, dtype=out_dtype, device=device)
-        if covered or not schedule.merges:
+        if not need_lse and not schedule.merges:
+            lse = None
+        elif covered or not schedule.merges:
             lse = torch.empty(b, h, n, dtype=acc, device=device)
         else:
             lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=device)
@@ -315,20 +335,18 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
         schedule = _schedule(plans[r])
-        covered = schedule.covering_rows == qs[r].shape[1]
         for blk in plans[r].local:
-            _block_forward(blk, schedule, covered, qs[r], ks[r], vs[r], state[r], scale)
+            _block_forward(blk, schedule, qs[r], ks[r], vs[r], state[r], scale, poisons.get(r))
     for shift in range(1, ring.size):
         received = _wait(pending)
         pending = _post_kv(ring, plans, shift + 1, ks, vs, received)
         for r in ring.ranks:
             schedule = _schedule(plans[r])
-            covered = schedule.covering_rows == qs[r].shape[1]
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, schedule, covered, qs[r], k_msg, v_msg, state[r], scale)
-    for r in ring.ranks:
-        if _schedule(plans[r]).covering_rows == qs[r].shape[1] and kernels.marks_query_rows(qs[r]):
+                _block_forward(blk, schedule, qs[r], k_msg, v_msg, state[r], scale, poisons.get(r))
+    for r in adopted:  # the adopted call's outputs: marked once, here
+        if kernels.marks_query_rows(qs[r]):
             out, lse = state[r]
             kernels.mark_query_rows_(qs[r], out, _rows_major(lse))
     return state
@@ -438,7 +456,7 @@ def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses,
     for r in ring.ranks:
         schedule = _schedule(plans[r])
         adopt = (
-            schedule.adopted is not None and schedule.covering_rows == qs[r].shape[1]
+            schedule.adopted is not None and schedule.covers(qs[r])
             and qs[r].dtype == acc and ks[r].shape == qs[r].shape
         )
         grads[r] = [None] * 3 if adopt else [
@@ -477,19 +495,19 @@ def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses,
 class PackedAttention(torch.autograd.Function):
     """Differentiable :func:`run_forward` for the ranks ``ring.ranks``.
 
-    Inputs are the ranks' plans (in ``ring.ranks`` order), then their q shards, k shards
-    and v shards; outputs are the ranks' output shards in the input dtype. Double
+    Inputs are the ranks' plans (in ``ring.ranks`` order), the ring, the scale, whether a
+    backward may follow (``need_lse``), then their q shards, k shards and v shards; outputs are the ranks' output shards in the input dtype. Double
     backward is refused: the backward runs fused kernels that have no derivative.
     """
 
     @staticmethod
-    def forward(ctx, plans: tuple[RankPlan, ...], ring: Ring, scale: float, *tensors):
+    def forward(ctx, plans: tuple[RankPlan, ...], ring: Ring, scale: float, need_lse: bool, *tensors):
         n = len(ring.ranks)
         by_rank = dict(zip(ring.ranks, plans))
         qs = dict(zip(ring.ranks, tensors[:n]))
         ks = dict(zip(ring.ranks, tensors[n : 2 * n]))
         vs = dict(zip(ring.ranks, tensors[2 * n :]))
-        state = run_forward(by_rank, ring, qs, ks, vs, scale)
+        state = run_forward(by_rank, ring, qs, ks, vs, scale, need_lse)
         outs = tuple(state[r][0].to(qs[r].dtype) for r in ring.ranks)
         lses = tuple(state[r][1] for r in ring.ranks)
         ctx.plans, ctx.ring, ctx.scale = by_rank, ring, scale
@@ -512,7 +530,7 @@ class PackedAttention(torch.autograd.Function):
         dqs = [grads[r][0].to(qs[r].dtype) for r in ring.ranks]
         dks = [grads[r][1].to(ks[r].dtype) for r in ring.ranks]
         dvs = [grads[r][2].to(vs[r].dtype) for r in ring.ranks]
-        return (None, None, None, *dqs, *dks, *dvs)
+        return (None, None, None, None, *dqs, *dks, *dvs)
 
 
 def run_on_ring(plans: tuple[RankPlan, ...], ring: Ring, scale: float, layout: str, q, k, v, *, checkpoint: bool):
@@ -525,10 +543,11 @@ def run_on_ring(plans: tuple[RankPlan, ...], ring: Ring, scale: float, layout: s
     """
 
     def run(q, k, v):
+        need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # for a backward
         if len(ring.ranks) == 1:
-            return PackedAttention.apply(plans, ring, scale, q, k, v)[0]
+            return PackedAttention.apply(plans, ring, scale, need_lse, q, k, v)[0]
         shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
-        outs = PackedAttention.apply(plans, ring, scale, *shards[0], *shards[1], *shards[2])
+        outs = PackedAttention.apply(plans, ring, scale, need_lse, *shards[0], *shards[1], *shards[2])
         return _layout.join(list(outs), layout)
 
     if checkpoint and torch.is_grad_enabled():

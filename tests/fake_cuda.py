@@ -692,6 +692,10 @@ class FakeCuda:
     def drive(self, fn_cls, *args):
         """Run ``fn_cls.forward`` then (if ``backward``) ``fn_cls.backward`` with ones; return the outputs."""
         ctx = _Ctx()
+        from ring_attention.packed import PackedAttention
+
+        if self.backward and fn_cls is PackedAttention:  # (plans, ring, scale, need_lse, ...): a backward follows
+            args = (*args[:3], True, *args[4:])
         outs = fn_cls.forward(ctx, *args)
         if not self.backward:
             return outs

@@ -287,31 +287,56 @@ def test_gradient_only_for_some_inputs():
         assert not ra.dilated_attention(q, k, v, pattern).requires_grad
 
 
-@pytest.mark.parametrize(
-    "name, fn",
-    [
-        ("dilated", lambda q, k, v, p, c: ra.dilated_attention(q, k, v, p, causal=c)),
-        ("ring_dilated-2", lambda q, k, v, p, c: ra.ring_dilated_attention(q, k, v, p, ring_size=2, causal=c)),
-        ("ring-4", lambda q, k, v, p, c: ra.ring_attention(q, k, v, ring_size=4, causal=c)),
-        ("dense", lambda q, k, v, p, c: ra.dense_attention(q, k, v, causal=c)),
-    ],
-)
+_DILATED_FNS = [
+    ("dilated", lambda q, k, v, p, c: ra.dilated_attention(q, k, v, p, causal=c)),
+    ("ring_dilated-2", lambda q, k, v, p, c: ra.ring_dilated_attention(q, k, v, p, ring_size=2, causal=c)),
+    # zigzag chunks of 4 rows: a dilated unit's rows are no progression (scattered results)
+    ("ring_dilated-2-zigzag", lambda q, k, v, p, c: ra.ring_dilated_attention(
+        q, k, v, p, ring_size=2, causal=c, layout="zigzag")),
+]
+# Where non-finite query rows get marked: a first pair covering every cell, later ones merging
+# into it (mixture 4/1 then 8/2); pairs on disjoint heads that never merge and leave rows
+# without keys (head_groups); a first pair leaving cells a later pair merges into (8/2 first);
+# rows that are no progression.
+_NON_FINITE_PATTERNS = {
+    "mixture": ra.DilatedPattern((4, 8), (1, 2)),
+    "head_groups": ra.DilatedPattern((4, 8), (1, 2), "head_groups"),
+    "dilated-first": ra.DilatedPattern((8, 4), (2, 1)),
+    # rate 3 in segments of 4 keeps rows 0, 3, 4, 7, ...: no progression (results scattered)
+    "uneven-rate": ra.DilatedPattern((4, 16), (3, 1), "head_groups"),
+}
+_NON_FINITE_CASES = [
+    pytest.param(fn, pattern, id=f"{name}-{pname}")
+    for name, fn in _DILATED_FNS for pname, pattern in _NON_FINITE_PATTERNS.items()
+] + [
+    pytest.param(lambda q, k, v, p, c: ra.ring_attention(q, k, v, ring_size=4, causal=c), None, id="ring-4"),
+    # one call of 16 keys on the CPU op, whose outputs become the accumulators
+    pytest.param(lambda q, k, v, p, c: ra.ring_attention(q, k, v, ring_size=1, causal=c), None, id="ring-1"),
+    pytest.param(lambda q, k, v, p, c: ra.dense_attention(q, k, v, causal=c), None, id="dense"),
+]
+
+
+@pytest.mark.parametrize("fn, pattern", _NON_FINITE_CASES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("where", ["q", "k", "v"])
-def test_non_finite_input_shows_where_the_reference_says(name, fn, causal, bad, where):
-    # Short segments and shards: every fused block has fewer than 8 keys, where torch's CPU
-    # op returns a finite 0 for a NaN query row; and under a causal mask a NaN value row
-    # must not reach the rows before it (fused kernels multiply it by a zero probability).
-    p = ra.DilatedPattern((4, 8), (1, 2))
+@pytest.mark.parametrize("where", ["q", "k", "v", "q-with-negative-keys"])
+def test_non_finite_input_shows_where_the_reference_says(fn, pattern, causal, bad, where):
+    # Short segments and shards: every block has fewer keys than the CPU op handles right
+    # (it returns a finite 0 for a row whose every score is NaN); and under a causal mask a
+    # NaN value row must not reach the rows before it (kernels multiply it by a zero
+    # probability). "q-with-negative-keys": an inf query entry against keys all negative
+    # there, so every score of the row is -inf and a kernel takes it for a row without keys.
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 16, 2, 8, generator=gen) for _ in range(3))  # float32: float64 is not affected
-    t = {"q": q, "k": k, "v": v}[where]
-    t[0, 5, 1, 3] = bad
-    t[0, 10, 0, 0] = bad
-    pattern = None if name in ("ring-4", "dense") else p
+    if where == "q-with-negative-keys":
+        k[..., 1, 3], k[..., 0, 0] = -k[..., 1, 3].abs() - 0.1, -k[..., 0, 0].abs() - 0.1
+    t = {"q": q, "k": k, "v": v}[where[0]]
+    # rows 11 (head 0) and 13 (head 1): kept by no pair that runs before another one merges
+    # there (the dilated-first pattern), and scattered in the zigzag layout (no progression)
+    for row, head, dim in ((5, 1, 3), (11, 0, 0), (13, 1, 3)):
+        t[0, row, head, dim] = bad
     ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal)
-    out = fn(q, k, v, p, causal)
+    out = fn(q, k, v, pattern, causal)
     assert not ref.isfinite().all()  # the comparison is not vacuous
     assert torch.equal(out.isfinite(), ref.isfinite())
     finite = ref.isfinite()
