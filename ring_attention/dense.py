@@ -33,9 +33,14 @@ def dense_attention(q, k, v, *, causal=False, scale=None):
         q.transpose(1, 2), k.transpose(1, 2), v, is_causal=causal, scale=scale, enable_gqa=h != hkv
     )
     if causal:
-        out = out + (poison.repeat_interleave(h // hkv, dim=1) if h != hkv else poison)
+        out = _add(out, poison.repeat_interleave(h // hkv, dim=1) if h != hkv else poison)
     # A query row holding inf can score -inf against every key, which the fused kernels
     # take for a row without keys (output 0); the math, and the reference, give NaN.
-    poison = query_row_poison(q.detach(), torch.promote_types(q.dtype, torch.float32)).mul_(0)  # 0 or NaN
-    out = out + poison.to(out.dtype).transpose(1, 2).unsqueeze(-1)
+    rows = query_row_poison(q.detach(), torch.promote_types(q.dtype, torch.float32)).mul_(0)  # 0 or NaN
+    out = _add(out, rows.to(out.dtype).transpose(1, 2).unsqueeze(-1))
     return out.transpose(1, 2)
+
+
+def _add(out, x):
+    """``out + x``, in place unless autograd keeps ``out`` for SDPA's backward."""
+    return out + x if out.requires_grad else out.add_(x)
