@@ -455,9 +455,11 @@ def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses,
     grads = {}
     for r in ring.ranks:
         schedule = _schedule(plans[r])
+        # The adopted call's gradients are the accumulators when nothing adds to them in a
+        # dtype narrower than the accumulation dtype: in q's dtype only as the sole call.
         adopt = (
-            schedule.adopted is not None and schedule.covers(qs[r])
-            and qs[r].dtype == acc and ks[r].shape == qs[r].shape
+            schedule.adopted is not None and schedule.covers(qs[r]) and ks[r].shape == qs[r].shape
+            and (qs[r].dtype == acc or len(schedule.writes) == 1)
         )
         grads[r] = [None] * 3 if adopt else [
             torch.zeros(t.shape, dtype=acc, device=t.device) for t in (qs[r], ks[r], vs[r])

@@ -143,3 +143,12 @@ def test_the_command_names_what_it_cannot_run(capsys):
     assert "ring-zigzag-causal4 N=100 unsupported" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         counters.main(["--n", "64"])  # no variant
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_sole_kernel_call_keeps_its_gradients_in_the_input_dtype(dtype):
+    """One call covers the shard (a ring of one): its dq/dk/dv are the result, no float32
+    accumulators are zeroed and added into, so the pass holds no more than dense SDPA."""
+    ring1, dense = (counters.counters_for(registry.get(name), 1, 256, 4, 32, dtype)["fwd+bwd"]
+                    for name in ("RingAttention-ring1", "dense"))
+    assert ring1.peak_bytes <= dense.peak_bytes
