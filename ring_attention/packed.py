@@ -17,15 +17,17 @@ The executor decides whether a kernel result is written or merged: a call writes
 if no call it ran before touched the same cells (same unit and overlapping packed rows,
 or another pair on a shared head). Accumulators start at ``(0, -inf)``, which a merge
 leaves exact, so this is an optimization that no execution order can make wrong. They
-are left uninitialized only where the first block writes every cell before any merge
-reads one, and the first call's outputs *are* the accumulators where it alone covers
-the shard (full attention on one rank, a ring's local block).
+are left uninitialized only where the calls before the first merge write every cell
+(writes never overlap, so counting their cells is enough), and the first call's outputs
+*are* the accumulators where it alone covers the shard (full attention on one rank, a
+ring's local block); as the sole call of a plan, its gradients are the result too.
 
 Launches are what a GPU pays for in eager mode (each op costs host time), so results
 move through strided views, never through per-block buffers: a kernel's output is
 copied into (or merged with) a view of the accumulators, its gradients added into
 views of the gradient accumulators; a block of ``O`` head offsets runs as one batch.
-The output accumulates in float32 only where some call merges (LSE always).
+The output accumulates in float32 only where some call merges, and the LSE is written
+only where a merge or a backward reads it.
 
 The backward follows PyTorch's context-parallel recipe: each block's kernel backward is
 called with the rows' *final* output and LSE, which makes its gradient that block's

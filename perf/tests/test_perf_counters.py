@@ -152,3 +152,24 @@ def test_a_sole_kernel_call_keeps_its_gradients_in_the_input_dtype(dtype):
     ring1, dense = (counters.counters_for(registry.get(name), 1, 256, 4, 32, dtype)["fwd+bwd"]
                     for name in ("RingAttention-ring1", "dense"))
     assert ring1.peak_bytes <= dense.peak_bytes
+
+
+# Kernel launches per call at B=1, H=8, D=64 (issue "Lean on a GPU": forward at most these,
+# backward at most half of what it was); counts do not depend on N, so the smallest length
+# with the variant's structure (TWO_LENGTHS) stands for N = 8192.
+LAUNCH_LIMITS = {  # name: (forward, backward)
+    "Production": (20, 28),
+    "ImprovedDilatedAttention": (10, 28),
+    "longnet": (40, 62),
+    "RingAttention-ring4": (100, 202),
+    "ring-zigzag-causal4": (200, 266),
+    "longnet-ring4-zigzag-causal": (200, 270),
+}
+
+
+@pytest.mark.parametrize("name", list(LAUNCH_LIMITS))
+def test_launches_stay_within_the_limits(name):
+    c = _counts(name, TWO_LENGTHS.get(name, (512, 1024))[0])
+    fwd, bwd = c["fwd"].launches, c["fwd+bwd"].launches - c["fwd"].launches
+    max_fwd, max_bwd = LAUNCH_LIMITS[name]
+    assert fwd <= max_fwd and bwd <= max_bwd, f"{name}: {fwd} forward, {bwd} backward launches"
