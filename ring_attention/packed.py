@@ -209,11 +209,8 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
                 _scatter_result(rows, blk.heads, write, acc, o, lse, poison)
                 continue
 
-            def view(x):  # [B, n, H, ...] -> the call's cells, shaped like its results
-                return _run_view(_packed(x, q_rows, blk.heads, blk.offsets)[:, g], c.q_start, c.runs, c.q_len)
-
-            o_acc = view(out_acc)
-            l_acc = None if lse_acc is None else view(_rows_major(lse_acc))
+            o_acc = _cells(out_acc, q_rows, blk, g, c)
+            l_acc = None if lse_acc is None else _cells(_rows_major(lse_acc), q_rows, blk, g, c)
             if not write:
                 merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
             elif poison is None:
@@ -221,10 +218,16 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
                 if l_acc is not None:
                     l_acc.copy_(lse)
             else:  # the copy marks the rows: out = o + 0 * poison
-                p = view(poison)
+                p = _cells(poison, q_rows, blk, g, c)
                 torch.add(o, p.unsqueeze(-1), alpha=0, out=o_acc)
                 if l_acc is not None:
                     torch.add(lse, p, alpha=0, out=l_acc)
+
+
+def _cells(x: torch.Tensor, rows: slice, blk: Block, g: slice, c: Call) -> torch.Tensor:
+    """The cells of ``x [B, n, H, ...]`` that call ``c`` (head offsets ``g``) computes, shaped
+    like its results ``[B, O, runs, h, L, ...]``: a strided view."""
+    return _run_view(_packed(x, rows, blk.heads, blk.offsets)[:, g], c.q_start, c.runs, c.q_len)
 
 
 def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o, lse, poison) -> None:
