@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._checks import check_flag, check_qkv, check_scale
-from .kernels import fold_scale, quarantine_values, query_row_poison
+from .kernels import CPU_FEW_KEYS, fold_scale, quarantine_values, query_row_poison
 
 
 def dense_attention(q, k, v, *, causal=False, scale=None):
@@ -29,9 +32,12 @@ def dense_attention(q, k, v, *, causal=False, scale=None):
     v = v.transpose(1, 2)
     if causal:
         v, poison = quarantine_values(v)  # a non-finite value shows in the rows attending it only
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v, is_causal=causal, scale=scale, enable_gqa=h != hkv
-    )
+    # the CPU op returns 0, not NaN, for a row whose every score is NaN below CPU_FEW_KEYS keys
+    few_keys = q.device.type == "cpu" and k.shape[1] < CPU_FEW_KEYS
+    with sdpa_kernel([SDPBackend.MATH]) if few_keys else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v, is_causal=causal, scale=scale, enable_gqa=h != hkv
+        )
     if causal:
         out = _add(out, poison.repeat_interleave(h // hkv, dim=1) if h != hkv else poison)
     # A query row holding inf can score -inf against every key, which the fused kernels

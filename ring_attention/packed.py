@@ -169,7 +169,8 @@ def _schedule(plan: RankPlan) -> _Schedule:
 # --- forward ---------------------------------------------------------------------------
 
 
-def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: float, poison=None) -> None:
+def _block_forward(blk: Block, schedule, covered: bool, q, k_src, v_src, acc: list, scale: float,
+                   poison=None) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
     ``acc = [out [B, n, H, D], lse [B, H, n] or None]`` in place, through strided views
     (or, for the schedule's adopted call, becomes them). ``lse`` is ``None`` where nothing
@@ -178,10 +179,9 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
     Non-finite query rows (:func:`kernels.marks_query_rows`) are marked where a result is
     written: ``poison [B, n, H]`` (:func:`kernels.query_row_poison`, ``None`` where
     nothing needs marking or the caller marks at the end) is added with weight 0 as the
-    result is copied in, and a merge keeps the NaN. A merge needs no mark of its own: a
-    kernel's result for such a row is NaN, or ``(0, -inf)`` where every score is ``-inf``,
-    and merged into a cell that no result reached before (``(0, -inf)`` too) that makes a
-    NaN weight.
+    result is copied in, and a merge keeps the NaN. Where a merge may reach a cell before
+    any write (``covered`` is false) the merged result is marked too: the CPU op returns a
+    finite ``(0, 0)`` for a row whose every score is ``-inf``.
     """
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
@@ -189,6 +189,7 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
     for c in blk.calls:
         write = schedule.writes[c]
+        mark = poison if write or not covered else None
         for g in _offset_groups(blk, c, q):
             o, lse = kernels.attention_forward(
                 _runs(qb[:, g], c.q_start, c.runs, c.q_len),
@@ -206,19 +207,22 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
             o, lse = o.unflatten(0, by_run), lse.unflatten(0, by_run)
             if not isinstance(q_rows, slice):
                 rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
-                _scatter_result(rows, blk.heads, write, acc, o, lse, poison)
+                _scatter_result(rows, blk.heads, write, acc, o, lse, mark)
                 continue
 
             o_acc = _cells(out_acc, q_rows, blk, g, c)
             l_acc = None if lse_acc is None else _cells(_rows_major(lse_acc), q_rows, blk, g, c)
+            p = None if mark is None else _cells(mark, q_rows, blk, g, c)
             if not write:
+                if p is not None:
+                    o.add_(p.unsqueeze(-1), alpha=0)
+                    lse.add_(p, alpha=0)
                 merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
-            elif poison is None:
+            elif p is None:
                 o_acc.copy_(o)
                 if l_acc is not None:
                     l_acc.copy_(lse)
             else:  # the copy marks the rows: out = o + 0 * poison
-                p = _cells(poison, q_rows, blk, g, c)
                 torch.add(o, p.unsqueeze(-1), alpha=0, out=o_acc)
                 if l_acc is not None:
                     torch.add(lse, p, alpha=0, out=l_acc)
@@ -232,14 +236,16 @@ def _cells(x: torch.Tensor, rows: slice, blk: Block, g: slice, c: Call) -> torch
 
 def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o, lse, poison) -> None:
     """Write or merge a result ``[B, 1, runs, h, L, ...]`` at ``rows`` that are no progression
-    (a dilated unit across zigzag chunks): gather, merge, scatter."""
+    (a dilated unit across zigzag chunks): gather, merge, scatter; marked by ``poison``
+    (``[B, n, H]`` or ``None``) first."""
     out_acc, lse_acc = acc
     o = _unpacked(o, out_acc.dtype)  # [B, M, h, D]
-    lse = _unpacked(lse.unsqueeze(-1), torch.float32 if lse_acc is None else lse_acc.dtype).squeeze(-1)
-    if write and poison is not None:
+    lse = None if lse_acc is None else _unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)
+    if poison is not None:
         p = poison[:, :, heads].index_select(1, rows)
         o.add_(p.unsqueeze(-1), alpha=0)
-        lse.add_(p, alpha=0)
+        if lse is not None:
+            lse.add_(p, alpha=0)
     o_heads = out_acc[:, :, heads]
     l_heads = None if lse_acc is None else _rows_major(lse_acc)[:, :, heads]
     if not write:
@@ -327,21 +333,21 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
             continue
         if kernels.marks_query_rows(qs[r]):
             poisons[r] = kernels.query_row_poison(qs[r], acc)
-        # Cells no call writes are rows without keys: output 0. Their LSE is read only by
-        # a merge into cells not written before it.
+        # Cells no call writes are rows without keys: output 0.
         out = (torch.empty if covered else torch.zeros)(b, h, n, d, dtype=out_dtype, device=device)
         if not need_lse and not schedule.merges:
             lse = None
-        elif covered or not schedule.merges:
+        elif covered:
             lse = torch.empty(b, h, n, dtype=acc, device=device)
-        else:
+        else:  # rows without keys: -inf, read by merges (and returned by the custom op)
             lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=device)
         state[r] = [out.transpose(1, 2), lse]
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
         schedule = _schedule(plans[r])
         for blk in plans[r].local:
-            _block_forward(blk, schedule, qs[r], ks[r], vs[r], state[r], scale, poisons.get(r))
+            _block_forward(blk, schedule, schedule.covers(qs[r]), qs[r], ks[r], vs[r], state[r], scale,
+                           poisons.get(r))
     for shift in range(1, ring.size):
         received = _wait(pending)
         pending = _post_kv(ring, plans, shift + 1, ks, vs, received)
@@ -349,7 +355,8 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
             schedule = _schedule(plans[r])
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, schedule, qs[r], k_msg, v_msg, state[r], scale, poisons.get(r))
+                _block_forward(blk, schedule, schedule.covers(qs[r]), qs[r], k_msg, v_msg, state[r], scale,
+                               poisons.get(r))
     for r in adopted:  # the adopted call's outputs: marked once, here
         if kernels.marks_query_rows(qs[r]):
             out, lse = state[r]
@@ -454,6 +461,11 @@ def _add_returned(returning, plans, grads) -> None:
             _scatter_add(dv, rows, heads, dv_rows)
 
 
+def _receives_gradients(plan: RankPlan) -> bool:
+    """Whether dK/dV come back to this rank: it sends K/V (directly or passed on) at some shift."""
+    return any(step.sends for step in plan.steps.values())
+
+
 def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
     """Gradients ``{rank: [dq, dk, dv]}`` in the accumulation dtype."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
@@ -461,10 +473,11 @@ def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses,
     for r in ring.ranks:
         schedule = _schedule(plans[r])
         # The adopted call's gradients are the accumulators when nothing adds to them in a
-        # dtype narrower than the accumulation dtype: in q's dtype only as the sole call.
+        # dtype narrower than the accumulation dtype: in q's dtype only as the rank's sole
+        # call, with no dK/dV coming back from other ranks.
         adopt = (
             schedule.adopted is not None and schedule.covers(qs[r]) and ks[r].shape == qs[r].shape
-            and (qs[r].dtype == acc or len(schedule.writes) == 1)
+            and (qs[r].dtype == acc or (len(schedule.writes) == 1 and not _receives_gradients(plans[r])))
         )
         grads[r] = [None] * 3 if adopt else [
             torch.zeros(t.shape, dtype=acc, device=t.device) for t in (qs[r], ks[r], vs[r])

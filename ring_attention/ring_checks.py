@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -47,8 +48,10 @@ class _Signature(NamedTuple):
 
 FULL = object()  # the ``pattern`` of full attention: ring_attention passes it, users never do
 
-_AGREED: collections.OrderedDict = collections.OrderedDict()  # (group, signature), LRU
-_MAX_AGREED = 1024  # every rank evicts the same entries: they see the same calls
+# group -> its agreed signatures (LRU). Weakly keyed: a cache must not keep a process group
+# alive past destroy_process_group, or gloo's threads are torn down at interpreter exit.
+_AGREED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAX_AGREED = 1024  # per group; every rank evicts the same entries: they see the same calls
 
 
 def _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, sharded):
@@ -134,9 +137,9 @@ def check_ring_inputs(
         )
     except (ValueError, TypeError) as exc:
         error = exc
-    key = (group, signature)
-    if error is None and key in _AGREED:
-        _AGREED.move_to_end(key)
+    agreed = _AGREED.setdefault(ring.group, collections.OrderedDict())
+    if error is None and signature in agreed:
+        agreed.move_to_end(signature)
         return (ring, *result)
 
     every = [None] * ring.size
@@ -156,8 +159,8 @@ def check_ring_inputs(
     ]
     if diffs:
         raise ValueError("the ranks' shards or arguments disagree (" + "; ".join(diffs) + ")")
-    _AGREED[key] = None
-    if len(_AGREED) > _MAX_AGREED:
-        _AGREED.popitem(last=False)
+    agreed[signature] = None
+    if len(agreed) > _MAX_AGREED:
+        agreed.popitem(last=False)
     return (ring, *result)
 

@@ -343,6 +343,36 @@ def test_non_finite_input_shows_where_the_reference_says(fn, pattern, causal, ba
     torch.testing.assert_close(out[finite], ref[finite])
 
 
+@pytest.mark.parametrize("n", [4, 15, 16, 40])
+def test_dense_causal_row_seeing_only_a_nan_key_is_nan(n):
+    # below 16 keys torch's CPU op returns 0 for a row whose every score is NaN
+    q, k, v = (torch.randn(1, n, 2, 8) for _ in range(3))
+    k[0, 0, 1, 2] = float("nan")
+    out, ref = ra.dense_attention(q, k, v, causal=True), ra.reference_attention(q, k, v, causal=True)
+    assert not ref[0, 0, 1].isfinite().any()
+    assert torch.equal(out.isfinite(), ref.isfinite())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ring_size", [None, 1, 2, 4])
+def test_a_query_row_scoring_minus_inf_everywhere_is_nan_on_the_fused_cpu_op(ring_size, dtype):
+    # 32 keys per segment of pair 1: the fused CPU op, which returns a finite (0, 0) for a
+    # row whose every score is -inf. Pair 0 skips row 1 of head 0, so pair 1's result
+    # reaches that cell by a merge, not a write.
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 2, 8, generator=gen).to(dtype) for _ in range(3))
+    k[..., 0] = -k[..., 0].abs() - 0.1
+    q[0, 1, 0, 0] = float("inf")
+    p = ra.DilatedPattern((16, 32), (2, 1))
+    if ring_size is None:
+        out = ra.dilated_attention(q, k, v, p)
+    else:
+        out = ra.ring_dilated_attention(q, k, v, p, ring_size=ring_size)
+    ref = ra.reference_attention(q.double(), k.double(), v.double(), pattern=p)
+    assert not ref[0, 1, 0].isfinite().any()
+    assert torch.equal(out.isfinite(), ref.isfinite())
+
+
 @pytest.mark.parametrize(
     "fn",
     [
