@@ -159,8 +159,8 @@ def _schedule(plan: RankPlan) -> _Schedule:
     first = next(_blocks_in_order(plan), None)
     if first is not None and first.offsets == 1 and first.heads == slice(0, num_heads, 1):
         c, n = first.calls[0], len(first.q_rows)
-        if writes[c] and c.runs == 1 and c.q_start == 0 and c.q_len == n and first.q_rows.as_slice() == slice(0, n, 1):
-            adopted = c  # writes every row and head of the shard: n * num_heads cells
+        if c.runs == 1 and c.q_start == 0 and c.q_len == n and first.q_rows.as_slice() == slice(0, n, 1):
+            adopted = c  # the first call (a write): every row and head of the shard
     schedule = _Schedule(writes, not all(writes.values()), cells, adopted)
     _SCHEDULES[plan] = schedule
     return schedule
@@ -169,8 +169,7 @@ def _schedule(plan: RankPlan) -> _Schedule:
 # --- forward ---------------------------------------------------------------------------
 
 
-def _block_forward(blk: Block, schedule, covered: bool, q, k_src, v_src, acc: list, scale: float,
-                   poison=None) -> None:
+def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: float, poison=None) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
     ``acc = [out [B, n, H, D], lse [B, H, n] or None]`` in place, through strided views
     (or, for the schedule's adopted call, becomes them). ``lse`` is ``None`` where nothing
@@ -180,13 +179,14 @@ def _block_forward(blk: Block, schedule, covered: bool, q, k_src, v_src, acc: li
     written: ``poison [B, n, H]`` (:func:`kernels.query_row_poison`, ``None`` where
     nothing needs marking or the caller marks at the end) is added with weight 0 as the
     result is copied in, and a merge keeps the NaN. Where a merge may reach a cell before
-    any write (``covered`` is false) the merged result is marked too: the CPU op returns a
-    finite ``(0, 0)`` for a row whose every score is ``-inf``.
+    any write (the schedule does not cover the shard) the merged result is marked too: the
+    CPU op returns a finite ``(0, 0)`` for a row whose every score is ``-inf``.
     """
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
+    covered = schedule.covers(q)
     for c in blk.calls:
         write = schedule.writes[c]
         mark = poison if write or not covered else None
@@ -346,8 +346,7 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
         schedule = _schedule(plans[r])
         for blk in plans[r].local:
-            _block_forward(blk, schedule, schedule.covers(qs[r]), qs[r], ks[r], vs[r], state[r], scale,
-                           poisons.get(r))
+            _block_forward(blk, schedule, qs[r], ks[r], vs[r], state[r], scale, poisons.get(r))
     for shift in range(1, ring.size):
         received = _wait(pending)
         pending = _post_kv(ring, plans, shift + 1, ks, vs, received)
@@ -355,8 +354,7 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
             schedule = _schedule(plans[r])
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, schedule, schedule.covers(qs[r]), qs[r], k_msg, v_msg, state[r], scale,
-                               poisons.get(r))
+                _block_forward(blk, schedule, qs[r], k_msg, v_msg, state[r], scale, poisons.get(r))
     for r in adopted:  # the adopted call's outputs: marked once, here
         if kernels.marks_query_rows(qs[r]):
             out, lse = state[r]
@@ -516,8 +514,9 @@ class PackedAttention(torch.autograd.Function):
     """Differentiable :func:`run_forward` for the ranks ``ring.ranks``.
 
     Inputs are the ranks' plans (in ``ring.ranks`` order), the ring, the scale, whether a
-    backward may follow (``need_lse``), then their q shards, k shards and v shards; outputs are the ranks' output shards in the input dtype. Double
-    backward is refused: the backward runs fused kernels that have no derivative.
+    backward may follow (``need_lse``), then their q shards, k shards and v shards; outputs
+    are the ranks' output shards in the input dtype. Double backward is refused: the
+    backward runs fused kernels that have no derivative.
     """
 
     @staticmethod
