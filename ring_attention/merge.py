@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import torch
 
+# Kernels merge_into_ launches into float32 accumulators when no row is empty on both sides.
+MERGE_LAUNCHES = 4
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types and float32; float64 stays float64."""

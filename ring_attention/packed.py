@@ -20,14 +20,20 @@ leaves exact, so this is an optimization that no execution order can make wrong.
 are left uninitialized only where the calls before the first merge write every cell
 (writes never overlap, so counting their cells is enough), and the first call's outputs
 *are* the accumulators where it alone covers the shard (full attention on one rank, a
-ring's local block); as the sole call of a plan, its gradients are the result too.
+ring's local block, a mixture's pair of segments shorter than the shard at rate 1).
 
 Launches are what a GPU pays for in eager mode (each op costs host time), so results
 move through strided views, never through per-block buffers: a kernel's output is
 copied into (or merged with) a view of the accumulators, its gradients added into
-views of the gradient accumulators; a block of ``O`` head offsets runs as one batch.
-The output accumulates in float32 only where some call merges, and the LSE is written
-only where a merge or a backward reads it.
+views of the gradient accumulators; a block of ``O`` head offsets runs as one batch
+where that is a view, or where gathering it into copies saves launches and copies
+little (:data:`MAX_GATHER_BYTES`). The output accumulates in float32 only where some
+call merges, and the LSE is written only where a merge or a backward reads it.
+
+Memory above the accumulators stays small: the first call's results (and gradients)
+*are* the accumulators where that call covers the shard, no other launch computes more
+than 1/:data:`MAX_CALL_SHARE` of the shard's cells (a call's runs are split), and one
+launch's results are alive at a time.
 
 The backward follows PyTorch's context-parallel recipe: each block's kernel backward is
 called with the rows' *final* output and LSE, which makes its gradient that block's
@@ -48,11 +54,16 @@ from . import kernels
 from . import layout as _layout
 from .blocks import Block, Call, Index, Message, RankPlan, Step, index
 from .comm import Ring
-from .merge import accumulation_dtype, merge_into_
+from .merge import MERGE_LAUNCHES, accumulation_dtype, merge_into_
 
 # Bytes of q, k and v a call that batches a block's head offsets may gather into copies;
-# beyond it the offsets run one by one on strided views (see _offset_groups).
-MAX_GATHER_BYTES = 32 * 2**20
+# beyond it the offsets run one by one on strided views (see _offset_groups). A copy of
+# 4 MiB costs a GPU about what a launch costs its host (~5 us at 3 TB/s, read and write).
+MAX_GATHER_BYTES = 4 * 2**20
+# A launch computes at most 1/MAX_CALL_SHARE of the shard's (row, head) cells, unless it
+# is the adopted call: its results, and in backward its gradients, are alive beside the
+# accumulators, so this bounds the memory above them (see _pieces).
+MAX_CALL_SHARE = 4
 
 
 def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
@@ -113,17 +124,37 @@ class _Schedule:
     never overlap, so when that is every cell of the shard, each cell holds a kernel's
     result before any merge reads it: the accumulators need no initial ``(0, -inf)``.
     ``adopted``: the first call, when it alone writes every row and head in order: its
-    kernel outputs *are* the accumulators.
+    kernel outputs *are* the accumulators (where their layout allows, see
+    :func:`_adopted_rows`). ``adopted_kv``: it covers every key and value row and head
+    of the shard as well, so its dK/dV can be the gradient accumulators.
     """
 
     writes: dict
     merges: bool
     cells_before_merge: int
     adopted: Call | None
+    adopted_kv: bool
 
     def covers(self, q: torch.Tensor) -> bool:
         """Whether every cell of the shard ``q [B, n, H, D]`` is written before any merge."""
         return self.cells_before_merge == q.shape[1] * q.shape[2]
+
+
+def _adoptable(plan: RankPlan) -> tuple[Call | None, bool]:
+    """``(adopted, adopted_kv)``: the first call, if it alone computes every row and head of
+    the query shard in order (one run or several back to back), and whether it does so for
+    the key and value rows too (then its dK/dV can be the gradient accumulators)."""
+    first = next(_blocks_in_order(plan), None)
+    num_heads = max((u.heads[-1] + 1 for u in plan.units), default=0)
+    if first is None or first.offsets != 1 or first.heads != slice(0, num_heads, 1):
+        return None, False
+    c = first.calls[0]
+    n, n_k = len(first.q_rows), len(first.k_rows)
+    if c.q_start != 0 or c.runs * c.q_len != n or first.q_rows.as_slice() != slice(0, n, 1):
+        return None, False
+    kv_heads = first.kv_index.as_slice() == slice(0, num_heads, 1)
+    kv_rows = c.k_start == 0 and c.runs * c.k_len == n_k and first.k_rows.as_slice() == slice(0, n_k, 1)
+    return c, kv_heads and kv_rows and first.source is None
 
 
 _SCHEDULES: weakref.WeakKeyDictionary[RankPlan, _Schedule] = weakref.WeakKeyDictionary()
@@ -154,14 +185,7 @@ def _schedule(plan: RankPlan) -> _Schedule:
         if not writes[c]:
             break
         cells += c.runs * c.q_len * heads
-    num_heads = max((u.heads[-1] + 1 for u in plan.units), default=0)
-    adopted = None
-    first = next(_blocks_in_order(plan), None)
-    if first is not None and first.offsets == 1 and first.heads == slice(0, num_heads, 1):
-        c, n = first.calls[0], len(first.q_rows)
-        if c.runs == 1 and c.q_start == 0 and c.q_len == n and first.q_rows.as_slice() == slice(0, n, 1):
-            adopted = c  # the first call (a write): every row and head of the shard
-    schedule = _Schedule(writes, not all(writes.values()), cells, adopted)
+    schedule = _Schedule(writes, not all(writes.values()), cells, *_adoptable(plan))
     _SCHEDULES[plan] = schedule
     return schedule
 
@@ -187,10 +211,13 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
     covered = schedule.covers(q)
-    for c in blk.calls:
-        write = schedule.writes[c]
+    for call in blk.calls:
+        write = schedule.writes[call]
         mark = poison if write or not covered else None
-        for g in _offset_groups(blk, c, q):
+        # Launches per result: a merge (MERGE_LAUNCHES), or a copy of out (and of lse).
+        per_result = (1 + (acc[1] is not None)) if write else MERGE_LAUNCHES
+        adopted = acc[0] is None  # (then call is the schedule's adopted call)
+        for c, g in _pieces(blk, call, q, adopted, copies=3, per_result=per_result):
             o, lse = kernels.attention_forward(
                 _runs(qb[:, g], c.q_start, c.runs, c.q_len),
                 _runs(kb[:, g], c.k_start, c.runs, c.k_len),
@@ -199,33 +226,69 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
                 scale=scale,
                 mark_query_rows=False,  # written results are marked here, or at the end if adopted
             )
-            if acc[0] is None:  # the adopted call: [B, H, n, D] and [B, H, n] are the accumulators
-                acc[0], acc[1] = o.transpose(1, 2), lse
-                continue
-            out_acc, lse_acc = acc
-            by_run = (-1, g.stop - g.start, c.runs)
-            o, lse = o.unflatten(0, by_run), lse.unflatten(0, by_run)
-            if not isinstance(q_rows, slice):
-                rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
-                _scatter_result(rows, blk.heads, write, acc, o, lse, mark)
-                continue
+            _put_result(blk, c, g, q, q_rows, write, mark, acc, o, lse)
+            del o, lse  # before the next offset's results: one block result alive at a time
 
-            o_acc = _cells(out_acc, q_rows, blk, g, c)
-            l_acc = None if lse_acc is None else _cells(_rows_major(lse_acc), q_rows, blk, g, c)
-            p = None if mark is None else _cells(mark, q_rows, blk, g, c)
-            if not write:
-                if p is not None:
-                    o.add_(p.unsqueeze(-1), alpha=0)
-                    lse.add_(p, alpha=0)
-                merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
-            elif p is None:
-                o_acc.copy_(o)
-                if l_acc is not None:
-                    l_acc.copy_(lse)
-            else:  # the copy marks the rows: out = o + 0 * poison
-                torch.add(o, p.unsqueeze(-1), alpha=0, out=o_acc)
-                if l_acc is not None:
-                    torch.add(lse, p, alpha=0, out=l_acc)
+
+def _put_result(blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, mark, acc: list, o, lse) -> None:
+    """Write or merge the results ``o [B*O*runs, h, L, D]``, ``lse [B*O*runs, h, L]`` of
+    call ``c`` (head offsets ``g``) into ``acc``, marked by ``mark`` (see _block_forward)."""
+    if acc[0] is None:  # the adopted call: its results are the accumulators, if they can be
+        adopted = _adopted_rows(o, q.shape[0]), _adopted_rows(lse.unsqueeze(-1), q.shape[0])
+        if None not in adopted:
+            acc[0], acc[1] = adopted[0], adopted[1].squeeze(-1).transpose(1, 2)
+            return
+        acc[:] = _accumulators(q, o.dtype, lse.dtype, covered=True)  # then written below
+    out_acc, lse_acc = acc
+    by_run = (-1, g.stop - g.start, c.runs)
+    o, lse = o.unflatten(0, by_run), lse.unflatten(0, by_run)
+    if not isinstance(q_rows, slice):
+        rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
+        _scatter_result(rows, blk.heads, write, acc, o, lse, mark)
+        return
+
+    o_acc = _cells(out_acc, q_rows, blk, g, c)
+    l_acc = None if lse_acc is None else _cells(_rows_major(lse_acc), q_rows, blk, g, c)
+    p = None if mark is None else _cells(mark, q_rows, blk, g, c)
+    if not write:
+        if p is not None:
+            o.add_(p.unsqueeze(-1), alpha=0)
+            lse.add_(p, alpha=0)
+        merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
+    elif p is None:
+        o_acc.copy_(o)
+        if l_acc is not None:
+            l_acc.copy_(lse)
+    else:  # the copy marks the rows: out = o + 0 * poison
+        torch.add(o, p.unsqueeze(-1), alpha=0, out=o_acc)
+        if l_acc is not None:
+            torch.add(lse, p, alpha=0, out=l_acc)
+
+
+def _accumulators(q, out_dtype, lse_dtype, covered: bool, need_lse: bool = True) -> list:
+    """``[out [B, n, H, D], lse [B, H, n] or None]`` for the shard ``q``: uninitialized where
+    ``covered`` (every cell is written before any merge reads it), else ``(0, -inf)``:
+    cells no call writes are rows without keys."""
+    b, n, h, d = q.shape
+    out = (torch.empty if covered else torch.zeros)(b, h, n, d, dtype=out_dtype, device=q.device)
+    if not need_lse:
+        lse = None
+    elif covered:
+        lse = torch.empty(b, h, n, dtype=lse_dtype, device=q.device)
+    else:  # read by merges (and returned by the custom op)
+        lse = torch.full((b, h, n), float("-inf"), dtype=lse_dtype, device=q.device)
+    return [out.transpose(1, 2), lse]
+
+
+def _adopted_rows(x: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """A kernel result ``[B*runs, H, L, ...]`` of runs back to back as ``[B, runs*L, H, ...]``,
+    a view; ``None`` where its layout has no such view (one run always has one; several
+    need the rows of a run and the runs to follow each other in memory, as the CPU and
+    CUDA kernels lay out their results, but not the CPU op's meta kernel)."""
+    rows = x.transpose(1, 2).unflatten(0, (batch, -1))  # [B, runs, L, H, ...]
+    if rows.shape[1] != 1 and rows.stride(1) != rows.shape[2] * rows.stride(2):
+        return None
+    return rows.flatten(1, 2)
 
 
 def _cells(x: torch.Tensor, rows: slice, blk: Block, g: slice, c: Call) -> torch.Tensor:
@@ -257,11 +320,31 @@ def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o,
         l_heads.index_copy_(1, rows, lse)
 
 
-def _offset_groups(blk: Block, c, q) -> list[slice]:
+def _pieces(blk: Block, c: Call, q, adopted: bool, copies: int, per_result: int) -> list[tuple[Call, slice]]:
+    """The launches of call ``c``: ``(call, head offsets)`` pairs, the call's runs split so
+    that each launch computes at most 1/:data:`MAX_CALL_SHARE` of the shard's cells (an
+    ``adopted`` call, whose results become the accumulators, whole). ``copies`` and
+    ``per_result``: see :func:`_offset_groups`."""
+    groups = _offset_groups(blk, c, q, copies, per_result)
+    per_run = (groups[0].stop - groups[0].start) * c.q_len * len(range(*blk.heads.indices(q.shape[2])))
+    runs = max(1, q.shape[1] * q.shape[2] // MAX_CALL_SHARE // per_run)
+    if adopted or runs >= c.runs:
+        return [(c, g) for g in groups]
+    calls = [
+        dataclasses.replace(c, q_start=c.q_start + i * c.q_len, k_start=c.k_start + i * c.k_len,
+                            runs=min(runs, c.runs - i), q_rows=c.q_rows.sub(i * c.q_len, (i + runs) * c.q_len))
+        for i in range(0, c.runs, runs)
+    ]
+    return [(piece, g) for piece in calls for g in groups]
+
+
+def _offset_groups(blk: Block, c: Call, q, copies: int, per_result: int) -> list[slice]:
     """The block's head offsets as the call batches them: all at once, or one by one.
 
     All ``O`` offsets in one launch are a strided view only with one run and one batch
-    element; otherwise the kernel gets gathered copies of q, k and v, allowed up to
+    element; otherwise the kernel gets gathered copies of its inputs (``copies``
+    launches). They are made where they save launches (each offset on its own is a
+    kernel and ``per_result`` launches to put its result) and copy at most
     :data:`MAX_GATHER_BYTES` (short sequences, where launches cost more than the kernels).
     """
     if blk.offsets == 1 or (q.shape[0] == 1 and c.runs == 1):
@@ -269,7 +352,7 @@ def _offset_groups(blk: Block, c, q) -> list[slice]:
     heads = len(range(*blk.heads.indices(q.shape[2])))
     rows = c.runs * (c.q_len + 2 * c.k_len)
     gathered = q.shape[0] * blk.offsets * rows * heads * q.shape[3] * q.element_size()
-    if gathered <= MAX_GATHER_BYTES:
+    if gathered <= MAX_GATHER_BYTES and copies < (blk.offsets - 1) * (1 + per_result):
         return [slice(0, blk.offsets)]
     return [slice(o, o + 1) for o in range(blk.offsets)]
 
@@ -323,8 +406,7 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     state, poisons, adopted = {}, {}, set()
     for r in ring.ranks:
-        b, n, h, d = qs[r].shape
-        schedule, device = _schedule(plans[r]), qs[r].device
+        schedule = _schedule(plans[r])
         out_dtype = acc if schedule.merges else qs[r].dtype
         covered = schedule.covers(qs[r])
         if covered and schedule.adopted is not None and out_dtype == qs[r].dtype:
@@ -333,15 +415,7 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
             continue
         if kernels.marks_query_rows(qs[r]):
             poisons[r] = kernels.query_row_poison(qs[r], acc)
-        # Cells no call writes are rows without keys: output 0.
-        out = (torch.empty if covered else torch.zeros)(b, h, n, d, dtype=out_dtype, device=device)
-        if not need_lse and not schedule.merges:
-            lse = None
-        elif covered:
-            lse = torch.empty(b, h, n, dtype=acc, device=device)
-        else:  # rows without keys: -inf, read by merges (and returned by the custom op)
-            lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=device)
-        state[r] = [out.transpose(1, 2), lse]
+        state[r] = _accumulators(qs[r], out_dtype, acc, covered, need_lse or schedule.merges)
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
         schedule = _schedule(plans[r])
@@ -372,14 +446,16 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, sca
     is ``[B, H, n]``. Each call's gradients go straight into strided views of the
     accumulators where rows and heads are progressions, else through ``index_add_``.
     ``accs = [None] * 3`` adopts the first call's gradients as the accumulators (the
-    forward's adopted call: it covers every row and head of q, k and v).
+    schedule's adopted call, when it covers every row and head of q, k and v).
     """
     q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
     qb, dob, ob = (_packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
     lb = _packed(_rows_major(lse), q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
-    kv_strided = isinstance(k_rows, slice) and isinstance(kv_index, slice)
-    for c, g in ((call, g) for call in blk.calls for g in _offset_groups(blk, call, q)):
+    # Gathered: dout, q, k, v and out; each result: three adds.
+    # Gathered copies: dout, q, k, v and out; putting a result: three adds.
+    pieces = (piece for call in blk.calls for piece in _pieces(blk, call, q, accs[0] is None, 5, 3))
+    for c, g in pieces:
         dq, dk, dv = kernels.attention_backward(
             _runs(dob[:, g], c.q_start, c.runs, c.q_len),
             _runs(qb[:, g], c.q_start, c.runs, c.q_len),
@@ -390,29 +466,42 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, sca
             causal=c.causal,
             scale=scale,
         )
-        if accs[0] is None:
-            accs[:] = [grad.transpose(1, 2) for grad in (dq, dk, dv)]
+        _add_gradients(blk, c, g, q, (q_rows, k_rows, kv_index), accs, dq, dk, dv)
+        del dq, dk, dv  # before the next call's: one block's gradients alive at a time
+
+
+def _add_gradients(blk: Block, c: Call, g: slice, q, indices: tuple, accs: list, dq, dk, dv) -> None:
+    """Add call ``c``'s gradients ``[B*O*runs, h, L, D]`` (head offsets ``g``) into ``accs``;
+    ``indices``: the block's query rows, key rows and kv heads as slices or index tensors."""
+    q_rows, k_rows, kv_index = indices
+    if accs[0] is None:  # the adopted call: its gradients are the accumulators, if they can be
+        adopted = [_adopted_rows(grad, q.shape[0]) for grad in (dq, dk, dv)]
+        if None not in adopted:
+            accs[:] = adopted
+            return
+        # Adopted calls cover q, k and v of the shard, which then have one shape.
+        accs[:] = [torch.zeros(q.shape, dtype=dq.dtype, device=q.device) for _ in range(3)]
+    dq_acc, dk_src, dv_src = accs
+    kv_strided = isinstance(k_rows, slice) and isinstance(kv_index, slice)
+    by_run = (-1, g.stop - g.start, c.runs)
+    if isinstance(q_rows, slice):
+        dq_b = _packed(dq_acc, q_rows, blk.heads, blk.offsets)[:, g]
+        _run_view(dq_b, c.q_start, c.runs, c.q_len).add_(dq.unflatten(0, by_run))
+    else:
+        rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
+        _scatter_add(dq_acc, rows, blk.heads, _unpacked(dq.unflatten(0, by_run), dq_acc.dtype))
+    for acc, grad in ((dk_src, dk), (dv_src, dv)):
+        if kv_strided:
+            acc_b = _packed(acc, k_rows, kv_index, blk.offsets)[:, g]
+            _run_view(acc_b, c.k_start, c.runs, c.k_len).add_(grad.unflatten(0, by_run))
             continue
-        dq_acc, dk_src, dv_src = accs
-        by_run = (-1, g.stop - g.start, c.runs)
-        if isinstance(q_rows, slice):
-            dq_b = _packed(dq_acc, q_rows, blk.heads, blk.offsets)[:, g]
-            _run_view(dq_b, c.q_start, c.runs, c.q_len).add_(dq.unflatten(0, by_run))
+        rows = k_rows
+        if isinstance(rows, slice):
+            sub = range(rows.start, rows.stop, rows.step)[c.k_start : c.k_start + c.runs * c.k_len]
+            rows = slice(sub.start, sub.stop, sub.step)
         else:
-            rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
-            _scatter_add(dq_acc, rows, blk.heads, _unpacked(dq.unflatten(0, by_run), dq_acc.dtype))
-        for acc, grad in ((dk_src, dk), (dv_src, dv)):
-            if kv_strided:
-                acc_b = _packed(acc, k_rows, kv_index, blk.offsets)[:, g]
-                _run_view(acc_b, c.k_start, c.runs, c.k_len).add_(grad.unflatten(0, by_run))
-                continue
-            rows = k_rows
-            if isinstance(rows, slice):
-                sub = range(rows.start, rows.stop, rows.step)[c.k_start : c.k_start + c.runs * c.k_len]
-                rows = slice(sub.start, sub.stop, sub.step)
-            else:
-                rows = rows[c.k_start : c.k_start + c.runs * c.k_len]
-            _scatter_add(acc, rows, kv_index, _unpacked(grad.unflatten(0, by_run), acc.dtype))
+            rows = rows[c.k_start : c.k_start + c.runs * c.k_len]
+        _scatter_add(acc, rows, kv_index, _unpacked(grad.unflatten(0, by_run), acc.dtype))
 
 
 def _scatter_add(acc, rows: Index, heads: Index, grad) -> None:
@@ -474,7 +563,7 @@ def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses,
         # dtype narrower than the accumulation dtype: in q's dtype only as the rank's sole
         # call, with no dK/dV coming back from other ranks.
         adopt = (
-            schedule.adopted is not None and schedule.covers(qs[r]) and ks[r].shape == qs[r].shape
+            schedule.adopted_kv and ks[r].shape == qs[r].shape
             and (qs[r].dtype == acc or (len(schedule.writes) == 1 and not _receives_gradients(plans[r])))
         )
         grads[r] = [None] * 3 if adopt else [
@@ -546,10 +635,12 @@ class PackedAttention(torch.autograd.Function):
         qs, ks, vs, outs, lses = (dict(zip(ring.ranks, saved[i * n : (i + 1) * n])) for i in range(5))
         douts = {r: (d if d is not None else torch.zeros_like(outs[r])) for r, d in zip(ring.ranks, douts)}
         grads = run_backward(ctx.plans, ring, qs, ks, vs, outs, lses, douts, ctx.scale)
-        dqs = [grads[r][0].to(qs[r].dtype) for r in ring.ranks]
-        dks = [grads[r][1].to(ks[r].dtype) for r in ring.ranks]
-        dvs = [grads[r][2].to(vs[r].dtype) for r in ring.ranks]
-        return (None, None, None, None, *dqs, *dks, *dvs)
+        results = []
+        for i, inputs in enumerate((qs, ks, vs)):
+            for r in ring.ranks:
+                results.append(grads[r][i].to(inputs[r].dtype))
+                grads[r][i] = None  # a float32 accumulator is freed once converted
+        return (None, None, None, None, *results)
 
 
 def run_on_ring(plans: tuple[RankPlan, ...], ring: Ring, scale: float, layout: str, q, k, v, *, checkpoint: bool):

@@ -401,3 +401,76 @@ def test_head_offsets_batched_or_one_by_one_match_the_reference(monkeypatch, gat
     q, k, v = (torch.randn(batch, 32, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     g = torch.randn(batch, 32, 4, 8, dtype=torch.float64)
     _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
+
+
+def _recording(monkeypatch, name):
+    """Wrap ``kernels.<name>``: returns the list of its results' storage addresses (the
+    results are kept alive, so no later allocation can reuse an address)."""
+    from ring_attention import kernels
+
+    seen, kept, fn = [], [], getattr(kernels, name)
+
+    def recorded(*args, **kwargs):
+        results = fn(*args, **kwargs)
+        kept.append(results)
+        seen.extend(t.untyped_storage().data_ptr() for t in results)
+        return results
+
+    monkeypatch.setattr(kernels, name, recorded)
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["rows-major", "heads-major"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_first_call_of_several_runs_becomes_the_accumulators_where_its_layout_allows(monkeypatch, layout, batch):
+    """A mixture's rate-1 pair computes every row and head in one call of several runs (its
+    segments are shorter than N). Its results and gradients are the accumulators when
+    the kernel lays the runs out back to back, rows-major (``[B, L, H, D]``, as the CPU
+    and CUDA kernels do); heads-major (the CPU op's meta kernel) they are copied into
+    fresh accumulators. The result is the reference's either way."""
+    from ring_attention import kernels
+
+    if layout == "heads-major":
+        for name in ("attention_forward", "attention_backward"):
+            fn = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, lambda *a, fn=fn, **kw: tuple(t.contiguous() for t in fn(*a, **kw)))
+    forward, backward = _recording(monkeypatch, "attention_forward"), _recording(monkeypatch, "attention_backward")
+    # pair 0: 4 runs of 16 rows over all 4 heads (16 keys or more: the CPU op, not math)
+    pattern = ra.DilatedPattern((16, 64), (1, 2))
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(batch, 64, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(batch, 64, 4, 8, dtype=torch.float64)
+    _check_against_reference(q, k, v, (q, k, v), pattern, False, g)
+
+    out = ra.dilated_attention(q, k, v, pattern)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    adopted = layout == "rows-major"
+    assert (out.untyped_storage().data_ptr() in forward) == adopted
+    assert all((t.untyped_storage().data_ptr() in backward) == adopted for t in grads)
+
+
+@pytest.mark.parametrize("mode", ["mixture", "head_groups"])
+@pytest.mark.parametrize("batch, causal", [(1, False), (2, True)])
+def test_calls_split_into_launches_of_fewer_runs_match_the_reference(monkeypatch, mode, batch, causal):
+    """A call over more than 1/MAX_CALL_SHARE of the shard's cells runs as several launches
+    of fewer runs: whole calls (a share of 1) and one run per launch (a huge share) give
+    the reference's result, forward and backward, on one device and on a ring."""
+    from ring_attention import packed
+
+    launches = _recording(monkeypatch, "attention_forward")
+    pattern = ra.DilatedPattern((16, 32), (1, 2), mode)
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(batch, 64, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(batch, 64, 4, 8, dtype=torch.float64)
+    counts = []
+    for share in (1, 10**9):
+        monkeypatch.setattr(packed, "MAX_CALL_SHARE", share)
+        _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
+        out = ra.ring_dilated_attention(q, k, v, pattern, causal=causal, ring_size=2)
+        ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        with torch.no_grad():
+            launches.clear()
+            ra.dilated_attention(q, k, v, pattern, causal=causal)
+            counts.append(len(launches))
+    assert counts[1] > counts[0]

@@ -512,3 +512,57 @@ def test_longnet_forward_at_128k():
 def test_longnet_batch_times_runs_above_the_grid_limit():
     """B = 256, N = 64K: 256 segments of 256 rows per batch row, 65,536 runs in one call unless split."""
     _run_variant("longnet", n=64 * 1024, d=64, dtype=torch.float16, batch=256, backward=False)
+
+
+# --- 5. memory on a GPU -----------------------------------------------------------------
+
+
+def _peak_bytes(fn, n: int, backward: bool) -> int:
+    """Peak bytes above the inputs of ``fn(q, k, v)`` on fake CUDA float16 ``[1, n, 8, 64]``
+    (the backward driven with ones as output gradients), after one warm call."""
+    import gc
+
+    from perf.counters import Meter
+
+    with fake_cuda(backward=backward) as fc:
+        q, k, v = fc.qkv(batch=1, seq_len=n, heads=8, kv_heads=8, head_dim=64, dtype=torch.float16)
+        fn(q, k, v)
+        gc.collect()
+        gc.disable()  # storages are freed when their last reference goes, at the same point every run
+        try:
+            with Meter() as meter:
+                fn(q, k, v)
+        finally:
+            gc.enable()
+    fc.assert_clean()
+    return meter.peak_bytes
+
+
+def _flash_sdpa(backward: bool):
+    """The flash kernel on the whole sequence (and its backward with ones as ``dout``)."""
+    def run(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        out, lse = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False)[:2]
+        if backward:
+            none = torch.empty(0, dtype=torch.int64, device=q.device)
+            aten._scaled_dot_product_flash_attention_backward(
+                torch.ones_like(out), qt, kt, vt, out, lse, None, None, q.shape[1], q.shape[1], 0.0, False, none, none)
+    return run
+
+
+# Peak over the flash kernel's at N = 16K, float16. The forward of a mixture holds its float32
+# output accumulator (twice the float16 output) beside the result; head groups merge nothing.
+MEMORY_LIMITS = {  # name: (forward, forward+backward)
+    "ImprovedDilatedAttention": (1.3, 1.8),
+    "Production": (3.0, 1.8),
+    "longnet": (3.0, 1.8),
+    "RingAttention-ring1": (1.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_LIMITS))
+def test_memory_on_a_gpu_stays_within_the_limits(name):
+    n = 16 * 1024
+    for backward, limit in zip((False, True), MEMORY_LIMITS[name]):
+        peak, sdpa = (_peak_bytes(fn, n, backward) for fn in (registry.VARIANTS[name], _flash_sdpa(backward)))
+        assert peak <= limit * sdpa, f"{name} {'fwd+bwd' if backward else 'fwd'}: {peak / sdpa:.2f}x the flash kernel's"

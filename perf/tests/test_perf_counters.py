@@ -173,3 +173,25 @@ def test_launches_stay_within_the_limits(name):
     fwd, bwd = c["fwd"].launches, c["fwd+bwd"].launches - c["fwd"].launches
     max_fwd, max_bwd = LAUNCH_LIMITS[name]
     assert fwd <= max_fwd and bwd <= max_bwd, f"{name}: {fwd} forward, {bwd} backward launches"
+
+
+def _sdpa(q, k, v):
+    """Raw SDPA on ``[B, N, H, D]``: the memory the issue "Lean on a GPU" compares with."""
+    return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", ["ImprovedDilatedAttention", "Production", "longnet"])
+def test_dilated_attention_holds_little_more_memory_than_sdpa(name):
+    """Forward and forward+backward peaks at most 1.3x raw SDPA's at the issue's shape (N=4096,
+    B=1, H=8, D=64, float32; shorter, gathered copies of up to MAX_GATHER_BYTES add more):
+    the first call's results are the accumulators, no other launch computes more than a
+    quarter of the cells, and one block's results are alive at a time."""
+    q, k, v, grad_out = counters.inputs(1, 4096, 8, 64)
+    peaks = {}
+    for label, fn in (("sdpa", _sdpa), (name, registry.VARIANTS[name])):
+        for backward in (False, True):
+            call = counters.call_of(fn, q, k, v, grad_out, backward)
+            call()  # plans cached, as every later call finds them
+            peaks[label, backward] = counters.count_call(call)[0].peak_bytes
+    assert peaks[name, True] <= 1.3 * peaks["sdpa", True], peaks
+    assert peaks[name, False] <= 1.3 * peaks["sdpa", False], peaks
