@@ -61,9 +61,11 @@ from .merge import MERGE_LAUNCHES, accumulation_dtype, merge_into_
 # 4 MiB costs a GPU about what a launch costs its host (~5 us at 3 TB/s, read and write).
 MAX_GATHER_BYTES = 4 * 2**20
 # A launch computes at most 1/MAX_CALL_SHARE of the shard's (row, head) cells, unless it
-# is the adopted call: its results, and in backward its gradients, are alive beside the
-# accumulators, so this bounds the memory above them (see _pieces).
+# is the adopted call or its output is under MIN_SPLIT_BYTES: its results, and in backward
+# its gradients, are alive beside the accumulators, so this bounds the memory above them
+# where memory matters more than launches (see _pieces).
 MAX_CALL_SHARE = 4
+MIN_SPLIT_BYTES = 2**20
 
 
 def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
@@ -323,12 +325,15 @@ def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o,
 def _pieces(blk: Block, c: Call, q, adopted: bool, copies: int, per_result: int) -> list[tuple[Call, slice]]:
     """The launches of call ``c``: ``(call, head offsets)`` pairs, the call's runs split so
     that each launch computes at most 1/:data:`MAX_CALL_SHARE` of the shard's cells (an
-    ``adopted`` call, whose results become the accumulators, whole). ``copies`` and
-    ``per_result``: see :func:`_offset_groups`."""
+    ``adopted`` call, whose results become the accumulators, and a call whose output
+    takes less than :data:`MIN_SPLIT_BYTES`, whole). ``copies`` and ``per_result``: see
+    :func:`_offset_groups`."""
     groups = _offset_groups(blk, c, q, copies, per_result)
-    per_run = (groups[0].stop - groups[0].start) * c.q_len * len(range(*blk.heads.indices(q.shape[2])))
-    runs = max(1, q.shape[1] * q.shape[2] // MAX_CALL_SHARE // per_run)
-    if adopted or runs >= c.runs:
+    b, n, h, d = q.shape
+    per_run = (groups[0].stop - groups[0].start) * c.q_len * len(range(*blk.heads.indices(h)))
+    runs = max(1, n * h // MAX_CALL_SHARE // per_run)
+    small = b * c.runs * per_run * d * q.element_size() < MIN_SPLIT_BYTES
+    if adopted or small or runs >= c.runs:
         return [(c, g) for g in groups]
     calls = [
         dataclasses.replace(c, q_start=c.q_start + i * c.q_len, k_start=c.k_start + i * c.k_len,

@@ -31,7 +31,7 @@ def test_reference_matches_naive(case, scale):
 def test_reference_gradients_match_naive(case):
     q, k, v = case.qkv(requires_grad=True)
     w = naive_weights(case.pattern, case.seq_len, case.heads, case.causal)
-    g = torch.randn(q.shape, dtype=torch.float64)
+    g = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case.seed))
     out = ra.reference_attention(q, k, v, pattern=case.pattern, causal=case.causal)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     expected = torch.autograd.grad((naive_attention(q, k, v, w) * g).sum(), (q, k, v))
