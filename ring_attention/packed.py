@@ -272,14 +272,14 @@ def _accumulators(q, out_dtype, lse_dtype, covered: bool, need_lse: bool = True)
     ``covered`` (every cell is written before any merge reads it), else ``(0, -inf)``:
     cells no call writes are rows without keys."""
     b, n, h, d = q.shape
-    out = (torch.empty if covered else torch.zeros)(b, h, n, d, dtype=out_dtype, device=q.device)
+    out = (torch.empty if covered else torch.zeros)(b, n, h, d, dtype=out_dtype, device=q.device)
     if not need_lse:
         lse = None
     elif covered:
         lse = torch.empty(b, h, n, dtype=lse_dtype, device=q.device)
     else:  # read by merges (and returned by the custom op)
         lse = torch.full((b, h, n), float("-inf"), dtype=lse_dtype, device=q.device)
-    return [out.transpose(1, 2), lse]
+    return [out, lse]
 
 
 def _adopted_rows(x: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -404,8 +404,8 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
                 need_lse: bool = True):
     """Run the plans; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
 
-    ``out`` is in the accumulation dtype where some call merges, else in q's dtype
-    (a ``[B, H, n, D]`` tensor seen through a transpose); ``lse`` is in the accumulation dtype.
+    ``out`` is in the accumulation dtype where some call merges, else in q's dtype, laid out
+    rows-major like the kernels' results; ``lse`` is in the accumulation dtype.
     ``need_lse=False`` (no backward will run): ``lse`` may be ``None`` where no call merges.
     """
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)

@@ -475,3 +475,14 @@ def test_calls_split_into_launches_of_fewer_runs_match_the_reference(monkeypatch
             ra.dilated_attention(q, k, v, pattern, causal=causal)
             counts.append(len(launches))
     assert counts[1] > counts[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["mixture", "head_groups"])
+def test_the_output_is_laid_out_rows_major_like_the_inputs(mode, dtype):
+    """``[B, N, H, D]`` contiguous, as the kernels lay out their results: merging them in
+    costs no transposing copy, and a model's ``out.flatten(2)`` before its output
+    projection is a view."""
+    q, k, v = (torch.randn(2, 64, 4, 8, dtype=dtype) for _ in range(3))
+    out = ra.dilated_attention(q, k, v, ra.DilatedPattern((16, 32), (2, 1), mode))
+    assert out.is_contiguous()
