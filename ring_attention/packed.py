@@ -457,7 +457,6 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, sca
     qb, dob, ob = (_packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
     lb = _packed(_rows_major(lse), q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
-    # Gathered: dout, q, k, v and out; each result: three adds.
     # Gathered copies: dout, q, k, v and out; putting a result: three adds.
     pieces = (piece for call in blk.calls for piece in _pieces(blk, call, q, accs[0] is None, 5, 3))
     for c, g in pieces:
