@@ -33,7 +33,10 @@ call merges, and the LSE is written only where a merge or a backward reads it.
 Memory above the accumulators stays small: the first call's results (and gradients)
 *are* the accumulators where that call covers the shard, no other launch computes more
 than 1/:data:`MAX_CALL_SHARE` of the shard's cells (a call's runs are split), and one
-launch's results are alive at a time.
+launch's results are alive at a time. The accumulators themselves are float32 only where
+half precision would not be exact (:data:`EXACT_HALF_ADDS`), and a one-rank half-precision
+shard that needs them runs in row tiles (:mod:`ring_attention.tiles`), one tile's float32
+accumulators alive at a time.
 
 The backward follows PyTorch's context-parallel recipe: each block's kernel backward is
 called with the rows' *final* output and LSE, which makes its gradient that block's
@@ -55,6 +58,7 @@ from . import layout as _layout
 from .blocks import Block, Call, Index, Message, RankPlan, Step, index
 from .comm import Ring
 from .merge import MERGE_LAUNCHES, accumulation_dtype, merge_into_
+from .tiles import Tile, row_tiles
 
 # Bytes of q, k and v a call that batches a block's head offsets may gather into copies;
 # beyond it the offsets run one by one on strided views (see _offset_groups). A copy of
@@ -66,6 +70,15 @@ MAX_GATHER_BYTES = 4 * 2**20
 # where memory matters more than launches (see _pieces).
 MAX_CALL_SHARE = 4
 MIN_SPLIT_BYTES = 2**20
+# A one-rank half-precision shard whose float32 accumulators take more than MIN_TILE_BYTES
+# per tile runs in up to ROW_TILES tiles of rows (see tiles.py): in forward where its rows
+# merge several results, in backward where a gradient cell sums more than two.
+ROW_TILES = 16
+MIN_TILE_BYTES = 2**20
+# Two half-precision gradients summed in half precision round once, as their float32 sum
+# does when converted: up to this many gradients per cell, half-precision accumulators are
+# exact (and a third of the float32 ones' bytes).
+EXACT_HALF_ADDS = 2
 
 
 def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
@@ -129,6 +142,8 @@ class _Schedule:
     kernel outputs *are* the accumulators (where their layout allows, see
     :func:`_adopted_rows`). ``adopted_kv``: it covers every key and value row and head
     of the shard as well, so its dK/dV can be the gradient accumulators.
+    ``gradient_adds``: at most how many kernel gradients any cell of dQ, dK or dV receives
+    from this rank's blocks (an upper bound: a call counts over the span of its rows).
     """
 
     writes: dict
@@ -136,6 +151,7 @@ class _Schedule:
     cells_before_merge: int
     adopted: Call | None
     adopted_kv: bool
+    gradient_adds: int
 
     def covers(self, q: torch.Tensor) -> bool:
         """Whether every cell of the shard ``q [B, n, H, D]`` is written before any merge."""
@@ -187,9 +203,41 @@ def _schedule(plan: RankPlan) -> _Schedule:
         if not writes[c]:
             break
         cells += c.runs * c.q_len * heads
-    schedule = _Schedule(writes, not all(writes.values()), cells, *_adoptable(plan))
+    schedule = _Schedule(writes, not all(writes.values()), cells, *_adoptable(plan), _gradient_adds(plan))
     _SCHEDULES[plan] = schedule
     return schedule
+
+
+def _gradient_adds(plan: RankPlan) -> int:
+    """The most gradients any (row, head) cell of dQ, dK or dV receives, bounded above by
+    taking each call's rows as the interval they span (per head offset and head)."""
+    spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for blk in _blocks_in_order(plan):
+        heads = range(*blk.heads.indices(blk.heads.stop))
+        kv_heads = blk.kv_index.values()
+        for c in blk.calls:
+            q_lo, q_hi = _span(blk.q_rows.sub(c.q_start, c.q_start + c.runs * c.q_len))
+            k_lo, k_hi = _span(blk.k_rows.sub(c.k_start, c.k_start + c.runs * c.k_len))
+            for o in range(blk.offsets):
+                for h, g in zip(heads, kv_heads):  # a gradient per query head, summed per kv head
+                    spans.setdefault(("q", h + o), []).append((q_lo + o, q_hi + o))
+                    spans.setdefault((blk.source, g + o), []).append((k_lo + o, k_hi + o))
+    return max((_most_overlapping(s) for s in spans.values()), default=0)
+
+
+def _span(rows) -> tuple[int, int]:
+    ends = [e for r in rows.ranges for e in (r[0], r[-1])]
+    return min(ends), max(ends)
+
+
+def _most_overlapping(intervals: list[tuple[int, int]]) -> int:
+    """The most closed intervals ``[lo, hi]`` sharing a point."""
+    events = sorted([(lo, 1) for lo, _ in intervals] + [(hi + 1, -1) for _, hi in intervals])
+    most = depth = 0
+    for _, step in events:  # at one position, ends (-1) sort before starts
+        depth += step
+        most = max(most, depth)
+    return most
 
 
 # --- forward ---------------------------------------------------------------------------
@@ -400,14 +448,47 @@ def _wait(pending) -> dict:
     return {} if pending is None else pending.wait()
 
 
+def _row_tiles(plans: dict[int, RankPlan], ring: Ring, q: torch.Tensor, *, closed: bool) -> tuple[Tile, ...] | None:
+    """The tiles a one-rank ring runs a half-precision shard ``q`` in, or ``None`` (run it
+    whole): as many as leave each tile's float32 ``[B, rows, H, D]`` over MIN_SPLIT_BYTES,
+    at most ROW_TILES."""
+    acc = accumulation_dtype(q.dtype)
+    if ring.size != 1 or acc == q.dtype:
+        return None
+    count = min(ROW_TILES, q.numel() * acc.itemsize // MIN_TILE_BYTES)
+    return row_tiles(plans[ring.ranks[0]], q.shape[1], count, closed=closed)
+
+
 def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
                 need_lse: bool = True):
     """Run the plans; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
 
-    ``out`` is in the accumulation dtype where some call merges, else in q's dtype, laid out
-    rows-major like the kernels' results; ``lse`` is in the accumulation dtype.
-    ``need_lse=False`` (no backward will run): ``lse`` may be ``None`` where no call merges.
+    ``out`` is in the accumulation dtype where some call merges on the whole shard, else
+    in q's dtype, laid out rows-major like the kernels' results; ``lse`` is in the
+    accumulation dtype. ``need_lse=False`` (no backward will run): ``lse`` may be ``None``
+    where no call merges.
     """
+    r = ring.ranks[0]
+    tiles = _row_tiles(plans, ring, qs[r], closed=False) if _schedule(plans[r]).merges else None
+    if tiles is None:
+        return _forward_whole(plans, ring, qs, ks, vs, scale, need_lse)
+    q = qs[r]
+    b, n, h, d = q.shape
+    out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, n, dtype=accumulation_dtype(q.dtype), device=q.device) if need_lse else None
+    for tile in tiles:  # one tile's float32 accumulators alive at a time
+        rows = slice(tile.start, tile.stop)
+        tile_out, tile_lse = _forward_whole({r: tile.plan}, ring, {r: q[:, rows]}, ks, vs, scale, need_lse)[r]
+        out[:, rows].copy_(tile_out)
+        if lse is not None:
+            lse[:, :, rows].copy_(tile_lse)
+        del tile_out, tile_lse
+    return {r: [out, lse]}
+
+
+def _forward_whole(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
+                   need_lse: bool):
+    """:func:`run_forward` on whole shards."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     state, poisons, adopted = {}, {}, set()
     for r in ring.ranks:
@@ -558,20 +639,40 @@ def _receives_gradients(plan: RankPlan) -> bool:
 
 
 def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
-    """Gradients ``{rank: [dq, dk, dv]}`` in the accumulation dtype."""
+    """Gradients ``{rank: [dq, dk, dv]}``, in the accumulation dtype or (where that is exact,
+    see :data:`EXACT_HALF_ADDS`, or the rank ran in row tiles) in q's dtype."""
+    r = ring.ranks[0]
+    q = qs[r]
+    narrow = ring.size == 1 and _schedule(plans[r]).gradient_adds <= EXACT_HALF_ADDS
+    tiles = None if narrow else _row_tiles(plans, ring, q, closed=True)
+    if tiles is None:
+        return _backward_whole(plans, ring, qs, ks, vs, outs, lses, douts, scale)
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, ks[r], vs[r])]
+    for tile in tiles:  # one tile's float32 accumulators alive at a time
+        rows = slice(tile.start, tile.stop)
+        tile_grads = _backward_whole(
+            {r: tile.plan}, ring, {r: q[:, rows]}, {r: ks[r][:, rows]}, {r: vs[r][:, rows]},
+            {r: outs[r][:, rows]}, {r: lses[r][:, :, rows]}, {r: douts[r][:, rows]}, scale)[r]
+        for grad, tile_grad in zip(grads, tile_grads):
+            grad[:, rows].copy_(tile_grad)
+        del tile_grads
+    return {r: grads}
+
+
+def _backward_whole(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
+    """:func:`run_backward` on whole shards."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     grads = {}
     for r in ring.ranks:
         schedule = _schedule(plans[r])
-        # The adopted call's gradients are the accumulators when nothing adds to them in a
-        # dtype narrower than the accumulation dtype: in q's dtype only as the rank's sole
-        # call, with no dK/dV coming back from other ranks.
-        adopt = (
-            schedule.adopted_kv and ks[r].shape == qs[r].shape
-            and (qs[r].dtype == acc or (len(schedule.writes) == 1 and not _receives_gradients(plans[r])))
-        )
+        # Half-precision accumulators where that is exact: at most EXACT_HALF_ADDS gradients
+        # per cell, none coming back from other ranks. The adopted call's gradients are then
+        # the accumulators too (they are in q's dtype).
+        exact = schedule.gradient_adds <= EXACT_HALF_ADDS and not _receives_gradients(plans[r])
+        dtype = qs[r].dtype if exact else acc
+        adopt = schedule.adopted_kv and ks[r].shape == qs[r].shape and dtype == qs[r].dtype
         grads[r] = [None] * 3 if adopt else [
-            torch.zeros(t.shape, dtype=acc, device=t.device) for t in (qs[r], ks[r], vs[r])
+            torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (qs[r], ks[r], vs[r])
         ]
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:

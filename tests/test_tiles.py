@@ -1,0 +1,142 @@
+"""Row tiles: a tiled plan computes what the whole plan computes, and the tiled executor
+(half precision, one rank) matches the float64 reference, forward and gradients."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+import ring_attention as ra
+from ring_attention import packed, tiles
+from ring_attention import pattern as _pattern
+from ring_attention.plans import rank_plan
+from tests.inputs import qkv
+
+PATTERNS = {
+    "mixture": ra.DilatedPattern((64, 128), (1, 2)),
+    "longnet": ra.DilatedPattern((16, 32, 64), (1, 2, 4)),
+    "sparse": ra.DilatedPattern((32, 64), (2, 4)),  # some rows see no key
+    "head_groups": ra.DilatedPattern((32, 64), (1, 2), mode="head_groups"),
+}
+
+
+def _cells(plan, q_base: int = 0, k_base: int = 0) -> Counter:
+    """``(query row, head, key row, kv head)`` computed by the plan, counted, rows shifted
+    by the bases (a tile's rows are rebased to its start)."""
+    seen = Counter()
+    for blk in plan.local:
+        q_rows, k_rows, kv = blk.q_rows.values(), blk.k_rows.values(), blk.kv_index.values()
+        heads = range(blk.heads.start, blk.heads.stop, blk.heads.step)
+        for c in blk.calls:
+            for i in range(c.runs):
+                qs = q_rows[c.q_start + i * c.q_len : c.q_start + (i + 1) * c.q_len]
+                ks = k_rows[c.k_start + i * c.k_len : c.k_start + (i + 1) * c.k_len]
+                for o in range(blk.offsets):
+                    for h, g in zip(heads, kv):
+                        for a, qr in enumerate(qs):
+                            for kr in ks[: a + 1] if c.causal else ks:
+                                seen[(qr + o + q_base, h + o, kr + o + k_base, g + o)] += 1
+    return seen
+
+
+def _gradient_adds(plan) -> int:
+    """The most gradients any cell of dQ, dK or dV gets, counted cell by cell."""
+    adds = Counter()
+    for blk in plan.local:
+        q_rows, k_rows, kv = blk.q_rows.values(), blk.k_rows.values(), blk.kv_index.values()
+        heads = range(blk.heads.start, blk.heads.stop, blk.heads.step)
+        for c in blk.calls:
+            qs = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
+            ks = k_rows[c.k_start : c.k_start + c.runs * c.k_len]
+            for o in range(blk.offsets):
+                for h, g in zip(heads, kv):
+                    adds.update(("q", r + o, h + o) for r in qs)
+                    adds.update(("k", r + o, g + o) for r in ks)
+    return max(adds.values())
+
+
+PLAN_CASES = [
+    (name, n, h, hkv, causal)
+    for name in PATTERNS
+    for n, h, hkv in ((256, 4, 4), (128, 4, 2), (256, 8, 2))
+    for causal in (False, True)
+]
+
+
+@pytest.mark.parametrize("closed", [False, True])
+@pytest.mark.parametrize("count", [3, 8])
+@pytest.mark.parametrize("name, n, h, hkv, causal", PLAN_CASES)
+def test_tiles_compute_every_pair_of_the_plan_once(name, n, h, hkv, causal, count, closed):
+    plan = rank_plan(PATTERNS[name], n, h, hkv, causal, 1, "contiguous", 0)
+    found = tiles.row_tiles(plan, n, count, closed=closed)
+    if found is None:  # only where a run spans the shard: a causal one, or any one for closed tiles
+        assert name != "longnet" and (closed or causal), "no cut found where segments are short"
+        return
+    assert [t.start for t in found][0] == 0 and found[-1].stop == n
+    assert all(a.stop == b.start and a.start < a.stop for a, b in zip(found, found[1:]))
+    assert len(found) <= count
+    union = Counter()
+    for t in found:
+        cells = _cells(t.plan, q_base=t.start, k_base=t.start if closed else 0)
+        assert all(t.start <= qr < t.stop for qr, *_ in cells), "a tile computes rows of another"
+        if closed:
+            assert all(t.start <= kr < t.stop for _, _, kr, _ in cells), "a closed tile reads keys of another"
+        for blk in t.plan.local:
+            assert all(c.q_len == c.k_len for c in blk.calls if c.causal), "a causal block was cut"
+        union += cells
+    assert union == _cells(plan)
+
+
+@pytest.mark.parametrize("name, n, h, hkv, causal", PLAN_CASES)
+def test_gradient_adds_bound_every_cell(name, n, h, hkv, causal):
+    plan = rank_plan(PATTERNS[name], n, h, hkv, causal, 1, "contiguous", 0)
+    bound, exact = packed._schedule(plan).gradient_adds, _gradient_adds(plan)
+    assert bound >= exact
+    if name == "mixture" and h == hkv:  # two pairs, one head per kv head: two per cell
+        assert bound == exact == 2
+
+
+def _reference(q, k, v, g, pattern, causal):
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = ra.reference_attention(q64, k64, v64, pattern=pattern, causal=causal)
+    return (ref, *torch.autograd.grad(ref, (q64, k64, v64), g.double()))
+
+
+TOL = {torch.float16: dict(rtol=2e-2, atol=4e-3), torch.bfloat16: dict(rtol=5e-2, atol=3e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", ["mixture", "longnet", "sparse"])  # head groups merge nothing
+def test_tiled_half_precision_matches_the_reference(monkeypatch, name, causal, dtype):
+    """Tiles forced at a small size; rows without keys are exactly 0, and NaN in a query row
+    and a value row shows in the output where the reference has it."""
+    monkeypatch.setattr(packed, "MIN_TILE_BYTES", 1)
+    used = []
+    real = packed.row_tiles
+
+    def recording(*args, **kwargs):
+        found = real(*args, **kwargs)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(packed, "row_tiles", recording)
+    pattern, n = PATTERNS[name], 256
+    q, k, v, g = qkv(2, n, 4, 2, 16, seed=3, dtype=dtype, grad_out=True)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ra.dilated_attention(*ins, pattern, causal=causal)
+    got = (out, *torch.autograd.grad(out, ins, g))
+    assert any(used), "the plan ran whole: nothing tested the tiles"
+    for label, a, e in zip(("out", "dq", "dk", "dv"), got, _reference(q, k, v, g, pattern, causal)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e, **TOL[dtype], msg=lambda m, x=label: f"{x}: {m}")
+    has_keys = _pattern.weights(pattern, n, 4, is_causal=causal).gt(0).any(-1).T  # [N, H]
+    assert bool((out[:, ~has_keys] == 0).all())
+
+    q[1, 70, 1] = float("nan")
+    v[0, 150, 0, 3] = float("nan")
+    with torch.no_grad():
+        out = ra.dilated_attention(q, k, v, pattern, causal=causal)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, g, pattern, causal)[0], **TOL[dtype], equal_nan=True)
