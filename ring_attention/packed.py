@@ -450,7 +450,7 @@ def _wait(pending) -> dict:
 
 def _row_tiles(plans: dict[int, RankPlan], ring: Ring, q: torch.Tensor, *, closed: bool) -> tuple[Tile, ...] | None:
     """The tiles a one-rank ring runs a half-precision shard ``q`` in, or ``None`` (run it
-    whole): as many as leave each tile's float32 ``[B, rows, H, D]`` over MIN_SPLIT_BYTES,
+    whole): as many as leave each tile's float32 ``[B, rows, H, D]`` over MIN_TILE_BYTES,
     at most ROW_TILES."""
     acc = accumulation_dtype(q.dtype)
     if ring.size != 1 or acc == q.dtype:
@@ -638,13 +638,18 @@ def _receives_gradients(plan: RankPlan) -> bool:
     return any(step.sends for step in plan.steps.values())
 
 
+def _exact_in_half(plan: RankPlan) -> bool:
+    """Whether the rank's gradients may accumulate in q's dtype: at most EXACT_HALF_ADDS
+    gradients per cell, none coming back from other ranks."""
+    return _schedule(plan).gradient_adds <= EXACT_HALF_ADDS and not _receives_gradients(plan)
+
+
 def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
     """Gradients ``{rank: [dq, dk, dv]}``, in the accumulation dtype or (where that is exact,
     see :data:`EXACT_HALF_ADDS`, or the rank ran in row tiles) in q's dtype."""
     r = ring.ranks[0]
     q = qs[r]
-    narrow = ring.size == 1 and _schedule(plans[r]).gradient_adds <= EXACT_HALF_ADDS
-    tiles = None if narrow else _row_tiles(plans, ring, q, closed=True)
+    tiles = None if _exact_in_half(plans[r]) else _row_tiles(plans, ring, q, closed=True)
     if tiles is None:
         return _backward_whole(plans, ring, qs, ks, vs, outs, lses, douts, scale)
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, ks[r], vs[r])]
@@ -665,11 +670,9 @@ def _backward_whole(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, ls
     grads = {}
     for r in ring.ranks:
         schedule = _schedule(plans[r])
-        # Half-precision accumulators where that is exact: at most EXACT_HALF_ADDS gradients
-        # per cell, none coming back from other ranks. The adopted call's gradients are then
-        # the accumulators too (they are in q's dtype).
-        exact = schedule.gradient_adds <= EXACT_HALF_ADDS and not _receives_gradients(plans[r])
-        dtype = qs[r].dtype if exact else acc
+        # The adopted call's gradients (in q's dtype) are the accumulators where those are
+        # in q's dtype too.
+        dtype = qs[r].dtype if _exact_in_half(plans[r]) else acc
         adopt = schedule.adopted_kv and ks[r].shape == qs[r].shape and dtype == qs[r].dtype
         grads[r] = [None] * 3 if adopt else [
             torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (qs[r], ks[r], vs[r])
