@@ -70,11 +70,14 @@ MAX_GATHER_BYTES = 4 * 2**20
 # where memory matters more than launches (see _pieces).
 MAX_CALL_SHARE = 4
 MIN_SPLIT_BYTES = 2**20
-# A one-rank half-precision shard whose float32 accumulators take more than MIN_TILE_BYTES
-# per tile runs in up to ROW_TILES tiles of rows (see tiles.py): in forward where its rows
-# merge several results, in backward where a gradient cell sums more than two.
+# A one-rank half-precision shard whose float32 accumulators would take MIN_TILED_BYTES or
+# more runs in up to ROW_TILES tiles of rows (see tiles.py), each tile's at least
+# MIN_TILE_BYTES: in forward where its rows merge several results, in backward where a
+# gradient cell sums more than two. Each tile repeats the plan's launches, so smaller
+# shards, host-bound on a GPU, run whole: there launches cost more than the memory.
 ROW_TILES = 16
 MIN_TILE_BYTES = 2**20
+MIN_TILED_BYTES = 64 * 2**20
 # Two half-precision gradients summed in half precision round once, as their float32 sum
 # does when converted: up to this many gradients per cell, half-precision accumulators are
 # exact (and a third of the float32 ones' bytes).
@@ -450,12 +453,13 @@ def _wait(pending) -> dict:
 
 def _row_tiles(plans: dict[int, RankPlan], ring: Ring, q: torch.Tensor, *, closed: bool) -> tuple[Tile, ...] | None:
     """The tiles a one-rank ring runs a half-precision shard ``q`` in, or ``None`` (run it
-    whole): as many as leave each tile's float32 ``[B, rows, H, D]`` over MIN_TILE_BYTES,
-    at most ROW_TILES."""
+    whole): none below MIN_TILED_BYTES of float32 ``[B, n, H, D]``, else as many as leave
+    each tile's over MIN_TILE_BYTES, at most ROW_TILES."""
     acc = accumulation_dtype(q.dtype)
-    if ring.size != 1 or acc == q.dtype:
+    float32_bytes = q.numel() * acc.itemsize
+    if ring.size != 1 or acc == q.dtype or float32_bytes < MIN_TILED_BYTES:
         return None
-    count = min(ROW_TILES, q.numel() * acc.itemsize // MIN_TILE_BYTES)
+    count = min(ROW_TILES, float32_bytes // MIN_TILE_BYTES)
     return row_tiles(plans[ring.ranks[0]], q.shape[1], count, closed=closed)
 
 

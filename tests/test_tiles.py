@@ -114,6 +114,7 @@ def test_tiled_half_precision_matches_the_reference(monkeypatch, name, causal, d
     """Tiles forced at a small size; rows without keys are exactly 0, and NaN in a query row
     and a value row shows in the output where the reference has it."""
     monkeypatch.setattr(packed, "MIN_TILE_BYTES", 1)
+    monkeypatch.setattr(packed, "MIN_TILED_BYTES", 0)
     used = []
     real = packed.row_tiles
 
