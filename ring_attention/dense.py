@@ -38,7 +38,7 @@ def dense_attention(q, k, v, *, causal=False, scale=None):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v, is_causal=causal, scale=scale, enable_gqa=h != hkv
         )
-    if causal:
+    if causal and poison is not None:
         out = _add(out, poison.repeat_interleave(h // hkv, dim=1) if h != hkv else poison)
     # A query row holding inf can score -inf against every key, which the fused kernels
     # take for a row without keys (output 0); the math, and the reference, give NaN.

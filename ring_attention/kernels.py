@@ -46,9 +46,11 @@ result is this block's exact share of the gradient of the merged attention.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 aten = torch.ops.aten
 
@@ -114,7 +116,8 @@ def attention_forward(q, k, v, *, causal: bool, scale: float, mark_query_rows: b
     else:
         v, poison = quarantine_values(v)
         out, lse = _forward(q, k, v, causal, scale)
-        out.add_(poison)
+        if poison is not None:
+            out.add_(poison)
     if mark_query_rows and marks_query_rows(q):
         mark_query_rows_(q, out, lse)
     return out, lse
@@ -151,9 +154,28 @@ def quarantine_values(v):
     spread a NaN (or inf) in value ``v[j, d]`` to the rows before ``j``, which do not attend
     it. ``poison [..., L, D]`` is NaN at ``[i, d]`` where some ``j <= i`` has a non-finite
     ``v[j, d]`` and 0 elsewhere: added to the output, it marks exactly what the math does.
+
+    ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`): then there is
+    nothing to quarantine, and the scan along L, the costliest of the four kernels, is saved.
     """
+    if known_finite(v):
+        return v, None
     poison = v - v  # NaN exactly at the non-finite entries (inf - inf too), else 0
     return v.nan_to_num(0.0, 0.0, 0.0), poison.cumsum_(-2)
+
+
+def known_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a real CPU tensor whose entries are all finite.
+
+    Only where reading a value back is free: a CPU tensor in eager mode (one reduction,
+    no device to synchronize with). A CUDA tensor would stall the host on every block,
+    and a traced one (``torch.compile``, fake or meta tensors) has no value to read, so
+    those take the quarantine, which is right whatever ``x`` holds. A sum that overflows
+    to inf answers ``False`` too: the quarantine then runs, needlessly but correctly.
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(x):
+        return False
+    return math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item())
 
 
 def _forward(q, k, v, causal, scale):

@@ -228,3 +228,52 @@ def test_backend_choice(monkeypatch):
         assert kernels.backend(bf16) == "math"  # no bf16 before sm80
         monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda: False)
         assert kernels.backend(half) == "math"
+
+
+@pytest.mark.parametrize(
+    "make, finite",
+    [
+        (lambda: torch.randn(2, 3, 5, 4), True),
+        (lambda: torch.randn(2, 3, 5, 4).index_fill_(2, torch.tensor([3]), float("nan")), False),
+        (lambda: torch.randn(2, 3, 5, 4).index_fill_(3, torch.tensor([1]), float("-inf")), False),
+        (lambda: torch.full((4, 4), torch.finfo(torch.float32).max), False),  # the sum overflows
+        (lambda: torch.randn(4, 4, dtype=torch.float16), True),
+    ],
+)
+def test_known_finite_reads_real_cpu_tensors(make, finite):
+    assert kernels.known_finite(make()) is finite
+
+
+def test_known_finite_is_false_where_reading_a_value_would_trace_or_stall():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not kernels.known_finite(torch.ones(3, device="meta"))
+    with FakeTensorMode():
+        assert not kernels.known_finite(torch.ones(3))
+        assert not kernels.known_finite(torch.ones(3, device="cuda"))
+
+
+def _op_names(fn) -> set[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return names
+
+
+def test_a_causal_block_of_finite_values_skips_the_quarantine():
+    q, k, v = (_rand((1, 2, 32, 8), torch.float32, s) for s in range(3))
+    ops = _op_names(lambda: kernels.attention_forward(q, k, v, causal=True, scale=0.3))
+    assert "cumsum_.default" not in ops and "nan_to_num.default" not in ops
+    v[0, 1, 20, 3] = float("nan")  # then it runs, and the NaN reaches rows 20 on only
+    ops = _op_names(lambda: kernels.attention_forward(q, k, v, causal=True, scale=0.3))
+    assert "cumsum_.default" in ops
+    out, _ = kernels.attention_forward(q, k, v, causal=True, scale=0.3)
+    assert out[0, 1, :20].isfinite().all() and out[0, 1, 20:, 3].isnan().all()
