@@ -93,7 +93,8 @@ def merge_ranges(ranges: Iterable[range]) -> tuple[range, ...]:
 _INDEX_CACHE: weakref.WeakKeyDictionary[Rows, dict] = weakref.WeakKeyDictionary()
 
 
-def _mode_key(like: torch.Tensor):
+def device_key(like: torch.Tensor):
+    """What a tensor cached for ``like`` is keyed by: its device and its fake-tensor mode."""
     mode = getattr(like, "fake_mode", None)
     return (like.device, None if mode is None else id(mode))
 
@@ -104,7 +105,7 @@ def index(rows: Rows, like: torch.Tensor) -> Index:
     if as_slice is not None:
         return as_slice
     per_device = _INDEX_CACHE.setdefault(rows, {})
-    key = _mode_key(like)
+    key = device_key(like)
     hit = per_device.get(key)
     if hit is None:
         # The tensor holds a reference to its fake mode, so the id in the key stays unique.

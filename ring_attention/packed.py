@@ -52,10 +52,12 @@ import weakref
 
 import torch
 import torch.utils.checkpoint
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import kernels
 from . import layout as _layout
-from .blocks import Block, Call, Index, Message, RankPlan, Step, index
+from .blocks import Block, Call, Index, Message, RankPlan, Step, device_key, index
 from .comm import Ring
 from .merge import MERGE_LAUNCHES, accumulation_dtype, merge_into_
 from .tiles import Tile, row_tiles
@@ -120,6 +122,38 @@ def _unpacked(x: torch.Tensor, dtype) -> torch.Tensor:
     """Kernel results ``[B, 1, runs, h, L, ...]`` -> ``[B, runs*L, h, ...]``: a copy in ``dtype``."""
     x = x.squeeze(1).transpose(2, 3)
     return x.to(dtype, memory_format=torch.contiguous_format).flatten(1, 2)
+
+
+# How each call views its tensors, per block: (size, stride, storage offset) by (what the
+# view is for, the viewed tensor's layout). A call's kernel inputs and result cells take a
+# dozen view ops to derive (slices, unflatten, transpose, flatten), and their host time is
+# most of what a small call costs besides its kernel; their recipe, once known, is one
+# as_strided.
+_VIEW_RECIPES: weakref.WeakKeyDictionary[Block, dict] = weakref.WeakKeyDictionary()
+
+
+def _view(blk: Block, key, x: torch.Tensor, build) -> torch.Tensor:
+    """``build(x)``, taken by the recipe cached under ``key`` where it is a view of ``x``.
+
+    The recipe is found by building the view of a meta tensor laid out as ``x``; where
+    ``build`` copies (a flatten that strides cannot express), it runs as it is. A traced
+    ``x`` (``torch.compile``, fake tensors) runs ``build`` too: host time is not spent there.
+    """
+    if torch.compiler.is_compiling() or is_fake(x):
+        return build(x)
+    recipes = _VIEW_RECIPES.get(blk)
+    if recipes is None:
+        recipes = _VIEW_RECIPES[blk] = {}
+    layout = (key, x.shape, x.stride(), x.storage_offset())
+    recipe = recipes.get(layout)
+    if recipe is None:
+        with _disable_current_modes():  # a meta probe is not the caller's to count or trace
+            base = torch.empty(x.untyped_storage().nbytes() // x.element_size(), dtype=x.dtype, device="meta")
+            probe = build(base.as_strided(x.shape, x.stride(), x.storage_offset()))
+        recipe = recipes[layout] = (
+            (tuple(probe.shape), probe.stride(), probe.storage_offset()) if probe._base is base else False
+        )
+    return x.as_strided(*recipe) if recipe else build(x)
 
 
 def _rows_major(lse: torch.Tensor) -> torch.Tensor:
@@ -252,40 +286,46 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
     (or, for the schedule's adopted call, becomes them). ``lse`` is ``None`` where nothing
     reads it (no merge, no backward).
 
-    Non-finite query rows (:func:`kernels.marks_query_rows`) are marked where a result is
-    written: ``poison [B, n, H]`` (:func:`kernels.query_row_poison`, ``None`` where
-    nothing needs marking or the caller marks at the end) is added with weight 0 as the
-    result is copied in, and a merge keeps the NaN. Where a merge may reach a cell before
-    any write (the schedule does not cover the shard) the merged result is marked too: the
-    CPU op returns a finite ``(0, 0)`` for a row whose every score is ``-inf``.
+    Non-finite query rows (:func:`kernels.marks_query_rows`) are marked as results are
+    written: ``poison [B, n, H]`` (:func:`kernels.query_row_poison`) is added with weight 0
+    in the copy (the same launch), and a merge into a marked cell keeps the NaN. ``None``:
+    the caller marks the rows once at the end (:func:`_mark_query_rows`).
     """
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
-    covered = schedule.covers(q)
     for call in blk.calls:
         write = schedule.writes[call]
-        mark = poison if write or not covered else None
+        mark = poison if write else None
         # Launches per result: a merge (MERGE_LAUNCHES), or a copy of out (and of lse).
         per_result = (1 + (acc[1] is not None)) if write else MERGE_LAUNCHES
         adopted = acc[0] is None  # (then call is the schedule's adopted call)
         for c, g in _pieces(blk, call, q, adopted, copies=3, per_result=per_result):
             o, lse = kernels.attention_forward(
-                _runs(qb[:, g], c.q_start, c.runs, c.q_len),
-                _runs(kb[:, g], c.k_start, c.runs, c.k_len),
-                _runs(vb[:, g], c.k_start, c.runs, c.k_len),
+                *_kernel_inputs(blk, c, g, qb, kb, vb),
                 causal=c.causal,
                 scale=scale,
-                mark_query_rows=False,  # written results are marked here, or at the end if adopted
+                mark_query_rows=False,  # marked once, at the end
             )
             _put_result(blk, c, g, q, q_rows, write, mark, acc, o, lse)
             del o, lse  # before the next offset's results: one block result alive at a time
 
 
+def _kernel_inputs(blk: Block, c: Call, g: slice, qb, kb, vb) -> tuple[torch.Tensor, ...]:
+    """Call ``c``'s (head offsets ``g``) query, key and value runs of the packed ``qb``,
+    ``kb``, ``vb [B, O, M, h, D]``, as the kernel takes them: ``[B*O*runs, h, L, D]``."""
+    return (
+        _view(blk, (c, g.start, g.stop, "q"), qb, lambda x: _runs(x[:, g], c.q_start, c.runs, c.q_len)),
+        _view(blk, (c, g.start, g.stop, "k"), kb, lambda x: _runs(x[:, g], c.k_start, c.runs, c.k_len)),
+        _view(blk, (c, g.start, g.stop, "v"), vb, lambda x: _runs(x[:, g], c.k_start, c.runs, c.k_len)),
+    )
+
+
 def _put_result(blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, mark, acc: list, o, lse) -> None:
     """Write or merge the results ``o [B*O*runs, h, L, D]``, ``lse [B*O*runs, h, L]`` of
-    call ``c`` (head offsets ``g``) into ``acc``, marked by ``mark`` (see _block_forward)."""
+    call ``c`` (head offsets ``g``) into ``acc``; a written result marked by ``mark`` (see
+    :func:`_block_forward`)."""
     if acc[0] is None:  # the adopted call: its results are the accumulators, if they can be
         adopted = _adopted_rows(o, q.shape[0]), _adopted_rows(lse.unsqueeze(-1), q.shape[0])
         if None not in adopted:
@@ -300,19 +340,19 @@ def _put_result(blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, ma
         _scatter_result(rows, blk.heads, write, acc, o, lse, mark)
         return
 
-    o_acc = _cells(out_acc, q_rows, blk, g, c)
-    l_acc = None if lse_acc is None else _cells(_rows_major(lse_acc), q_rows, blk, g, c)
-    p = None if mark is None else _cells(mark, q_rows, blk, g, c)
+    def cells(x):
+        return _cells(x, q_rows, blk, g, c)
+
+    o_acc = _view(blk, (c, g.start, g.stop, "out"), out_acc, cells)
+    l_acc = None if lse_acc is None else _view(blk, (c, g.start, g.stop, "lse"), _rows_major(lse_acc), cells)
     if not write:
-        if p is not None:
-            o.add_(p.unsqueeze(-1), alpha=0)
-            lse.add_(p, alpha=0)
         merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
-    elif p is None:
+    elif mark is None:
         o_acc.copy_(o)
         if l_acc is not None:
             l_acc.copy_(lse)
     else:  # the copy marks the rows: out = o + 0 * poison
+        p = _view(blk, (c, g.start, g.stop, "mark"), mark, cells)
         torch.add(o, p.unsqueeze(-1), alpha=0, out=o_acc)
         if l_acc is not None:
             torch.add(lse, p, alpha=0, out=l_acc)
@@ -373,12 +413,28 @@ def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o,
         l_heads.index_copy_(1, rows, lse)
 
 
+_PIECES: weakref.WeakKeyDictionary[Block, dict] = weakref.WeakKeyDictionary()
+
+
 def _pieces(blk: Block, c: Call, q, adopted: bool, copies: int, per_result: int) -> list[tuple[Call, slice]]:
     """The launches of call ``c``: ``(call, head offsets)`` pairs, the call's runs split so
     that each launch computes at most 1/:data:`MAX_CALL_SHARE` of the shard's cells (an
     ``adopted`` call, whose results become the accumulators, and a call whose output
     takes less than :data:`MIN_SPLIT_BYTES`, whole). ``copies`` and ``per_result``: see
-    :func:`_offset_groups`."""
+    :func:`_offset_groups`.
+
+    Cached per block, call and shard shape: the split calls are then the same objects on
+    every run, so :func:`_view`'s recipes for them are found again.
+    """
+    cached = _PIECES.setdefault(blk, {})
+    limits = (MAX_CALL_SHARE, MIN_SPLIT_BYTES, MAX_GATHER_BYTES)  # tests vary them
+    key = (c, q.shape, q.element_size(), adopted, copies, per_result, limits)
+    if key not in cached:
+        cached[key] = _split_call(blk, c, q, adopted, copies, per_result)
+    return cached[key]
+
+
+def _split_call(blk: Block, c: Call, q, adopted: bool, copies: int, per_result: int) -> list[tuple[Call, slice]]:
     groups = _offset_groups(blk, c, q, copies, per_result)
     b, n, h, d = q.shape
     per_run = (groups[0].stop - groups[0].start) * c.q_len * len(range(*blk.heads.indices(h)))
@@ -494,18 +550,23 @@ def _forward_whole(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, v
                    need_lse: bool):
     """:func:`run_forward` on whole shards."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
-    state, poisons, adopted = {}, {}, set()
+    state, poisons, marked_at_end = {}, {}, []
     for r in ring.ranks:
         schedule = _schedule(plans[r])
         out_dtype = acc if schedule.merges else qs[r].dtype
         covered = schedule.covers(qs[r])
-        if covered and schedule.adopted is not None and out_dtype == qs[r].dtype:
-            state[r] = [None, None]  # the adopted call's results will be the accumulators
-            adopted.add(r)
-            continue
+        adopted = covered and schedule.adopted is not None and out_dtype == qs[r].dtype
         if kernels.marks_query_rows(qs[r]):
-            poisons[r] = kernels.query_row_poison(qs[r], acc)
-        state[r] = _accumulators(qs[r], out_dtype, acc, covered, need_lse or schedule.merges)
+            # Marked in the copies of written results, for free; but a merge may reach a cell
+            # before any write where the writes do not cover the shard: then once, at the end.
+            if adopted or (schedule.merges and not covered):
+                marked_at_end.append(r)
+            else:
+                poisons[r] = kernels.query_row_poison(qs[r], acc)
+        if adopted:
+            state[r] = [None, None]  # the adopted call's results will be the accumulators
+        else:
+            state[r] = _accumulators(qs[r], out_dtype, acc, covered, need_lse or schedule.merges)
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
         schedule = _schedule(plans[r])
@@ -519,11 +580,44 @@ def _forward_whole(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, v
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
                 _block_forward(blk, schedule, qs[r], k_msg, v_msg, state[r], scale, poisons.get(r))
-    for r in adopted:  # the adopted call's outputs: marked once, here
-        if kernels.marks_query_rows(qs[r]):
-            out, lse = state[r]
-            kernels.mark_query_rows_(qs[r], out, _rows_major(lse))
+    for r in marked_at_end:
+        _mark_query_rows(plans[r], qs[r], *state[r])
     return state
+
+
+def _mark_query_rows(plan: RankPlan, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """Make ``out [B, n, H, D]`` and ``lse [B, H, n]`` NaN where the query row ``q[:, i, h]``
+    holds NaN or inf and the plan computes cell ``(i, h)``: once per shard, after every
+    merge, which carry whatever the CPU op returned for such a row (0, inf, or a finite
+    ``(0, 0)`` where every score is ``-inf``). A cell the plan never computes has no keys:
+    it stays ``(0, -inf)`` whatever its query holds."""
+    poison = kernels.query_row_poison(q, accumulation_dtype(q.dtype))  # [B, n, H]
+    if not _schedule(plan).covers(q):
+        poison.masked_fill_(_cells_without_keys(plan, q), 0.0)
+    out.add_(poison.unsqueeze(-1), alpha=0)
+    if lse is not None:
+        _rows_major(lse).add_(poison, alpha=0)
+
+
+_CELLS_WITHOUT_KEYS: weakref.WeakKeyDictionary[RankPlan, dict] = weakref.WeakKeyDictionary()
+
+
+def _cells_without_keys(plan: RankPlan, q: torch.Tensor) -> torch.Tensor:
+    """``[n, H]`` bool on ``q``'s device: the (row, head) cells of the shard that no call of
+    ``plan`` computes (cached per plan, shape and device)."""
+    per_plan = _CELLS_WITHOUT_KEYS.setdefault(plan, {})
+    key = (q.shape[1], q.shape[2], device_key(q))
+    cells = per_plan.get(key)
+    if cells is None:
+        cells = torch.ones(q.shape[1], q.shape[2], dtype=torch.bool, device=q.device)
+        for blk in _blocks_in_order(plan):
+            heads = range(*blk.heads.indices(q.shape[2]))
+            for c in blk.calls:
+                for o in range(blk.offsets):
+                    for r in blk.q_rows.sub(c.q_start, c.q_start + c.runs * c.q_len).ranges:
+                        cells[r.start + o : r[-1] + o + 1 : r.step, heads.start + o : heads.stop + o : heads.step] = False
+        per_plan[key] = cells
+    return cells
 
 
 # --- backward --------------------------------------------------------------------------

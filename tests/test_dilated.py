@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import ring_attention as ra
 from ring_attention import pattern as P
+from tests.inputs import qkv
 from tests.strategies import cases
 
 FULL_PRECISION = dict(dtypes=(torch.float32, torch.float64))
@@ -338,6 +339,26 @@ def test_non_finite_input_shows_where_the_reference_says(fn, pattern, causal, ba
     ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal)
     out = fn(q, k, v, pattern, causal)
     assert not ref.isfinite().all()  # the comparison is not vacuous
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite])
+
+
+@pytest.mark.parametrize("ring_size", [None, 1, 2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_query_in_a_cell_without_keys_stays_zero(ring_size, bad):
+    # head_groups: head 1 (rate 2, offset 1) keeps the odd rows only, so its even rows have
+    # no keys and are 0 whatever their query holds; segments of 32 keys run on the fused
+    # CPU op, whose results for a non-finite query row the executor marks afterwards
+    pattern = ra.DilatedPattern((32, 64), (1, 2), "head_groups")
+    q, k, v = qkv(1, 64, 2, 2, 8, dtype=torch.float32)
+    q[0, 4, 1, 0] = q[0, 5, 1, 0] = bad  # row 4 of head 1 has no keys, row 5 has
+    ref = ra.reference_attention(q, k, v, pattern=pattern)
+    if ring_size is None:
+        out = ra.dilated_attention(q, k, v, pattern)
+    else:
+        out = ra.ring_dilated_attention(q, k, v, pattern, ring_size=ring_size)
+    assert ref[0, 4, 1].eq(0).all() and ref[0, 5, 1].isnan().all()
     assert torch.equal(out.isfinite(), ref.isfinite())
     finite = ref.isfinite()
     torch.testing.assert_close(out[finite], ref[finite])
