@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._checks import check_flag, check_qkv, check_scale
-from .kernels import CPU_FEW_KEYS, fold_scale, quarantine_values, query_row_poison
+from .kernels import CPU_FEW_KEYS, fold_scale, known_finite, quarantine_values, query_row_poison
 
 
 def dense_attention(q, k, v, *, causal=False, scale=None):
@@ -42,8 +42,9 @@ def dense_attention(q, k, v, *, causal=False, scale=None):
         out = _add(out, poison.repeat_interleave(h // hkv, dim=1) if h != hkv else poison)
     # A query row holding inf can score -inf against every key, which the fused kernels
     # take for a row without keys (output 0); the math, and the reference, give NaN.
-    rows = query_row_poison(q.detach(), torch.promote_types(q.dtype, torch.float32)).mul_(0)  # 0 or NaN
-    out = _add(out, rows.to(out.dtype).transpose(1, 2).unsqueeze(-1))
+    if not known_finite(q):
+        rows = query_row_poison(q.detach(), torch.promote_types(q.dtype, torch.float32)).mul_(0)  # 0 or NaN
+        out = _add(out, rows.to(out.dtype).transpose(1, 2).unsqueeze(-1))
     return out.transpose(1, 2)
 
 

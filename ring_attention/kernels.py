@@ -127,9 +127,10 @@ def marks_query_rows(q) -> bool:
     """Whether blocks of ``q`` need :func:`mark_query_rows_` to show a non-finite query as NaN.
 
     The CPU op returns a query row holding NaN or inf as 0 or inf, not NaN as the math
-    (and the reference) says; the CUDA kernels and the math backend propagate it.
+    (and the reference) says; the CUDA kernels and the math backend propagate it. A ``q``
+    seen to be finite (:func:`known_finite`) has no such row.
     """
-    return backend(q) == "cpu"
+    return backend(q) == "cpu" and not known_finite(q)
 
 
 def query_row_poison(q, dtype) -> torch.Tensor:

@@ -277,3 +277,15 @@ def test_a_causal_block_of_finite_values_skips_the_quarantine():
     assert "cumsum_.default" in ops
     out, _ = kernels.attention_forward(q, k, v, causal=True, scale=0.3)
     assert out[0, 1, :20].isfinite().all() and out[0, 1, 20:, 3].isnan().all()
+
+
+def test_only_a_query_with_a_non_finite_entry_needs_its_rows_marked_on_the_cpu_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = _rand((1, 2, 32, 8), torch.float32, 0)
+    assert not kernels.marks_query_rows(q)  # seen finite: nothing to mark
+    q[0, 1, 5, 2] = float("inf")
+    assert kernels.marks_query_rows(q)
+    with FakeTensorMode():  # no value to read: marked, whatever it holds
+        assert kernels.marks_query_rows(torch.ones(1, 2, 32, 8))
+        assert not kernels.marks_query_rows(torch.ones(1, 2, 32, 8, device="cuda"))  # CUDA kernels propagate
