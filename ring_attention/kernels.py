@@ -51,6 +51,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 aten = torch.ops.aten
 
@@ -170,12 +171,13 @@ def known_finite(x: torch.Tensor) -> bool:
 
     Only where reading a value back is free: a CPU tensor in eager mode (one reduction,
     no device to synchronize with). A CUDA tensor would stall the host on every block,
-    and a traced one (``torch.compile``, fake or meta tensors) has no value to read, so
-    those take the quarantine, which is right whatever ``x`` holds. A sum that overflows
-    to inf answers ``False`` too: the quarantine then runs, needlessly but correctly.
+    and a traced or transformed one (``torch.compile``, ``make_fx``, ``torch.func``, fake
+    or meta tensors) has no value to read: ``False`` sends them down the path that is
+    right whatever ``x`` holds. So does a sum that overflows to inf: needless, not wrong.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(x):
-        return False
+    traced = torch.compiler.is_compiling() or get_proxy_mode() is not None  # torch.compile, make_fx
+    if x.device.type != "cpu" or traced or is_fake(x) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False  # (a functorch wrapper: vmap's batched tensors have no one value to read)
     return math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item())
 
 
@@ -305,8 +307,10 @@ def _cpu_forward(q, k, v, causal, scale):
 
 def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
     dout, q, k, v, out = (_unit_stride(x) for x in (dout, q, k, v, out))
+    # The CPU kernel reads the LSE through all three of its strides (it makes its own
+    # rows-major, [B, L, H] in memory): unlike CUDA's, a strided view needs no copy.
     return aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
-        dout, q, k, v, out, lse.contiguous(), 0.0, causal, attn_mask=None, scale=scale
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale
     )
 
 

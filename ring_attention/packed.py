@@ -124,8 +124,8 @@ def _unpacked(x: torch.Tensor, dtype) -> torch.Tensor:
     return x.to(dtype, memory_format=torch.contiguous_format).flatten(1, 2)
 
 
-# How each call views its tensors, per block: (size, stride, storage offset) by (what the
-# view is for, the viewed tensor's layout). A call's kernel inputs and result cells take a
+# How each call views its tensors, per block: (size, stride, storage offset from the viewed
+# tensor's) by (what the view is for, the viewed tensor's shape and strides). A call's kernel inputs and result cells take a
 # dozen view ops to derive (slices, unflatten, transpose, flatten), and their host time is
 # most of what a small call costs besides its kernel; their recipe, once known, is one
 # as_strided.
@@ -144,16 +144,20 @@ def _view(blk: Block, key, x: torch.Tensor, build) -> torch.Tensor:
     recipes = _VIEW_RECIPES.get(blk)
     if recipes is None:
         recipes = _VIEW_RECIPES[blk] = {}
-    layout = (key, x.shape, x.stride(), x.storage_offset())
+    layout = (key, x.shape, x.stride())  # view ops move the storage offset by a constant
     recipe = recipes.get(layout)
     if recipe is None:
         with _disable_current_modes():  # a meta probe is not the caller's to count or trace
             base = torch.empty(x.untyped_storage().nbytes() // x.element_size(), dtype=x.dtype, device="meta")
             probe = build(base.as_strided(x.shape, x.stride(), x.storage_offset()))
         recipe = recipes[layout] = (
-            (tuple(probe.shape), probe.stride(), probe.storage_offset()) if probe._base is base else False
+            (tuple(probe.shape), probe.stride(), probe.storage_offset() - x.storage_offset())
+            if probe._base is base else False
         )
-    return x.as_strided(*recipe) if recipe else build(x)
+    if not recipe:
+        return build(x)
+    size, stride, offset = recipe
+    return x.as_strided(size, stride, x.storage_offset() + offset)
 
 
 def _rows_major(lse: torch.Tensor) -> torch.Tensor:

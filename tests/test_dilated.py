@@ -507,3 +507,18 @@ def test_the_output_is_laid_out_rows_major_like_the_inputs(mode, dtype):
     q, k, v = (torch.randn(2, 64, 4, 8, dtype=dtype) for _ in range(3))
     out = ra.dilated_attention(q, k, v, ra.DilatedPattern((16, 32), (2, 1), mode))
     assert out.is_contiguous()
+
+
+def test_inputs_at_any_storage_offset_reuse_the_view_recipes():
+    # a query that is a slice of a longer buffer at a new offset every call: the same
+    # recipes serve (they are relative to the tensor's offset), and give the right rows
+    from ring_attention import packed
+
+    pattern = ra.DilatedPattern((8, 16), (1, 2))
+    buffer, k, v = qkv(1, 40, 4, 4, 8, dtype=torch.float32)[0], *qkv(1, 32, 4, 4, 8, seed=1, dtype=torch.float32)[1:]
+    counts = []
+    for start in range(4):
+        q = buffer[:, start : start + 32]
+        torch.testing.assert_close(ra.dilated_attention(q, k, v, pattern), ra.reference_attention(q, k, v, pattern=pattern))
+        counts.append(sum(len(r) for r in packed._VIEW_RECIPES.values()))
+    assert counts[1:] == counts[:1] * 3

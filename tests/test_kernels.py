@@ -268,6 +268,20 @@ def _op_names(fn) -> set[str]:
     return names
 
 
+def test_transformed_and_traced_calls_read_no_value():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import ring_attention as ra
+
+    q, k, v = (_rand((3, 1, 32, 2, 8), torch.float32, s) for s in range(3))
+    assert not torch.func.vmap(lambda x: torch.tensor(kernels.known_finite(x)))(q).any()
+    # vmap and make_fx (real tensors under a tracing mode) run as before: no .item() on them
+    batched = torch.func.vmap(lambda x: ra.dense_attention(x, k[0], v[0], causal=True))(q)
+    torch.testing.assert_close(batched, torch.stack([ra.dense_attention(x, k[0], v[0], causal=True) for x in q]))
+    traced = make_fx(lambda a, b, c: ra.dilated_attention(a, b, c, ra.DilatedPattern((8, 16), (1, 2))))(q[0], k[0], v[0])
+    torch.testing.assert_close(traced(q[0], k[0], v[0]), ra.dilated_attention(q[0], k[0], v[0], ra.DilatedPattern((8, 16), (1, 2))))
+
+
 def test_a_causal_block_of_finite_values_skips_the_quarantine():
     q, k, v = (_rand((1, 2, 32, 8), torch.float32, s) for s in range(3))
     ops = _op_names(lambda: kernels.attention_forward(q, k, v, causal=True, scale=0.3))
@@ -289,3 +303,18 @@ def test_only_a_query_with_a_non_finite_entry_needs_its_rows_marked_on_the_cpu_o
     with FakeTensorMode():  # no value to read: marked, whatever it holds
         assert kernels.marks_query_rows(torch.ones(1, 2, 32, 8))
         assert not kernels.marks_query_rows(torch.ones(1, 2, 32, 8, device="cuda"))  # CUDA kernels propagate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_backward_reads_a_strided_lse_as_it_is(dtype):
+    # kernels passes the CPU op a strided LSE uncopied: it must read it through its strides
+    q, k, v, dout = (_rand((2, 3, 40, 8), dtype, s) for s in range(4))
+    out, lse = kernels.attention_forward(q, k, v, causal=False, scale=0.3)
+    spaced = torch.full((2, 3, 80), float("nan"))
+    spaced[..., ::2] = lse  # every other entry: a view no contiguous layout has
+    rows_major = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    expected = kernels.attention_backward(dout, q, k, v, out, lse.contiguous(), causal=False, scale=0.3)
+    for strided in (spaced[..., ::2], rows_major):
+        got = kernels.attention_backward(dout, q, k, v, out, strided, causal=False, scale=0.3)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)

@@ -134,8 +134,8 @@ def test_the_command_prints_every_counter(capsys):
         ["dense", "N=64"], ["RingAttention-ring2", "N=64"], ["dense", "N=128"], ["RingAttention-ring2", "N=128"]]
     for field in counters.FIELDS:
         assert f" {field}_fwd=" in lines[1] and f" {field}_fwd_bwd=" in lines[1]
-    # SDPA and the 3 ops that mark non-finite query rows; K and V: 2 x 32 x 2 x 8 x 4 B
-    assert " launches_fwd=4 " in lines[1] and " bytes_sent_fwd=4096 " in lines[2]
+    # SDPA and the sum that sees q finite (so no row needs marking); K and V: 2 x 32 x 2 x 8 x 4 B
+    assert " launches_fwd=2 " in lines[1] and " bytes_sent_fwd=4096 " in lines[2]
 
 
 def test_the_command_names_what_it_cannot_run(capsys):
