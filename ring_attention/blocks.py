@@ -151,15 +151,24 @@ class Block:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Message:
-    rows: Rows  # rows of the sender's k/v shard
-    kv_heads: Rows  # kv heads sent
+    """Rows and kv heads of the sender's K/V shard, sent as one K and one V tensor.
+
+    With ``offsets = O > 1`` it stands for the messages of ``O`` units at once, the head
+    offsets of one pair: offset ``o`` carries ``rows`` and ``kv_heads`` shifted by ``o``,
+    and the tensors are ``[B, O, M, h, D]`` (a strided view on the sender), packed as the
+    receiver's block of ``O`` offsets takes them.
+    """
+
+    rows: Rows  # rows of the sender's k/v shard (of offset 0)
+    kv_heads: Rows  # kv heads sent (of offset 0)
+    offsets: int = 1
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Step:
     shift: int
     sends: tuple[Message, ...]  # to (rank + shift) % R
-    receives: tuple[tuple[int, int], ...]  # (rows, kv heads) of each message from (rank - shift) % R
+    receives: tuple[tuple[int, int, int], ...]  # (rows, kv heads, offsets) of each message from (rank - shift) % R
     blocks: tuple[Block, ...]  # computed with what arrives
 
 

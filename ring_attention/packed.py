@@ -108,6 +108,12 @@ def _packed(x: torch.Tensor, rows: Index, heads: Index, offsets: int = 1) -> tor
     return x.as_strided(size, stride, x.storage_offset() + rows.start * st[1] + heads.start * st[2])
 
 
+def _source_packed(t: torch.Tensor, rows: Index, heads: Index, offsets: int) -> torch.Tensor:
+    """A block's key rows and heads of its source ``t`` as ``[B, O, M, h, ...]``: ``t`` itself
+    where it is a message of several head offsets, already so packed (:class:`Message`)."""
+    return t if t.dim() == 5 else _packed(t, rows, heads, offsets)
+
+
 def _run_view(x: torch.Tensor, start: int, runs: int, length: int) -> torch.Tensor:
     """Packed ``[B, O, M, h, ...]`` rows ``start .. start + runs*length`` as ``[B, O, runs, h, length, ...]``."""
     return x[:, :, start : start + runs * length].unflatten(2, (runs, length)).transpose(3, 4)
@@ -298,7 +304,7 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
-    kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
+    kb, vb = (_source_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
     for call in blk.calls:
         write = schedule.writes[call]
         mark = poison if write else None
@@ -477,15 +483,24 @@ def _message_tensors(msgs: tuple[Message, ...], k, v) -> list[torch.Tensor]:
     out = []
     for m in msgs:
         rows, heads = index(m.rows, k), index(m.kv_heads, k)
-        out += [take(k, rows, heads), take(v, rows, heads)]
+        if m.offsets > 1:  # progressions: one strided [B, O, M, h, D] view each
+            out += [_packed(k, rows, heads, m.offsets), _packed(v, rows, heads, m.offsets)]
+        else:
+            out += [take(k, rows, heads), take(v, rows, heads)]
     return out
 
 
+def _sizes(msgs: tuple[Message, ...]) -> list[tuple[int, int, int]]:
+    return [(len(m.rows), len(m.kv_heads), m.offsets) for m in msgs]
+
+
 def _shapes(k: torch.Tensor, sizes, dtype) -> list:
+    """What arrives for messages of ``sizes`` ``(rows, kv heads, offsets)``: K and V each."""
     b, _, _, d = k.shape
     spec = []
-    for rows, kv_heads in sizes:
-        spec += [((b, rows, kv_heads, d), dtype)] * 2
+    for rows, kv_heads, offsets in sizes:
+        shape = (b, rows, kv_heads, d) if offsets == 1 else (b, offsets, rows, kv_heads, d)
+        spec += [(shape, dtype)] * 2
     return spec
 
 
@@ -639,7 +654,7 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, sca
     q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
     qb, dob, ob = (_packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
     lb = _packed(_rows_major(lse), q_rows, blk.heads, blk.offsets)
-    kb, vb = (_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
+    kb, vb = (_source_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
     # Gathered copies: dout, q, k, v and out; putting a result: three adds.
     pieces = (piece for call in blk.calls for piece in _pieces(blk, call, q, accs[0] is None, 5, 3))
     for c, g in pieces:
@@ -679,7 +694,7 @@ def _add_gradients(blk: Block, c: Call, g: slice, q, indices: tuple, accs: list,
         _scatter_add(dq_acc, rows, blk.heads, _unpacked(dq.unflatten(0, by_run), dq_acc.dtype))
     for acc, grad in ((dk_src, dk), (dv_src, dv)):
         if kv_strided:
-            acc_b = _packed(acc, k_rows, kv_index, blk.offsets)[:, g]
+            acc_b = _source_packed(acc, k_rows, kv_index, blk.offsets)[:, g]
             _run_view(acc_b, c.k_start, c.runs, c.k_len).add_(grad.unflatten(0, by_run))
             continue
         rows = k_rows
@@ -717,7 +732,7 @@ def _post_returns(ring: Ring, plans, shift: int, back: dict, ks, acc, hop: int):
     for r in ring.ranks:
         step = plans[r].step(shift)
         if step.sends:  # direct: the gradients of the rows r sent; relay: of the rows r passed on
-            specs[r] = _shapes(ks[r], [(len(m.rows), len(m.kv_heads)) for m in step.sends], acc)
+            specs[r] = _shapes(ks[r], _sizes(step.sends), acc)
     if not back and not specs:
         return None
     return shift, ring.exchange(hop, back, specs, ks[ring.ranks[0]].device)
@@ -731,6 +746,10 @@ def _add_returned(returning, plans, grads) -> None:
         _, dk, dv = grads[r]
         for m, dk_rows, dv_rows in zip(plans[r].step(shift).sends, tensors[0::2], tensors[1::2]):
             rows, heads = index(m.rows, dk), index(m.kv_heads, dk)
+            if m.offsets > 1:  # [B, O, M, h, D]: into the strided view it was sent from
+                _packed(dk, rows, heads, m.offsets).add_(dk_rows)
+                _packed(dv, rows, heads, m.offsets).add_(dv_rows)
+                continue
             _scatter_add(dk, rows, heads, dk_rows)
             _scatter_add(dv, rows, heads, dv_rows)
 

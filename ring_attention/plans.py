@@ -10,7 +10,9 @@ dense block; attention then only pairs runs of the same segment:
 - runs on another rank arrive at the ring step whose shift joins the two ranks: the
   sender sends only its kept rows, of the segments the receiver also holds (and under
   ``causal``, only runs that precede one of the receiver's runs). Runs held by different
-  ranks never overlap, so such a block is either full or skipped.
+  ranks never overlap, so such a block is either full or skipped. A pair's head offsets
+  travel as one message, and run as one block, where their rows are shifted copies of
+  each other (as local blocks batch them).
 
 Everything here is integer arithmetic on positions, without tensors, done once per
 shape and rank and cached (:func:`rank_plan`). A rank's plan looks only at the ranks it
@@ -230,25 +232,70 @@ def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None
     r = spec.ring_size
     dst, src = (rank + shift) % r, (rank - shift) % r
     sends, receives, blocks = [], [], []
-    for u, unit in enumerate(spec.units):
-        out = _message(spec, u, rank, dst) if dst in partners else None
-        if out is not None:
-            sends.append(out[0])
-        got = _message(spec, u, src, rank) if src in partners else None
-        if got is None:
-            continue
-        message, moved = got
+    for u, count in _message_groups(spec, rank, dst) if dst in partners else ():
+        sends.append(dataclasses.replace(_message(spec, u, rank, dst)[0], offsets=count))
+    for u, count in _message_groups(spec, src, rank) if src in partners else ():
+        message, moved = _message(spec, u, src, rank)
+        receives.append((len(message.rows), len(message.kv_heads), count))
         kept = _kept(spec, rank, u)
-        pairs = _block_pairs(kept.runs, moved, spec.causal, same_rank=False)
-        receives.append((len(message.rows), len(message.kv_heads)))
-        if pairs:
+        calls = _receiver_calls(spec, rank, u, moved)
+        if calls:
             kv_index = _kv_rows(spec, u)[2]
             k_rows = Rows.of(range(len(message.rows)))
-            calls = _batch_calls(pairs, kept.rows)
-            blocks.append(Block(u, kept.rows, _head_slice(unit), k_rows, kv_index, len(receives) - 1, calls))
+            blocks.append(Block(u, kept.rows, _head_slice(spec.units[u]), k_rows, kv_index, len(receives) - 1,
+                                calls, offsets=count))
     if not sends and not receives:
         return None
     return Step(shift, tuple(sends), tuple(receives), tuple(blocks))
+
+
+def _receiver_calls(spec: _Spec, rank: int, u: int, moved) -> tuple[Call, ...]:
+    kept = _kept(spec, rank, u)
+    pairs = _block_pairs(kept.runs, moved, spec.causal, same_rank=False)
+    return _batch_calls(pairs, kept.rows) if pairs else ()
+
+
+@functools.lru_cache(maxsize=4096)
+def _message_groups(spec: _Spec, src: int, dst: int) -> tuple[tuple[int, int], ...]:
+    """``(unit, offsets)`` of each message ``src`` sends ``dst``, in order.
+
+    A pair's head offsets travel as one message where they are shifted copies of each
+    other on both ranks (:func:`_shifted_units`) and so are the rows sent and the calls
+    the receiver makes with them: one send, one kernel call and one merge for all of them,
+    as local blocks batch them. Sender and receiver both derive this from the spec alone,
+    so they agree on every message's shape.
+    """
+    groups, u = [], 0
+    while u < len(spec.units):
+        got = _message(spec, u, src, dst)
+        if got is None:
+            u += 1
+            continue
+        count = 1
+        limit = min(_shifted_units(spec, src, u), _shifted_units(spec, dst, u))
+        message, moved = got
+        calls = _call_shapes(_receiver_calls(spec, dst, u, moved))
+        if message.rows.as_slice() is not None and message.kv_heads.as_slice() is not None:
+            while count < limit:
+                other = _message(spec, u + count, src, dst)
+                if other is None or not (
+                    other[0].rows.ranges == _shifted(message.rows, count)
+                    and other[0].kv_heads.ranges == _shifted(message.kv_heads, count)
+                    and _call_shapes(_receiver_calls(spec, dst, u + count, other[1])) == calls
+                ):
+                    break
+                count += 1
+        groups.append((u, count))
+        u += count
+    return tuple(groups)
+
+
+def _shifted(rows: Rows, by: int) -> tuple[range, ...]:
+    return tuple(range(r.start + by, r.stop + by, r.step) for r in rows.ranges)
+
+
+def _call_shapes(calls: tuple[Call, ...]) -> list[tuple]:
+    return [(c.q_start, c.k_start, c.runs, c.q_len, c.k_len, c.causal) for c in calls]
 
 
 def _partners(spec: _Spec, rank: int) -> set[int]:
@@ -334,7 +381,7 @@ def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
             k_rows = Rows.of(range(len(theirs.rows)))
             calls = _batch_calls(pairs, kept.rows)
             blocks = (Block(0, kept.rows, _head_slice(spec.units[0]), k_rows, positions, 0, calls),)
-        steps[shift] = Step(shift, (message,), ((len(theirs.rows), len(sent_heads)),), blocks)
+        steps[shift] = Step(shift, (message,), ((len(theirs.rows), len(sent_heads), 1),), blocks)
     return RankPlan(rank, spec.ring_size, spec.units, _local_blocks(spec, rank), steps, relay=True)
 
 

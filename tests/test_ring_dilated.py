@@ -216,11 +216,14 @@ def _as_list(rows, size):
 
 
 def _actual_messages(plan, n_local, hkv):
+    """Per shift and sender, ``(rows, kv heads)`` of each unit's message: a message of ``O``
+    head offsets stands for ``O`` of them, shifted by ``o`` rows and heads."""
+    def per_unit(m):
+        rows, heads = _as_list(m.rows, n_local), _as_list(m.kv_heads, hkv)
+        return [([r + o for r in rows], [h + o for h in heads]) for o in range(m.offsets)]
+
     return {
-        step.shift: {
-            src: [(_as_list(m.rows, n_local), _as_list(m.kv_heads, hkv)) for m in msgs]
-            for src, msgs in step.sends.items()
-        }
+        step.shift: {src: [unit for m in msgs for unit in per_unit(m)] for src, msgs in step.sends.items()}
         for step in plan.steps
     }
 
@@ -331,3 +334,18 @@ def test_bad_layout_or_ring_size_raises(bad):
 def test_pattern_must_be_a_dilated_pattern():
     with pytest.raises(TypeError, match="DilatedPattern"):
         ra.ring_dilated_attention(*_small(8), ((4,), (2,)), ring_size=2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_pairs_head_offsets_travel_as_one_message(layout):
+    # head_groups (64, 128) / (1, 2) on 4 ranks of 64 rows: pair 1's two head offsets (heads
+    # 4, 6 and 5, 7) keep shifted rows on both ranks, so they go as one [B, 2, M, 2, D]
+    # message, computed as one block of both offsets (one call, one merge)
+    pattern = ra.DilatedPattern((64, 128), (1, 2), "head_groups")
+    plan = plan_view(pattern, 256, 8, 8, False, 4, layout)
+    messages = [m for step in plan.steps for sent in step.sends.values() for m in sent]
+    blocks = [b for step in plan.steps for got in step.blocks.values() for b in got]
+    pair_1 = [m.offsets for m in messages if m.kv_heads.values()[0] >= 4]
+    assert pair_1 and set(pair_1) == {2}
+    assert {m.offsets for m in messages if m.kv_heads.values()[0] < 4} <= {1}  # pair 0: one offset
+    assert {b.offsets for b in blocks if b.heads.start >= 4} == {2}
