@@ -153,6 +153,23 @@ def _block_pairs(q_runs, k_runs, causal: bool, same_rank: bool):
     return pairs
 
 
+def _joined_runs(runs: tuple[_Run, ...]) -> tuple[_Run, ...]:
+    """A rank's runs with those of one segment that follow each other in packed order joined.
+
+    In the zigzag layout a segment can cover both chunks of a rank: its two runs are then
+    adjacent in packed order, and packed order is position order, so one causal block over
+    both is exact where two diagonal blocks and a full one would take three calls.
+    """
+    out: list[_Run] = []
+    for run in runs:
+        prev = out[-1] if out else None
+        if prev is not None and prev.segment == run.segment and prev.start + prev.length == run.start:
+            out[-1] = prev._replace(length=prev.length + run.length)
+        else:
+            out.append(run)
+    return tuple(out)
+
+
 def _kv_heads(spec: _Spec, unit: int) -> list[int]:
     return [h // spec.group for h in spec.units[unit].heads]
 
@@ -192,7 +209,8 @@ def _local_blocks(spec: _Spec, rank: int) -> tuple[Block, ...]:
     u = 0
     while u < len(spec.units):
         unit, kept = spec.units[u], _kept(spec, rank, u)
-        pairs = _block_pairs(kept.runs, kept.runs, spec.causal, same_rank=True)
+        runs = _joined_runs(kept.runs) if spec.causal else kept.runs
+        pairs = _block_pairs(runs, runs, spec.causal, same_rank=True)
         offsets = _shifted_units(spec, rank, u)
         if pairs:
             kv_index = _kv_rows(spec, u)[0]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
+from ring_attention.plans import ring_plans
 from tests import inputs
 from tests.plan_view import plan_view
 
@@ -343,3 +344,11 @@ def test_returned_key_gradients_add_up_in_float32(monkeypatch, dtype, layout):
     q, k, v, g = inputs.qkv(1, 64, 2, 2, 8, dtype=dtype, requires_grad=True, grad_out=True)
     ra.ring_attention(q, k, v, ring_size=4, causal=True, layout=layout).backward(g)
     assert added_into and set(added_into) == {torch.float32}
+
+
+def test_a_zigzag_rank_attends_its_own_two_chunks_in_one_causal_call():
+    # chunks r and 2R-1-r follow each other in packed order, which is position order: one
+    # causal block over both is exact, where two diagonal blocks and a full one took 3 calls
+    for plan in ring_plans(None, 64, 2, 2, True, 4, "zigzag", tuple(range(4))):
+        (block,) = plan.local
+        assert [(c.runs, c.q_len, c.k_len, c.causal) for c in block.calls] == [(1, 16, 16, True)]
