@@ -141,12 +141,16 @@ def query_row_poison(q, dtype) -> torch.Tensor:
     return q.sum(-1, dtype=dtype)
 
 
-def mark_query_rows_(q, out, lse) -> None:
-    """Make ``out [..., D]`` and ``lse [...]`` NaN where ``q [..., D]`` holds NaN or inf:
-    one kernel per tensor (:func:`query_row_poison`)."""
-    poison = query_row_poison(q, lse.dtype)
+def mark_query_rows_(q, out, lse, without_keys=None) -> None:
+    """Make ``out [..., D]`` and ``lse [...]`` (or ``None``) NaN where ``q [..., D]`` holds NaN
+    or inf: one kernel per tensor (:func:`query_row_poison`). ``without_keys``: a bool mask,
+    broadcast to ``lse``'s shape, of cells left as they are (rows without keys stay 0)."""
+    poison = query_row_poison(q, torch.promote_types(q.dtype, torch.float32))
+    if without_keys is not None:
+        poison.masked_fill_(without_keys, 0.0)
     out.add_(poison.unsqueeze(-1), alpha=0)
-    lse.add_(poison, alpha=0)
+    if lse is not None:
+        lse.add_(poison, alpha=0)
 
 
 def quarantine_values(v):

@@ -108,10 +108,11 @@ def _packed(x: torch.Tensor, rows: Index, heads: Index, offsets: int = 1) -> tor
     return x.as_strided(size, stride, x.storage_offset() + rows.start * st[1] + heads.start * st[2])
 
 
-def _source_packed(t: torch.Tensor, rows: Index, heads: Index, offsets: int) -> torch.Tensor:
-    """A block's key rows and heads of its source ``t`` as ``[B, O, M, h, ...]``: ``t`` itself
-    where it is a message of several head offsets, already so packed (:class:`Message`)."""
-    return t if t.dim() == 5 else _packed(t, rows, heads, offsets)
+def _source_packed(blk: Block, t: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
+    """The block's key rows and heads of its source ``t`` as ``[B, O, M, h, ...]``: ``t``
+    itself where it is a message of several head offsets, already so packed (:class:`Message`)."""
+    stacked = blk.source is not None and blk.offsets > 1
+    return t if stacked else _packed(t, rows, heads, blk.offsets)
 
 
 def _run_view(x: torch.Tensor, start: int, runs: int, length: int) -> torch.Tensor:
@@ -304,7 +305,7 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
-    kb, vb = (_source_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
+    kb, vb = (_source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
     for call in blk.calls:
         write = schedule.writes[call]
         mark = poison if write else None
@@ -610,12 +611,8 @@ def _mark_query_rows(plan: RankPlan, q: torch.Tensor, out: torch.Tensor, lse: to
     merge, which carry whatever the CPU op returned for such a row (0, inf, or a finite
     ``(0, 0)`` where every score is ``-inf``). A cell the plan never computes has no keys:
     it stays ``(0, -inf)`` whatever its query holds."""
-    poison = kernels.query_row_poison(q, accumulation_dtype(q.dtype))  # [B, n, H]
-    if not _schedule(plan).covers(q):
-        poison.masked_fill_(_cells_without_keys(plan, q), 0.0)
-    out.add_(poison.unsqueeze(-1), alpha=0)
-    if lse is not None:
-        _rows_major(lse).add_(poison, alpha=0)
+    without_keys = None if _schedule(plan).covers(q) else _cells_without_keys(plan, q)
+    kernels.mark_query_rows_(q, out, None if lse is None else _rows_major(lse), without_keys)
 
 
 _CELLS_WITHOUT_KEYS: weakref.WeakKeyDictionary[RankPlan, dict] = weakref.WeakKeyDictionary()
@@ -654,7 +651,7 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, sca
     q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
     qb, dob, ob = (_packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
     lb = _packed(_rows_major(lse), q_rows, blk.heads, blk.offsets)
-    kb, vb = (_source_packed(t, k_rows, kv_index, blk.offsets) for t in (k_src, v_src))
+    kb, vb = (_source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
     # Gathered copies: dout, q, k, v and out; putting a result: three adds.
     pieces = (piece for call in blk.calls for piece in _pieces(blk, call, q, accs[0] is None, 5, 3))
     for c, g in pieces:
@@ -694,7 +691,7 @@ def _add_gradients(blk: Block, c: Call, g: slice, q, indices: tuple, accs: list,
         _scatter_add(dq_acc, rows, blk.heads, _unpacked(dq.unflatten(0, by_run), dq_acc.dtype))
     for acc, grad in ((dk_src, dk), (dv_src, dv)):
         if kv_strided:
-            acc_b = _source_packed(acc, k_rows, kv_index, blk.offsets)[:, g]
+            acc_b = _source_packed(blk, acc, k_rows, kv_index)[:, g]
             _run_view(acc_b, c.k_start, c.runs, c.k_len).add_(grad.unflatten(0, by_run))
             continue
         rows = k_rows
