@@ -7,16 +7,23 @@ one rank's input is malformed or the ranks disagree, every rank raises, with a m
 that names the values, instead of the healthy ranks blocking in a receive that never
 comes.
 
-The agreement costs a host synchronization, so it runs once per (group, signature):
-a call whose signature the group already agreed on skips it. The ranks must therefore
-change their inputs together (as a training loop does); a rank whose shapes change
-alone is not caught after the first agreed call.
+How often the ranks agree is :func:`agreement_policy`'s answer. On gloo (CPU) they agree
+on every call: one ``all_gather`` of a 16-byte digest per rank, and the full exchange only
+when the digests differ, so a rank whose input changes alone (a short last batch on one
+rank) raises on every rank instead of hanging until the process group's timeout. On
+NCCL the digest's round trip is a host synchronization, so by default a call whose
+signature the group already agreed on skips it (ranks must then change their inputs
+together, as a training loop does); ``RING_ATTENTION_AGREEMENT=every_call`` turns the
+check on for every call there too.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import enum
+import hashlib
+import os
 import weakref
 from typing import NamedTuple
 
@@ -45,6 +52,43 @@ class _Signature(NamedTuple):
     scale: float
     checkpoint: bool
 
+
+class Agreement(enum.Enum):
+    """How often the ranks of a group check that they agree on their inputs."""
+
+    EVERY_CALL = "every_call"  # a digest all_gather before each call's P2P
+    CACHED = "cached"  # once per (group, signature): a rank changing its input alone hangs
+
+
+AGREEMENT_ENV = "RING_ATTENTION_AGREEMENT"
+
+
+def agreement_policy(group) -> Agreement:
+    """``RING_ATTENTION_AGREEMENT`` (``every_call`` or ``cached``) if set, else by backend.
+
+    gloo checks every call (a CPU collective of 16 bytes per rank costs about as much as
+    one small kernel); NCCL caches, since its check waits on the device.
+    """
+    value = os.environ.get(AGREEMENT_ENV, "").strip().lower()
+    if value:
+        try:
+            return Agreement(value)
+        except ValueError:
+            raise ValueError(
+                f"{AGREEMENT_ENV}={value!r}: expected one of "
+                + ", ".join(repr(a.value) for a in Agreement)
+            ) from None
+    return Agreement.CACHED if dist.get_backend(group) == "nccl" else Agreement.EVERY_CALL
+
+
+# How a disagreement names a field: by the argument it comes from.
+_LABELS = {
+    "N": "sequence length N (q.shape[1] x R)",
+    "B": "batch size (q.shape[0])",
+    "H": "query heads (q.shape[2])",
+    "Hkv": "kv heads (k.shape[2])",
+    "D": "head dim (q.shape[3])",
+}
 
 FULL = object()  # the ``pattern`` of full attention: ring_attention passes it, users never do
 
@@ -108,6 +152,26 @@ def _check_nccl_device(group, q) -> None:
             )
 
 
+def _digest(signature: _Signature | None) -> torch.Tensor:
+    """16 bytes that differ between different signatures; all zero for a rank in error.
+
+    A hash of ``repr``, not Python's ``hash``: that one is salted per process.
+    """
+    if signature is None:
+        return torch.zeros(2, dtype=torch.int64)
+    raw = hashlib.blake2b(repr(tuple(signature)).encode(), digest_size=16).digest()
+    return torch.frombuffer(bytearray(raw), dtype=torch.int64) | 1  # never all zero
+
+
+def _digests_agree(signature: _Signature | None, group, size: int, device: torch.device) -> bool:
+    """Whether every rank holds ``signature`` (one all_gather); ``False`` sends all ranks on to
+    the full exchange, which names what differs (every rank sees the same digests)."""
+    mine = _digest(signature).to(device)
+    every = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(every, mine, group)
+    return signature is not None and all(torch.equal(d, mine) for d in every)
+
+
 def check_ring_inputs(
     q, k, v, *, group, ring_size, causal, scale, layout, pattern=FULL, checkpoint=False
 ):
@@ -118,8 +182,9 @@ def check_ring_inputs(
         return (SimulatedRing(size), *rest)
 
     ring = ProcessGroupRing(group)
-    error, result, signature = None, None, None
+    error, result, signature, policy = None, None, None, Agreement.EVERY_CALL
     try:
+        policy = agreement_policy(group)
         if ring_size is not None:
             ring_size = _layout.check_ring_size(ring_size)
             if ring_size != ring.size:
@@ -138,13 +203,16 @@ def check_ring_inputs(
     except (ValueError, TypeError) as exc:
         error = exc
     agreed = _AGREED.setdefault(ring.group, collections.OrderedDict())
-    if error is None and signature in agreed:
+    if policy is Agreement.CACHED and error is None and signature in agreed:
         agreed.move_to_end(signature)
         return (ring, *result)
 
-    every = [None] * ring.size
     device = _collective_device(group, q)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if _digests_agree(signature if error is None else None, group, ring.size, device):
+            _remember(agreed, signature)
+            return (ring, *result)
+        every = [None] * ring.size
         dist.all_gather_object(every, (None if error is None else f"{type(error).__name__}: {error}", signature), group)
     if error is not None:
         raise error
@@ -153,14 +221,18 @@ def check_ring_inputs(
         raise ValueError("other ranks of the ring rejected their inputs (" + "; ".join(bad) + ")")
     signatures = [s for _, s in every]
     diffs = [
-        f"{name}: " + ", ".join(f"rank {r}={s[i]}" for r, s in enumerate(signatures))
+        f"{_LABELS.get(name, name)}: " + ", ".join(f"rank {r}={s[i]}" for r, s in enumerate(signatures))
         for i, name in enumerate(_Signature._fields)
         if len({s[i] for s in signatures}) > 1
     ]
     if diffs:
         raise ValueError("the ranks' shards or arguments disagree (" + "; ".join(diffs) + ")")
+    _remember(agreed, signature)
+    return (ring, *result)
+
+
+def _remember(agreed: collections.OrderedDict, signature: _Signature) -> None:
     agreed[signature] = None
     if len(agreed) > _MAX_AGREED:
         agreed.popitem(last=False)
-    return (ring, *result)
 

@@ -18,8 +18,10 @@ Case kinds:
 - ``bad``: a malformed call; records ``"Type: message"`` of what it raised, or ``None``.
   Rank 1 may pass other arguments than the rest (``*_on_rank1``: rows, heads, dtype,
   layout, causal, scale, pattern, ring_size, checkpoint; a string pattern is not one).
-- ``agreement``: the same call repeated, then a new shape; records how many
-  ``all_gather_object`` collectives each call ran (the agreement is cached per signature).
+- ``agreement``: calls of ring attention with the shard lengths ``n_local`` (rank 1 may
+  pass ``n_local_rank1``) under the agreement ``policy``; records how many digest
+  ``all_gather`` and full ``all_gather_object`` collectives each call ran, and what it
+  raised.
 
 Half-precision ``ok`` cases (full attention) compare with a float64 reference and also
 record SDPA's own error in that dtype (``sdpa_*``), the yardstick for their tolerance.
@@ -39,6 +41,7 @@ import torch.distributed as dist
 
 import ring_attention as ra
 from ring_attention import layout as _layout
+from ring_attention import ring_checks
 from tests.inputs import qkv
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -161,22 +164,40 @@ def run_bad(case, group, rank, world):
 
 
 def run_agreement(case, group, rank, world):
-    """Collectives run by the agreement on each of four calls: same, same, same, new shape."""
-    counts, real = [], dist.all_gather_object
+    """Collectives run by the agreement on each call of ``n_local`` (rank 1: ``n_local_rank1``),
+    and what each call raised; ``policy`` sets ``RING_ATTENTION_AGREEMENT`` for the case."""
+    digests, exchanges, raised = [], [], []
+    real_gather, real_object = dist.all_gather, dist.all_gather_object
 
-    def counting(*args, **kwargs):
-        counts[-1] += 1
-        return real(*args, **kwargs)
+    def counting_gather(*args, **kwargs):
+        digests[-1] += 1
+        return real_gather(*args, **kwargs)
 
-    dist.all_gather_object = counting
+    def counting_object(*args, **kwargs):
+        exchanges[-1] += 1
+        return real_object(*args, **kwargs)
+
+    dist.all_gather, dist.all_gather_object = counting_gather, counting_object
+    saved = os.environ.pop(ring_checks.AGREEMENT_ENV, None)
+    if case.get("policy"):
+        os.environ[ring_checks.AGREEMENT_ENV] = case["policy"]
     try:
-        for n_local in (8, 8, 8, 10):
-            counts.append(0)
+        lengths = case["n_local_rank1"] if rank == 1 and "n_local_rank1" in case else case["n_local"]
+        for n_local in lengths:
+            digests.append(0)
+            exchanges.append(0)
             q, k, v = qkv(1, n_local, 2, 2, 4, seed=rank, dtype=torch.float64)
-            ra.ring_attention(q, k, v, group=group, causal=True, layout="zigzag")
+            try:
+                ra.ring_attention(q, k, v, group=group, causal=True, layout="zigzag")
+                raised.append(None)
+            except ValueError as exc:
+                raised.append(f"ValueError: {exc}")
     finally:
-        dist.all_gather_object = real
-    return {"collectives": counts}
+        dist.all_gather, dist.all_gather_object = real_gather, real_object
+        os.environ.pop(ring_checks.AGREEMENT_ENV, None)
+        if saved is not None:
+            os.environ[ring_checks.AGREEMENT_ENV] = saved
+    return {"digests": digests, "exchanges": exchanges, "raised": raised}
 
 
 def main(cases_path, out_dir):

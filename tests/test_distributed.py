@@ -233,10 +233,19 @@ def _good_after_bad(world: int) -> list[dict]:
                  causal=True, pattern=[[8, N], [3, 2], "mixture"])]
 
 
+def _agreement_policy_cases() -> list[dict]:
+    return [
+        dict(name="agreement-every-call", kind="agreement", n_local=[8, 8, 8, 10]),
+        dict(name="agreement-cached", kind="agreement", policy="cached", n_local=[12, 12, 12, 14]),
+        # A short last batch on one rank, after cached calls: every rank must raise, at once.
+        dict(name="agreement-shape-alone", kind="agreement", n_local=[8, 8, 8], n_local_rank1=[8, 8, 10]),
+    ]
+
+
 def _all_cases(world):
     return (
         _ring_cases(world) + _dilated_cases(world) + [c for c, _ in _bad_cases(world)]
-        + [c for c, _ in _agreement_cases(world)] + [dict(name="agreement-cached", kind="agreement")]
+        + [c for c, _ in _agreement_cases(world)] + _agreement_policy_cases()
         + _good_after_bad(world)
     )
 
@@ -320,12 +329,36 @@ def test_one_bad_rank_makes_every_rank_raise_naming_values(world_results, index)
             assert re.search(pattern, raised), f"rank {rank}: {raised!r} does not match {pattern!r}"
 
 
-def test_agreement_runs_once_per_signature(world_results):
-    """The agreement's collective runs on a new signature only: 1, 0, 0, then 1 for a new shape."""
-    world, _, results = world_results
-    for rank, res in enumerate(results["agreement-cached"]):
+def _agreement(results, name):
+    for rank, res in enumerate(results[name]):
         assert "crash" not in res, f"rank {rank}:\n{res['crash']}"
-        assert res["collectives"] == [1, 0, 0, 1], f"rank {rank}: {res['collectives']}"
+    return results[name]
+
+
+def test_gloo_agrees_on_every_call_with_one_digest(world_results):
+    """gloo's default: one digest all_gather per call, never the full exchange when the ranks agree."""
+    _, _, results = world_results
+    for rank, res in enumerate(_agreement(results, "agreement-every-call")):
+        assert (res["digests"], res["exchanges"]) == ([1, 1, 1, 1], [0, 0, 0, 0]), f"rank {rank}: {res}"
+        assert res["raised"] == [None] * 4, f"rank {rank}: {res['raised']}"
+
+
+def test_cached_agreement_runs_once_per_signature(world_results):
+    """RING_ATTENTION_AGREEMENT=cached (NCCL's default): 1, 0, 0, then 1 for a new shape."""
+    _, _, results = world_results
+    for rank, res in enumerate(_agreement(results, "agreement-cached")):
+        assert (res["digests"], res["exchanges"]) == ([1, 0, 0, 1], [0, 0, 0, 0]), f"rank {rank}: {res}"
+
+
+def test_one_rank_changing_shape_after_cached_calls_raises_on_every_rank(world_results):
+    """Not a hang until the group's 60 s timeout: a ValueError naming the length, on every rank, fast."""
+    world, _, results = world_results
+    for rank, res in enumerate(_agreement(results, "agreement-shape-alone")):
+        assert res["raised"][:2] == [None, None], f"rank {rank}: {res['raised']}"
+        raised = res["raised"][2]
+        assert raised is not None and raised.startswith("ValueError: "), f"rank {rank}: {raised}"
+        assert re.search(rf"sequence length N[^;]*: rank 0={8 * world}, rank 1={10 * world}", raised), raised
+        assert res["seconds"] < 10, f"rank {rank} took {res['seconds']:.1f}s"
 
 
 def test_different_patterns_across_ranks_raise_on_every_rank(tmp_path):
