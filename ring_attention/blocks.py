@@ -3,8 +3,8 @@
 Everything here is plain Python (ints, ranges, tuples): a plan holds no tensor and no
 device, so it is built once per shape and serves CPU, CUDA, meta and fake tensors
 alike. Row sets turn into a slice (when evenly spaced) or an index tensor only when an
-executor needs them, through :func:`index`, which caches the tensor per device and per
-fake-tensor mode.
+executor needs them, through :func:`index`, which caches CPU tensors (per fake-tensor
+mode) and builds others on their device at every call.
 
 Vocabulary:
 
@@ -88,8 +88,10 @@ def merge_ranges(ranges: Iterable[range]) -> tuple[range, ...]:
     return tuple(out)
 
 
-# Index tensors per Rows object, per (device, fake mode): a tensor made under one
-# FakeTensorMode is never handed to another mode or to a real run.
+# CPU index tensors per Rows object, per fake mode: a tensor made under one FakeTensorMode
+# is never handed to another mode or to a real run. Only CPU tensors are cached: a CUDA
+# tensor made while torch.compile(mode="reduce-overhead") captures a CUDA graph lives in
+# the graph's memory pool, which the next replay overwrites or frees.
 _INDEX_CACHE: weakref.WeakKeyDictionary[Rows, dict] = weakref.WeakKeyDictionary()
 
 
@@ -100,10 +102,16 @@ def device_key(like: torch.Tensor):
 
 
 def index(rows: Rows, like: torch.Tensor) -> Index:
-    """``rows`` as a slice, or as an int64 index tensor on ``like``'s device (cached)."""
+    """``rows`` as a slice, or as an int64 index tensor on ``like``'s device.
+
+    On the CPU the tensor is cached on ``rows``; on other devices it is built on the device
+    at every call, from ``arange`` (no host-to-device copy, which a CUDA graph cannot capture).
+    """
     as_slice = rows.as_slice()
     if as_slice is not None:
         return as_slice
+    if like.device.type != "cpu":
+        return device_index(rows, like.device)
     per_device = _INDEX_CACHE.setdefault(rows, {})
     key = device_key(like)
     hit = per_device.get(key)
@@ -111,6 +119,33 @@ def index(rows: Rows, like: torch.Tensor) -> Index:
         # The tensor holds a reference to its fake mode, so the id in the key stays unique.
         hit = per_device[key] = torch.tensor(rows.values(), dtype=torch.int64, device=like.device)
     return hit
+
+
+def device_index(rows: Rows, device: torch.device) -> torch.Tensor:
+    """``rows`` as an int64 tensor built on ``device`` by arange arithmetic.
+
+    The row sets of plans are mostly grids, ``start + i * outer + j * inner`` (equal runs of
+    one step at evenly spaced starts; a grouped-query ``kv_index`` such as ``[0, 0, 1, 1]``
+    has ``inner = 0``): two or three launches. Other sets join one progression per range.
+    """
+    ranges = rows.ranges
+    steps = {r.step for r in ranges if len(r) > 1}
+    starts = [r.start for r in ranges]
+    outers = {b - a for a, b in zip(starts, starts[1:])}
+    if len({len(r) for r in ranges}) == 1 and len(steps) <= 1 and len(outers) <= 1:
+        inner = steps.pop() if steps else 0
+        n, length = len(ranges), len(ranges[0])
+        outer = _progression(starts[0], n, outers.pop() if outers else 0, device)[:, None]
+        if inner == 0:
+            return outer.expand(n, length).reshape(-1)
+        return (outer + _progression(0, length, inner, device)).reshape(-1)
+    return torch.cat([_progression(r.start, len(r), r.step, device) for r in ranges])
+
+
+def _progression(start: int, count: int, step: int, device: torch.device) -> torch.Tensor:
+    if step == 0:
+        return torch.full((count,), start, dtype=torch.int64, device=device)
+    return torch.arange(start, start + count * step, step, dtype=torch.int64, device=device)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -620,8 +620,10 @@ _CELLS_WITHOUT_KEYS: weakref.WeakKeyDictionary[RankPlan, dict] = weakref.WeakKey
 
 def _cells_without_keys(plan: RankPlan, q: torch.Tensor) -> torch.Tensor:
     """``[n, H]`` bool on ``q``'s device: the (row, head) cells of the shard that no call of
-    ``plan`` computes (cached per plan, shape and device)."""
-    per_plan = _CELLS_WITHOUT_KEYS.setdefault(plan, {})
+    ``plan`` computes (cached per plan and shape on the CPU; elsewhere built at every call,
+    as :func:`blocks.index` builds its tensors, since a cached CUDA tensor breaks CUDA graphs)."""
+    cpu = q.device.type == "cpu"
+    per_plan = _CELLS_WITHOUT_KEYS.setdefault(plan, {}) if cpu else {}
     key = (q.shape[1], q.shape[2], device_key(q))
     cells = per_plan.get(key)
     if cells is None:

@@ -22,6 +22,9 @@ Nothing here is xfail: a failure names the op, the rule and the library line tha
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 import torch
 
@@ -500,6 +503,25 @@ def test_variant(name, d, dtype):
 @pytest.mark.parametrize("name", [n for n in PACKED_VARIANTS if registry.VARIANTS[n].supports(ODD_N, HEADS)])
 def test_variant_odd_length(name):
     _run_variant(name, n=ODD_N, d=80, dtype=torch.float16)
+
+
+def _live_cuda_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op warns
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type == "cuda")
+
+
+def test_no_cuda_tensor_survives_a_call_in_any_cache():
+    """Under torch.compile(mode="reduce-overhead") a tensor made during CUDA graph capture
+    lives in the graph's pool, overwritten or freed by the next replay: index tensors and
+    masks must not outlive the call that made them (grouped-query heads, dilated and ring,
+    forward and backward)."""
+    before = _live_cuda_tensors()
+    for name in ("RingDilatedV2-ring4", "longnet", "ring-zigzag-causal4", "Production-ring4"):
+        for _ in range(2):
+            _run_variant(name, n=N, d=64, dtype=torch.float16)
+        assert _live_cuda_tensors() == before, f"{name}: CUDA tensors kept after the call"
 
 
 @pytest.mark.timeout(60)
