@@ -16,7 +16,9 @@ Backends (:func:`backend`), each called only with inputs its kernel accepts:
   :data:`CPU_FEW_KEYS` keys (smaller ones run on ``math``).
 - ``flash``: ``aten._scaled_dot_product_flash_attention`` (CUDA, float16/bfloat16, sm80 or
   newer, flash enabled in ``torch.backends.cuda``). Its kernel requires ``D % 8 == 0`` and
-  ``D <= 256``, loads 16-byte vectors, and puts the batch on the grid's y axis.
+  ``D <= 256``, loads 16-byte vectors, and puts the batch on the grid's y axis. Its
+  backward for ``192 < D <= 224`` runs only on sm80 and sm90: elsewhere that backward
+  runs on ``efficient``.
 - ``efficient``: ``aten._scaled_dot_product_efficient_attention`` (CUDA, also float32 and
   older GPUs and ``D > 256``). Head dim a multiple of 8 (half) or 4 (float32); its LSE
   is padded along L to a multiple of 32; the batch is on the grid's z axis.
@@ -215,13 +217,16 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     _check_block(q, k, causal)
     q, scale, q_factor = fold_scale(q, scale)
     kind = backend(q, k.shape[-2])
+    if kind == "flash" and not _flash_backward_runs(q):
+        kind = "efficient"
     if kind == "cpu":
         dq, dk, dv = _cpu_backward(dout, q, k, v, out, lse, causal, scale)
     elif kind == "math":
         dq, dk, dv = _math_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
     else:
         d = q.shape[-1]
-        dout, q, k, v, out = (_cuda_ready(x) for x in (dout, q, k, v, out))
+        dout, q, k, v = (_cuda_ready(x) for x in (dout, q, k, v))
+        out = _efficient_out(out) if kind == "efficient" else _cuda_ready(out)
         lse = lse.contiguous()
         if kind == "efficient":
             pad = _round_up(lse.shape[-1], _EFFICIENT_LSE_ALIGN) - lse.shape[-1]
@@ -244,6 +249,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     if q_factor != 1.0:
         dq = dq * q_factor
     return dq, dk, dv
+
+
+def _flash_backward_runs(q) -> bool:
+    """Whether flash's backward takes ``q``'s padded head dim on its GPU: for
+    ``192 < D <= 224`` only sm80 and sm90 do (flash_api.cpp ``mha_bwd``; sm86/89, sm100 and
+    sm120 raise), though the forward runs there. Such blocks' backward runs on the
+    efficient kernel, which takes the forward's LSE padded."""
+    padded = _round_up(q.shape[-1], 8)
+    return not 192 < padded <= 224 or _cuda_capability(q.device) in ((8, 0), (9, 0))
 
 
 # --- preconditions ----------------------------------------------------------------------
@@ -282,6 +296,25 @@ def _cuda_ready(x: torch.Tensor) -> torch.Tensor:
     if pad:
         return F.pad(x, (0, pad))  # a fresh, contiguous (hence aligned) tensor
     return x if _aligned(x) else x.clone(memory_format=torch.contiguous_format)
+
+
+def _efficient_out(out: torch.Tensor) -> torch.Tensor:
+    """``out [B, H, L, D]`` as the efficient backward reads it: a transposed ``[B, L, H, D']``
+    contiguous tensor, ``D'`` the padded head dim.
+
+    Its kernel takes out's row stride to be ``H * D'`` instead of reading it
+    (kernel_backward.h, ``Params::o_strideM``), and reads out for the delta term of dQ and
+    dK: a head slice, a padded copy or a ``[B, H, L, D]``-contiguous tensor would be read
+    at the wrong rows. This is the layout the efficient forward returns; one copy otherwise.
+    """
+    b, h, length, d = out.shape
+    rows = out.transpose(1, 2)  # [B, L, H, D]
+    pad = _round_up(d, 8) - d
+    if pad:
+        return F.pad(rows, (0, pad)).transpose(1, 2)  # F.pad returns it contiguous
+    if (length == 1 or out.stride(2) == h * d) and _aligned(out):
+        return out
+    return rows.contiguous().transpose(1, 2)
 
 
 def _batch_chunks(batch: int) -> list[tuple[int, int]]:

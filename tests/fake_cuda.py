@@ -82,6 +82,10 @@ MAX_GRID_YZ = 65_535
 # Both fused CUDA kernels load q/k/v/out/dout as 128-bit vectors.
 VECTOR_BYTES = 16
 
+Capability = tuple[int, int]
+# The architectures the tier pretends in turn: T4, A100, RTX 30xx/A10 (sm86), H100, B200.
+CAPABILITIES: tuple[Capability, ...] = ((7, 5), (8, 0), (8, 6), (9, 0), (10, 0))
+
 _PACKAGE_DIR = os.sep + "ring_attention" + os.sep
 _TESTS_DIR = os.sep + "tests" + os.sep
 
@@ -206,6 +210,30 @@ def _flash_head_dim(d: int, which: str) -> list[str]:
     return problems
 
 
+def _flash_hardware(cap: Capability) -> list[str]:
+    # sdp_utils.cpp check_flash_attention_hardware_support: sm80 and newer.
+    return [] if cap >= (8, 0) else [f"flash attention on sm{cap[0]}{cap[1]}: it needs sm80 or newer"]
+
+
+def _flash_backward_head_dim(d: int, cap: Capability) -> list[str]:
+    # flash_api.cpp mha_bwd: "if (head_size > 192 && (head_size <= 224 || is_dropout))
+    # TORCH_CHECK(is_sm80 || is_sm90, ...)"; SDPA refuses it up front in sdp_utils.cpp
+    # check_requires_grad_and_head_dim_gt192_constraints_on_sm86_89(_or_120).
+    if 192 < d <= 224 and cap not in ((8, 0), (9, 0)):
+        return [f"flash backward with head dim {d} in (192, 224] on sm{cap[0]}{cap[1]}: only sm80 and sm90 run it"]
+    return []
+
+
+def _efficient_hardware(q, cap: Capability) -> list[str]:
+    # sdp_utils.cpp check_mem_efficient_hardware_support (sm50 and newer) and
+    # less_than_sm80_mem_efficient_dtypes (float16, float32: no bfloat16 before sm80).
+    if cap < (5, 0):
+        return [f"mem-efficient attention on sm{cap[0]}{cap[1]}: it needs sm50 or newer"]
+    if q.dtype == torch.bfloat16 and cap < (8, 0):
+        return [f"mem-efficient attention in bfloat16 on sm{cap[0]}{cap[1]}: bfloat16 needs sm80 or newer"]
+    return []
+
+
 def _dropout_problems(p) -> list[str]:
     return [] if p == 0.0 else [f"dropout_p {p} != 0: attention must be exact"]
 
@@ -215,12 +243,13 @@ _HALF = (torch.float16, torch.bfloat16)
 _EFFICIENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _rule_flash_forward(a: dict) -> list[str]:
+def _rule_flash_forward(a: dict, cap: Capability) -> list[str]:
     """flash_api.cpp mha_fwd, called by attention.cu _flash_attention_forward with q/k/v
     transposed to [B, L, H, D] (so the checked ``stride(-1)`` is D's stride either way)."""
     q, k, v, causal = a["query"], a["key"], a["value"], a["is_causal"]
     return (
         _io_problems({"q": q, "k": k, "v": v}, _HALF, "flash attention")
+        + _flash_hardware(cap)
         + _flash_head_dim(q.size(-1), "mha_fwd")
         + _shape_problems(q, k, v, causal, gqa=True)
         + _dropout_problems(a["dropout_p"])
@@ -228,7 +257,7 @@ def _rule_flash_forward(a: dict) -> list[str]:
     )
 
 
-def _rule_flash_backward(a: dict) -> list[str]:
+def _rule_flash_backward(a: dict, cap: Capability) -> list[str]:
     """flash_api.cpp mha_bwd (via attention_backward.cu _flash_attention_backward).
 
     The wrapper calls ``.contiguous()`` on dout and out, which keeps a misaligned but
@@ -240,7 +269,9 @@ def _rule_flash_backward(a: dict) -> list[str]:
     causal, max_q, max_k = a["is_causal"], a["max_q"], a["max_k"]
     problems = (
         _io_problems({"q": q, "k": k, "v": v, "out": out, "dout": dout}, _HALF, "flash attention")
+        + _flash_hardware(cap)
         + _flash_head_dim(q.size(-1), "mha_bwd")
+        + _flash_backward_head_dim(q.size(-1), cap)
         + _shape_problems(q, k, v, causal, gqa=True)
         + _dropout_problems(a["dropout_p"])
         + _scale_problems(q, causal, a["scale"])
@@ -278,7 +309,7 @@ def _efficient_head_dim(q) -> list[str]:
     return []
 
 
-def _rule_efficient_forward(a: dict) -> list[str]:
+def _rule_efficient_forward(a: dict, cap: Capability) -> list[str]:
     """attention.cu _efficient_attention_forward + kernel_forward.h check_supported.
 
     No maximum head dim (kernels up to kMaxK = 65536), no grouped-query heads
@@ -287,6 +318,7 @@ def _rule_efficient_forward(a: dict) -> list[str]:
     q, k, v, bias, causal = a["query"], a["key"], a["value"], a["attn_bias"], a["is_causal"]
     problems = (
         _io_problems({"q": q, "k": k, "v": v}, _EFFICIENT_DTYPES, "mem-efficient attention")
+        + _efficient_hardware(q, cap)
         + _efficient_head_dim(q)
         + _shape_problems(q, k, v, causal, gqa=False)
         + _dropout_problems(a["dropout_p"])
@@ -299,7 +331,7 @@ def _rule_efficient_forward(a: dict) -> list[str]:
     return problems
 
 
-def _rule_efficient_backward(a: dict) -> list[str]:
+def _rule_efficient_backward(a: dict, cap: Capability) -> list[str]:
     """attention_backward.cu _efficient_attention_backward + kernel_backward.h check_supported.
 
     The LSE must be the forward's own: float32 ``[B, H, ceil(Lq / 32) * 32]`` (padded,
@@ -310,6 +342,7 @@ def _rule_efficient_backward(a: dict) -> list[str]:
     bias, causal = a["attn_bias"], a["is_causal"]
     problems = (
         _io_problems({"q": q, "k": k, "v": v, "out": out, "dout": dout}, _EFFICIENT_DTYPES, "mem-efficient attention")
+        + _efficient_hardware(q, cap)
         + _efficient_head_dim(q)
         + _shape_problems(q, k, v, causal, gqa=False)
         + _dropout_problems(a["dropout_p"])
@@ -322,16 +355,35 @@ def _rule_efficient_backward(a: dict) -> list[str]:
         problems.append(f"lse strides {lse.stride()}: need unit last stride, head/batch strides % 8 == 0")
     if bias is not None:
         problems.append("attn_bias given: masks are the plan's business")
+    problems += _efficient_out_problems(out)
     return problems
 
 
-def _rule_cpu_op(a: dict) -> list[str]:
+def _efficient_out_problems(out) -> list[str]:
+    """kernel_backward.h ``Params::o_strideM()`` is ``head_dim_value * num_heads``: the
+    kernel assumes out's row stride instead of reading it (attention_backward.cu reads only
+    ``o_strideB`` and ``o_strideH``). In SDPA's ``[B, H, L, D]`` out must be a transposed
+    ``[B, L, H, D]``-contiguous tensor, as the efficient forward returns it; any other view
+    (a head slice, a padded head dim, a contiguous ``[B, H, L, D]`` copy) feeds the delta
+    term wrong rows, or rows out of bounds."""
+    if out.dim() != 4 or out.size(2) < 2:
+        return []  # a single row is never advanced by the row stride
+    b, h, _, d = out.shape
+    if out.stride(2) != h * d:
+        return [
+            f"out row stride {out.stride(2)} != heads x head dim = {h * d} (strides {out.stride()}): "
+            "the efficient backward assumes [B, L, H, D]-contiguous rows"
+        ]
+    return []
+
+
+def _rule_cpu_op(a: dict, cap: Capability) -> list[str]:
     if any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in a.values()):
         return ["the CPU fused op called on CUDA tensors (wrong device's kernel)"]
     return []
 
 
-def _rule_unfused(a: dict) -> list[str]:
+def _rule_unfused(a: dict, cap: Capability) -> list[str]:
     tensors = [t for t in a.values() if isinstance(t, torch.Tensor)]
     if any(t.device.type == "cuda" for t in tensors):
         shapes = " @ ".join(str(tuple(t.shape)) for t in tensors)
@@ -426,8 +478,9 @@ class KernelChecker(TorchDispatchMode):
             metadata); fused calls included.
     """
 
-    def __init__(self):
+    def __init__(self, capability: Capability = (8, 0)):
         super().__init__()
+        self.capability = capability  # of the pretended GPU: rules differ per architecture
         self.violations: list[Violation] = []
         self.op_counts: Counter = Counter()
         self.fused_calls: Counter = Counter()
@@ -445,7 +498,7 @@ class KernelChecker(TorchDispatchMode):
         if info.fused:
             self.fused_calls[info.name] += 1
         if info.rule is not None:
-            for reason in info.rule(_bind(func, args, kwargs)):
+            for reason in info.rule(_bind(func, args, kwargs), self.capability):
                 self.flag(info.name, reason)
         if info.host_sync is not None:
             self.flag(info.name, info.host_sync)
@@ -731,22 +784,27 @@ class FakeCuda:
 
 
 @contextlib.contextmanager
-def fake_cuda(*, backward: bool = True) -> Iterator[FakeCuda]:
+def fake_cuda(*, backward: bool = True, capability: Capability = (8, 0)) -> Iterator[FakeCuda]:
     """Fake CUDA tensors, rerouted bindings, the kernel checker and the backward driver.
 
     ``PackedAttention.apply`` is always replaced (autograd must never see fake CUDA
     tensors); with ``backward=False`` it runs the forward only.
 
+    ``capability``: the compute capability the library sees (``kernels._cuda_capability``)
+    and the rules check against, e.g. ``(8, 6)`` for an RTX 3090 (see :data:`CAPABILITIES`).
+
     A ``DataDependentOutputException``/``DynamicOutputShapeException`` raised by the body
     (a host sync the fake tensors cannot answer) is already a recorded violation: it is
     swallowed here so the test fails on :meth:`FakeCuda.assert_clean` with the full list.
     """
+    from ring_attention import kernels
     from ring_attention.packed import PackedAttention
 
-    checker = KernelChecker()
+    checker = KernelChecker(capability)
     fc = FakeCuda(checker, backward)
     patch = mock.patch.object(PackedAttention, "apply", lambda *args: fc.drive(PackedAttention, *args))
-    with FakeTensorMode(), _RerouteBindings(), checker, patch:
+    pretend = mock.patch.object(kernels, "_cuda_capability", lambda device: capability)
+    with FakeTensorMode(), _RerouteBindings(), checker, patch, pretend:
         try:
             yield fc
         except (DataDependentOutputException, DynamicOutputShapeException):

@@ -127,6 +127,56 @@ def test_kernels_against_float64(d, dtype, length, causal):
         assert _err(g, r) <= _bound(e, r, dtype), f"d{name}"
 
 
+def _kernel_case(b, h, length, d, dtype, causal, *, relayout=lambda out: out):
+    """Our block kernels' forward and backward (``out`` handed to the backward through
+    ``relayout``) against float64, with SDPA's errors as the yardstick."""
+    scale = d**-0.5
+    q, k, v, dout = (_randn(b, h, length, d, dtype=dtype, seed=s) for s in range(4))
+    out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale)
+    grads = kernels.attention_backward(dout, q, k, v, relayout(out), lse, causal=causal, scale=scale)
+    q64, k64, v64 = _float64_cpu(q, k, v)
+    ref = ra.reference_attention(*(t.transpose(1, 2) for t in (q64, k64, v64)), causal=causal, scale=scale)
+    ref = ref.transpose(1, 2)
+    ref_grads = _grads(ref, (q64, k64, v64), dout.double().cpu())
+    err_out, err_grads = _sdpa_errors(q, k, v, dout, causal=causal, scale=scale)
+    assert _err(out, ref) <= _bound(err_out, ref, dtype)
+    for name, g, r, e in zip("qkv", grads, ref_grads, err_grads):
+        assert _err(g, r) <= _bound(e, r, dtype), f"d{name}"
+
+
+def _head_slice(out):
+    """``out`` as heads ``[0, H)`` of a ``[B, L, 2H, D]`` tensor: a row stride of ``2 H D``."""
+    b, h, length, d = out.shape
+    wide = out.new_zeros(b, length, 2 * h, d)
+    wide[:, :, :h] = out.transpose(1, 2)
+    return wide[:, :, :h].transpose(1, 2)
+
+
+@pytest.mark.parametrize("d", [36, 64], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("layout", ["bhld-contiguous", "head-slice"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_efficient_backward_whatever_the_layout_of_out(dtype, layout, d):
+    """Issue 28, defect 1: the efficient backward assumes out's row stride is H x D (it reads
+    out for the delta term), so any other layout must be laid out before the call."""
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("no fused kernel takes bfloat16 before sm80")
+    relayout = (lambda out: out.contiguous()) if layout == "bhld-contiguous" else _head_slice
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # flash off: every block runs efficient
+        assert kernels.backend(_randn(1, 1, 1, d, dtype=dtype, seed=0)) == "efficient"
+        _kernel_case(2, 3, 129, d, dtype, True, relayout=relayout)
+
+
+@pytest.mark.parametrize("d", [200, 224], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)
+def test_backward_with_head_dim_above_192(dtype, d):
+    """Issue 28, defect 2: flash's backward for 192 < D <= 224 runs only on sm80 and sm90;
+    elsewhere (sm86/89, sm100, sm120) the blocks' backward goes to the efficient kernel."""
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("no fused kernel takes bfloat16 before sm80")
+    _kernel_case(2, 3, 129, d, dtype, False)
+    _kernel_case(2, 3, 64, d, dtype, True)
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.5], ids=["zero", "negative"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 def test_kernels_causal_with_nonpositive_scale(dtype, scale):
