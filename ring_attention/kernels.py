@@ -129,11 +129,16 @@ def attention_forward(q, k, v, *, causal: bool, scale: float, mark_query_rows: b
 def marks_query_rows(q) -> bool:
     """Whether blocks of ``q`` need :func:`mark_query_rows_` to show a non-finite query as NaN.
 
-    The CPU op returns a query row holding NaN or inf as 0 or inf, not NaN as the math
-    (and the reference) says; the CUDA kernels and the math backend propagate it. A ``q``
-    seen to be finite (:func:`known_finite`) has no such row.
+    The reference gives NaN for a query row holding NaN or inf (its scores are NaN, or
+    ``+-inf``, whose softmax is NaN). Every backend can return such a row as a finite 0
+    instead: a row holding inf can score ``-inf`` against every key, which the CUDA
+    kernels' online softmax takes for a row without keys (flash: row sum 0 gives out 0
+    and lse inf; the math backend's finite shift gives 0 too), and the CPU op returns 0 or
+    inf for NaN rows as well. So every backend marks, unless ``q`` is seen to be finite
+    (:func:`known_finite`, eager CPU only): on CUDA that is one reduction per shard and
+    weight-0 adds folded into copies that run anyway, with no host synchronisation.
     """
-    return backend(q) == "cpu" and not known_finite(q)
+    return not known_finite(q)
 
 
 def query_row_poison(q, dtype) -> torch.Tensor:

@@ -177,6 +177,36 @@ def test_backward_with_head_dim_above_192(dtype, d):
     _kernel_case(2, 3, 64, d, dtype, True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("name", ["dense", "RingDilatedV2-ring4", "ring-zigzag-causal4", "longnet"])
+def test_query_row_holding_inf(name, dtype):
+    """Issue 28, defect 5: a query row with +inf in a dim where every key is negative scores
+    -inf against every key. The fused kernels take that for a row without keys (0); the
+    reference says NaN (0 where the pattern gives the cell no keys). Exactly the
+    reference's NaN cells, and the other cells as usual."""
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("no fused kernel takes bfloat16 before sm80")
+    variant, b, length, d = registry.VARIANTS[name], 2, 128, 64
+    q = _randn(b, length, HEADS, d, dtype=dtype, seed=0)
+    k, v = (_randn(b, length, KV_HEADS, d, dtype=dtype, seed=s) for s in (1, 2))
+    k[..., 0] = -k[..., 0].abs() - 0.5
+    q[0, 5, :, 0] = float("inf")  # every head: a dilated pattern leaves some cells without keys
+    q[1, 77, :, 3] = float("nan")
+    with torch.no_grad():
+        out = variant(q, k, v)
+    ref = variant.reference(*_float64_cpu(q, k, v)).detach()
+    assert ref[0, 5].isnan().any() and ref[1, 77].isnan().any()
+    assert torch.equal(out.isnan().cpu(), ref.isnan()), "NaN cells differ from the reference's"
+    err_out, _ = _sdpa_errors(*(t.transpose(1, 2) for t in _finite_inputs(q, k, v)), q.transpose(1, 2),
+                              causal=variant.causal)
+    finite = ~ref.isnan()
+    assert _err(out.cpu()[finite], ref[finite]) <= _bound(err_out, ref[finite], dtype)
+
+
+def _finite_inputs(q, k, v):
+    return q.nan_to_num(0.0, 0.0, 0.0), k, v
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.5], ids=["zero", "negative"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 def test_kernels_causal_with_nonpositive_scale(dtype, scale):

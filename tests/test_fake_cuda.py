@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -565,6 +566,19 @@ def test_variant_per_capability(name, capability, dtype, d):
         registry.VARIANTS[name](q, k, v)
     fc.assert_clean()
     assert fc.backward_calls and fc.checker.fused_calls
+
+
+@pytest.mark.parametrize("name", ["RingDilatedV2-ring4", "ring-zigzag-causal4", "longnet"])
+def test_cuda_shards_mark_non_finite_query_rows(name):
+    """A query row holding inf can score -inf against every key: the CUDA kernels return it
+    as a row without keys (0), the reference as NaN. Each shard computes its query-row
+    poison once (one reduction, no host sync), as on the CPU."""
+    variant = registry.VARIANTS[name]
+    with mock.patch.object(kernels, "query_row_poison", wraps=kernels.query_row_poison) as poison:
+        fc = _run_variant(name, n=VARIANT_N.get(name, N), d=64, dtype=torch.float16, backward=False)
+    shards = getattr(variant, "ring_size", None) or 1
+    assert poison.call_count == shards, (poison.call_count, shards)
+    assert not [r for r in _reasons(fc) if "host sync" in r], fc.report()
 
 
 def _live_cuda_tensors() -> int:
