@@ -103,7 +103,9 @@ def backend(q: torch.Tensor, kv_len: int | None = None) -> str:
     return "math"
 
 
-def attention_forward(q, k, v, *, causal: bool, scale: float, mark_query_rows: bool = True):
+def attention_forward(
+    q, k, v, *, causal: bool, scale: float, mark_query_rows: bool = True, quarantined: bool = False
+):
     """Attention of one block. Returns ``(out [B,H,L,D] in q.dtype, lse [B,H,L])``.
 
     ``lse`` is float32 (float64 for float64 inputs) and contiguous.
@@ -111,10 +113,14 @@ def attention_forward(q, k, v, *, causal: bool, scale: float, mark_query_rows: b
     ``mark_query_rows=False`` leaves a backend's non-finite query rows as it returns them
     (:func:`marks_query_rows`): the caller marks them once with :func:`mark_query_rows_`
     after merging every block of the rows, instead of once per block.
+
+    ``quarantined=True``: ``v`` of a causal block holds no non-finite value, and the caller
+    adds the rows' value poison itself (:func:`split_values`, :func:`value_poison`), from
+    one split of the whole source instead of four kernels per call.
     """
     _check_block(q, k, causal)
     q, scale, _ = fold_scale(q, scale)
-    if not causal:
+    if not causal or quarantined:
         out, lse = _forward(q, k, v, causal, scale)
     else:
         v, poison = quarantine_values(v)
@@ -171,10 +177,25 @@ def quarantine_values(v):
     ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`): then there is
     nothing to quarantine, and the scan along L, the costliest of the four kernels, is saved.
     """
+    v, bad = split_values(v)
+    return v, None if bad is None else bad.cumsum_(-2)
+
+
+def split_values(v):
+    """``(v with its non-finite entries zeroed, bad)``, ``bad`` NaN exactly at those entries
+    (``inf - inf`` too) and 0 elsewhere; ``(v, None)`` where ``v`` is seen to be finite
+    (:func:`known_finite`). Split once, a source serves every causal block that reads it:
+    each block's poison is then one scan of its rows of ``bad`` (:func:`value_poison`)."""
     if known_finite(v):
         return v, None
-    poison = v - v  # NaN exactly at the non-finite entries (inf - inf too), else 0
-    return v.nan_to_num(0.0, 0.0, 0.0), poison.cumsum_(-2)
+    return v.nan_to_num(0.0, 0.0, 0.0), v - v
+
+
+def value_poison(bad):
+    """The poison of a causal block's rows from its keys' ``bad [..., L, D]``
+    (:func:`split_values`): NaN at ``[i, d]`` where some ``j <= i`` holds a non-finite
+    ``v[j, d]``, else 0; added to the block's output (:func:`quarantine_values`)."""
+    return bad.cumsum(-2)
 
 
 def known_finite(x: torch.Tensor) -> bool:

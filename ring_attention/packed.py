@@ -291,7 +291,25 @@ def _most_overlapping(intervals: list[tuple[int, int]]) -> int:
 # --- forward ---------------------------------------------------------------------------
 
 
-def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: float, poison=None) -> None:
+class _SplitValues:
+    """Value sources split once for the causal blocks that read them (:func:`kernels.split_values`).
+
+    One per group of blocks that share sources (a rank's local blocks, or one step's), so
+    a received message's split dies with the step, as the message does.
+    """
+
+    def __init__(self):
+        self._by_source: dict[int, tuple] = {}
+
+    def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hit = self._by_source.get(id(v))
+        if hit is None:  # v is kept in the entry: its id stays its own
+            hit = self._by_source[id(v)] = (v, *kernels.split_values(v))
+        return hit[1], hit[2]
+
+
+def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: float, poison=None,
+                   split: _SplitValues | None = None) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
     ``acc = [out [B, n, H, D], lse [B, H, n] or None]`` in place, through strided views
     (or, for the schedule's adopted call, becomes them). ``lse`` is ``None`` where nothing
@@ -301,11 +319,19 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
     written: ``poison [B, n, H]`` (:func:`kernels.query_row_poison`) is added with weight 0
     in the copy (the same launch), and a merge into a marked cell keeps the NaN. ``None``:
     the caller marks the rows once at the end (:func:`_mark_query_rows`).
+
+    Causal calls read the values from ``split(v_src)``: zeroed where not finite, their
+    poison added to the call's output (one scan); the other calls read ``v_src`` itself.
     """
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = _packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (_source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
+    clean_vb = bad_vb = None
+    if any(c.causal for c in blk.calls):
+        clean, bad = (split or _SplitValues())(v_src)
+        clean_vb = _source_packed(blk, clean, k_rows, kv_index) if clean is not v_src else vb
+        bad_vb = None if bad is None else _source_packed(blk, bad, k_rows, kv_index)
     for call in blk.calls:
         write = schedule.writes[call]
         mark = poison if write else None
@@ -314,11 +340,15 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
         adopted = acc[0] is None  # (then call is the schedule's adopted call)
         for c, g in _pieces(blk, call, q, adopted, copies=3, per_result=per_result):
             o, lse = kernels.attention_forward(
-                *_kernel_inputs(blk, c, g, qb, kb, vb),
+                *_kernel_inputs(blk, c, g, qb, kb, clean_vb if c.causal else vb),
                 causal=c.causal,
                 scale=scale,
                 mark_query_rows=False,  # marked once, at the end
+                quarantined=c.causal,
             )
+            if c.causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
+                bad_runs = _run_view(bad_vb[:, g], c.k_start, c.runs, c.k_len)
+                o.add_(kernels.value_poison(bad_runs).flatten(0, 2))
             _put_result(blk, c, g, q, q_rows, write, mark, acc, o, lse)
             del o, lse  # before the next offset's results: one block result alive at a time
 
@@ -589,17 +619,17 @@ def _forward_whole(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, v
             state[r] = _accumulators(qs[r], out_dtype, acc, covered, need_lse or schedule.merges)
     pending = _post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
-        schedule = _schedule(plans[r])
+        schedule, split = _schedule(plans[r]), _SplitValues()
         for blk in plans[r].local:
-            _block_forward(blk, schedule, qs[r], ks[r], vs[r], state[r], scale, poisons.get(r))
+            _block_forward(blk, schedule, qs[r], ks[r], vs[r], state[r], scale, poisons.get(r), split)
     for shift in range(1, ring.size):
         received = _wait(pending)
         pending = _post_kv(ring, plans, shift + 1, ks, vs, received)
         for r in ring.ranks:
-            schedule = _schedule(plans[r])
+            schedule, split = _schedule(plans[r]), _SplitValues()
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, schedule, qs[r], k_msg, v_msg, state[r], scale, poisons.get(r))
+                _block_forward(blk, schedule, qs[r], k_msg, v_msg, state[r], scale, poisons.get(r), split)
     for r in marked_at_end:
         _mark_query_rows(plans[r], qs[r], *state[r])
     return state
