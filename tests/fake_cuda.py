@@ -33,19 +33,35 @@ Never call ``.backward()`` or ``torch.autograd.grad`` on fake CUDA tensors, and 
 fake CUDA tensors with ``requires_grad=True``: the process aborts.
 
 Each rule names where it comes from in PyTorch's source (read through the project's source
-search: file and function in the rule's docstring or comment). What the rules demand:
+search: file and function in the rule's docstring or comment). The rules, per fused op, for
+the pretended compute capability (``fake_cuda(capability=...)``, sm80 by default):
 
-- ``_scaled_dot_product_flash_attention`` (+ backward): fp16/bf16; head dim % 8 == 0 and
-  <= 256; ``stride(-1) == 1`` and 16-byte alignment (pointer and non-last strides) of
-  q/k/v (and out/dout); same batch, kv heads dividing q heads; batch and heads <= 65,535;
-  causal only on square blocks; backward LSE contiguous float32 ``[B, H, Lq]``.
-- ``_scaled_dot_product_efficient_attention`` (+ backward): fp16/bf16/fp32; head dim x
-  itemsize % 16 == 0; same alignment; equal heads; same grid limits; LSE requested, and
-  in backward the forward's padded ``[B, H, ceil(Lq/32)*32]`` LSE.
-- any fused call: dropout 0; causal only with a scale > 0 in float32.
-- the CPU fused ops, or ``bmm``/``baddbmm``, on CUDA tensors: a violation.
-- ``.item()``/``int()``/``bool()``/``.tolist()``, ``nonzero``, ``equal`` and anything that
-  raises ``DataDependentOutputException``/``DynamicOutputShapeException``: host sync.
+=============================  ===================================================  ==========================================
+op                             demands                                              mirrors
+=============================  ===================================================  ==========================================
+flash forward / backward       fp16/bf16; D % 8 == 0 and D <= 256; unit last        flash_api.cpp mha_fwd / mha_bwd
+                               stride, 16-byte aligned pointer and strides; same
+                               batch, kv heads dividing heads; batch, heads <=
+                               65,535; causal only on square blocks
+flash (any)                    sm80 or newer                                        sdp_utils.cpp check_flash_attention_
+                                                                                    hardware_support
+flash backward                 192 < D <= 224 only on sm80 and sm90                 flash_api.cpp mha_bwd; sdp_utils.cpp
+                                                                                    check_requires_grad_and_head_dim_gt192_*
+flash backward                 LSE contiguous float32 [B, H, Lq]                    attention_backward.cu (bare data_ptr)
+efficient forward / backward   fp16/bf16/fp32; D x itemsize % 16 == 0; same         attention.cu, kernel_forward.h /
+                               alignment; equal heads; same grid limits; LSE          kernel_backward.h check_supported
+                               requested, and in backward the forward's padded
+                               [B, H, ceil(Lq/32)*32] LSE
+efficient (any)                sm50 or newer; bfloat16 only on sm80 or newer        sdp_utils.cpp check_mem_efficient_hardware_
+                                                                                    support, less_than_sm80_mem_efficient_dtypes
+efficient backward             out's row stride H x D ([B, L, H, D]-contiguous      kernel_backward.h Params::o_strideM
+                               rows): assumed, not read
+any fused call                 dropout 0; causal only with a float32 scale > 0      (exactness; issue 11)
+CPU fused ops, bmm, baddbmm    never on CUDA tensors                                (wrong device's kernel; unfused path)
+item, nonzero, equal, ...      never (host synchronization)                         (DataDependentOutputException)
+=============================  ===================================================  ==========================================
+
+``tests/test_fake_cuda.py`` plants a call that breaks each rule and sees it fire.
 """
 
 from __future__ import annotations

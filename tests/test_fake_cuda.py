@@ -209,6 +209,13 @@ def _efficient_bwd_out(fc, relayout):
     _efficient_bwd(q, k, v, relayout(out), lse)
 
 
+def _efficient_bwd_lse_view(fc):
+    q, k, v = _bhld(fc, h=3, lq=33, dtype=torch.float32)
+    out, lse = _efficient(q, k, v)[:2]
+    wide = fc.empty(2, 3, 68, dtype=torch.float32)  # head stride 68: not a multiple of 8
+    _efficient_bwd(q, k, v, out, wide[..., :64])
+
+
 def _head_slice(out):
     wide = torch.empty(out.shape[0], out.shape[2], 2 * out.shape[1], out.shape[3], dtype=out.dtype, device=out.device)
     return wide.transpose(1, 2)[:, : out.shape[1]]
@@ -233,6 +240,22 @@ BAD_CALLS = {
     ),
     "efficient-bwd-head-slice-out": (
         lambda fc: _efficient_bwd_out(fc, _head_slice), "out row stride 512 != heads x head dim = 256"
+    ),
+    "flash-dropout": (
+        lambda fc: aten._scaled_dot_product_flash_attention.default(*_bhld(fc), 0.1, False, False, scale=0.1),
+        "dropout_p 0.1 != 0",
+    ),
+    "efficient-attn-bias": (
+        lambda fc: aten._scaled_dot_product_efficient_attention.default(
+            *_bhld(fc, dtype=torch.float32), fc.empty(2, 4, 16, 16, dtype=torch.float32), True, 0.0, False),
+        "attn_bias given",
+    ),
+    "efficient-no-lse": (
+        lambda fc: aten._scaled_dot_product_efficient_attention.default(*_bhld(fc, dtype=torch.float32), None, False),
+        "compute_log_sumexp=False",
+    ),
+    "efficient-bwd-lse-head-stride": (
+        lambda fc: _efficient_bwd_lse_view(fc), "lse strides",
     ),
     "cpu-op-on-cuda": (
         lambda fc: aten._scaled_dot_product_flash_attention_for_cpu.default(*_bhld(fc), 0.0, False, scale=0.1),
