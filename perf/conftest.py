@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -139,6 +140,76 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cuda"] = torch.version.cuda
     machine_info["python_version"] = platform.python_version()
     machine_info["torch_threads"] = prof.threads or torch.get_num_threads()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
+    """One line naming the machine-info fields that differ from the baseline's.
+
+    pytest-benchmark's own check prints both machine infos whole (two JSON dumps, CPU flags
+    and all) when any field differs, which on a per-device baseline is the rule: the clock
+    reading, the kernel release or the host name move between runs of the same device class.
+    Baselines are chosen by device slug, so what decides comparability (the slug) already
+    matches. Its check runs after this one and compares what this hands it: the saved
+    machine info, once described here, is replaced by the current one in memory (the file
+    is untouched), so the dumps never print.
+    """
+    saved = compared_benchmark.get("machine_info") or {}
+    differ = _differing_fields(machine_info, saved)
+    if differ:
+        shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+        benchmarksession.logger.info(
+            f"perf: the baseline's machine differs in {shown}; baselines are per device "
+            f"({machine_info.get('perf_device')}), so times still compare"
+        )
+    compared_benchmark["machine_info"] = machine_info
+
+
+def _differing_fields(now: dict, saved: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ (nested dicts compared field by field)."""
+    out = []
+    for key in sorted(set(now) | set(saved)):
+        a, b = now.get(key), saved.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+_BENCH_ID = re.compile(r"\[(?P<variant>.+)-N(?P<n>\d+)-(?P<dtype>\w+)-(?P<pass>fwd\+bwd|fwd)\]$")
+
+
+# Benchmarks started and collected, and the terminal they are reported on (one session per process).
+_PROGRESS: dict = {}
+
+
+def pytest_collection_finish(session):
+    _PROGRESS.update(done=0, total=len(session.items),
+                     reporter=session.config.pluginmanager.get_plugin("terminalreporter"))
+
+
+def _bench_label(nodeid: str) -> str | None:
+    """``"RingDilatedV2-ring4 N=1024 float32 fwd"`` for a benchmark of the bench file."""
+    match = _BENCH_ID.search(nodeid) if "test_bench_attention.py::" in nodeid else None
+    return None if match is None else "{variant} N={n} {dtype} {pass}".format(**match.groupdict())
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """A line per benchmark as it starts (variant, N, dtype, pass): a full run takes many
+    minutes, and pytest's dots say nothing of where it is. (Called outside output capture.)"""
+    label, reporter = _bench_label(nodeid), _PROGRESS.get("reporter")
+    if label is None or reporter is None:
+        return
+    _PROGRESS["done"] += 1
+    reporter.write_line(f"perf: [{_PROGRESS['done']}/{_PROGRESS['total']}] {label}")
+
+
+def pytest_report_teststatus(report, config):
+    """A passing benchmark prints no dot: its progress line stands for it (failures keep theirs)."""
+    if report.when == "call" and report.passed and _bench_label(report.nodeid) is not None:
+        return "passed", "", "PASSED"
+    return None
 
 
 @pytest.fixture(scope="session")

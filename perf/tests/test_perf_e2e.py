@@ -79,6 +79,27 @@ def test_second_run_gates_against_the_saved_baseline(saved):
     assert path.read_text() == before  # a gated run never writes the baseline
 
 
+def test_a_baseline_from_another_machine_of_the_device_says_so_in_one_line(saved, tmp_path):
+    """pytest-benchmark dumps both machine infos whole when a field differs: one line instead,
+    naming the fields; and each benchmark shows a progress line as it starts."""
+    _, path = saved
+    moved = json.loads(path.read_text())
+    moved["machine_info"].update(node="another-host", release="0.0-planted")
+    moved["machine_info"]["cpu"]["hz_actual_friendly"] = "9.9 GHz"
+    target = tmp_path / "baselines" / path.parent.name / path.name
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(moved))
+    rc, out = _perf(tmp_path, "--time-pct=1000", "--ratio-pct=1000", *TINY)
+    assert rc == 0, out
+    assert "machine_info is different" not in out and '"flags"' not in out, out
+    lines = [line for line in out.splitlines() if "the baseline's machine differs in" in line]
+    assert len(lines) == 1 and all(f in lines[0] for f in ("cpu.hz_actual_friendly", "node", "release")), out
+    assert device.device_slug("cpu") in lines[0]
+    assert f"perf: [1/2] Production N={N} float32 fwd" in out or f"perf: [1/2] dense N={N} float32 fwd" in out, out
+    assert "perf: [2/2] " in out
+    assert json.loads(target.read_text()) == moved  # the baseline file is untouched
+
+
 def test_gate_fails_against_planted_better_baseline(saved, tmp_path):
     tmp, path = saved
     planted = json.loads(path.read_text())
