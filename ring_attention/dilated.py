@@ -5,19 +5,12 @@ dense packed block, the fused kernel runs on the packed block (segments batched)
 the pairs are merged by log-sum-exp in float32. No ``N x N`` tensor is ever built:
 memory grows linearly with ``N`` for fixed segment lengths. The plan of which rows
 meet which is built in :mod:`ring_attention.plans` and run by
-:mod:`ring_attention.packed`; this module is the public entry point.
+:mod:`ring_attention.packed`, through :func:`ring_attention.entry.attend` (a ring of one).
 """
 
 from __future__ import annotations
 
-import torch
-
-from . import ops
-from . import pattern as _pattern
-from ._checks import check_flag, check_qkv, check_scale
-from .comm import SimulatedRing
-from .packed import run_on_ring
-from .plans import ring_plans
+from .entry import attend
 
 
 def dilated_attention(q, k, v, pattern, *, causal=False, scale=None, checkpoint=False):
@@ -39,14 +32,4 @@ def dilated_attention(q, k, v, pattern, *, causal=False, scale=None, checkpoint=
         ValueError / TypeError for malformed inputs, e.g. ``N`` not divisible by an
         effective segment length ``min(w, N)``.
     """
-    _, n, h, hkv, d = check_qkv(q, k, v)
-    pattern = _pattern.as_pattern(pattern)
-    pattern.check(n, h)
-    scale = check_scale(scale, d)
-    causal = check_flag(causal, "causal")
-    checkpoint = check_flag(checkpoint, "checkpoint")
-    if torch.compiler.is_compiling():
-        return ops.attention(q, k, v, pattern, causal=causal, ring_size=1, layout="contiguous", scale=scale,
-                             checkpoint=checkpoint)
-    plans = ring_plans(pattern, n, h, hkv, causal, 1, "contiguous", (0,))
-    return run_on_ring(plans, SimulatedRing(1), scale, "contiguous", q, k, v, checkpoint=checkpoint)
+    return attend(q, k, v, pattern, ring_size=1, causal=causal, scale=scale, checkpoint=checkpoint)

@@ -28,12 +28,7 @@ Full attention is the dilated pattern ``(N, 1)``, so the per-rank steps are the 
 
 from __future__ import annotations
 
-import torch
-
-from . import ops
-from .packed import run_on_ring
-from .plans import ring_plans
-from .ring_checks import check_ring_inputs
+from .entry import FULL, attend
 
 
 def ring_attention(
@@ -60,25 +55,7 @@ def ring_attention(
     Raises:
         ValueError / TypeError naming the problem, on every rank of the group.
     """
-    if torch.compiler.is_compiling() and group is not None:
-        return _eager(
-            q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-            checkpoint=checkpoint,
-        )
-    ring, shapes, scale, causal, layout, checkpoint = check_ring_inputs(
-        q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-        checkpoint=checkpoint
+    return attend(
+        q, k, v, FULL, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
+        checkpoint=checkpoint,
     )
-    if torch.compiler.is_compiling():
-        return ops.attention(q, k, v, None, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
-                             checkpoint=checkpoint)
-    plans = ring_plans(
-        None, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks
-    )
-    return run_on_ring(plans, ring, scale, layout, q, k, v, checkpoint=checkpoint)
-
-
-@torch.compiler.disable
-def _eager(*args, **kwargs):
-    """A process group's agreement and P2P run eagerly, outside a compiled graph (a graph break)."""
-    return ring_attention(*args, **kwargs)

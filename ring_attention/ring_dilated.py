@@ -12,12 +12,7 @@ their owner. The exchange plan is built in :mod:`ring_attention.plans` and run b
 
 from __future__ import annotations
 
-import torch
-
-from . import ops
-from .packed import run_on_ring
-from .plans import ring_plans
-from .ring_checks import check_ring_inputs
+from .entry import attend
 
 
 def ring_dilated_attention(
@@ -46,26 +41,7 @@ def ring_dilated_attention(
         ValueError / TypeError for malformed inputs; in a process group every rank
         raises, so a bad shard on one rank never leaves the others waiting.
     """
-    if torch.compiler.is_compiling() and group is not None:
-        return _eager(
-            q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-            checkpoint=checkpoint,
-        )
-    ring, shapes, scale, causal, layout, checkpoint = check_ring_inputs(
-        q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
+    return attend(
+        q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
         checkpoint=checkpoint,
-        pattern=pattern,
     )
-    if torch.compiler.is_compiling():
-        return ops.attention(q, k, v, pattern, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
-                             checkpoint=checkpoint)
-    plans = ring_plans(
-        pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks
-    )
-    return run_on_ring(plans, ring, scale, layout, q, k, v, checkpoint=checkpoint)
-
-
-@torch.compiler.disable
-def _eager(*args, **kwargs):
-    """A process group's agreement and P2P run eagerly, outside a compiled graph (a graph break)."""
-    return ring_dilated_attention(*args, **kwargs)

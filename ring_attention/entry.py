@@ -1,0 +1,72 @@
+"""The one path from a public call to the executor, shared by every packed-plan function.
+
+:func:`~ring_attention.dilated_attention`, :func:`~ring_attention.ring_attention` and
+:func:`~ring_attention.ring_dilated_attention` differ only in what they pass here: a
+pattern (:data:`FULL` is full attention), and a ring (a process group, or ``R`` ranks simulated
+in this process; one device is the ring of one). :func:`attend` then
+
+1. runs a process group's call eagerly under ``torch.compile`` (the ranks' agreement and
+   P2P are a graph break, :func:`_eager`);
+2. checks the arguments (on every rank of a group at once, :mod:`ring_attention.ring_checks`);
+3. under tracing, hands the whole sequence to the custom ops (:mod:`ring_attention.ops`);
+   eagerly, builds the ranks' plans (:mod:`ring_attention.plans`, cached) and runs them
+   (:func:`ring_attention.packed.run_on_ring`, which shards, runs the autograd function,
+   and joins).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .packed import run_on_ring
+from .pattern import DilatedPattern
+from .plans import ring_plans
+from .ring_checks import FULL, check_ring_inputs
+
+__all__ = ["FULL", "attend"]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: DilatedPattern | object,
+    *,
+    group=None,
+    ring_size: int | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "contiguous",
+    checkpoint: bool = False,
+) -> torch.Tensor:
+    """Attention with ``pattern``'s weights (:data:`FULL`: full attention) over a ring.
+
+    Arguments as the public functions take them, unchecked: they are checked here (a
+    ``pattern`` that is not a :class:`~ring_attention.DilatedPattern`, ``None`` included,
+    raises on every rank). Returns this rank's output shard (with ``group``) or the whole
+    output in natural order.
+    """
+    if torch.compiler.is_compiling() and group is not None:
+        return _eager(
+            q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
+            checkpoint=checkpoint,
+        )
+    ring, shapes, scale, causal, layout, checkpoint = check_ring_inputs(
+        q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
+        checkpoint=checkpoint, pattern=pattern,
+    )
+    pattern = None if pattern is FULL else pattern  # what plans and ops call full attention
+    if torch.compiler.is_compiling():
+        return ops.attention(q, k, v, pattern, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
+                             checkpoint=checkpoint)
+    plans = ring_plans(
+        pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks
+    )
+    return run_on_ring(plans, ring, scale, layout, q, k, v, checkpoint=checkpoint)
+
+
+@torch.compiler.disable
+def _eager(*args, **kwargs) -> torch.Tensor:
+    """A process group's agreement and P2P run eagerly, outside a compiled graph (a graph break)."""
+    return attend(*args, **kwargs)
