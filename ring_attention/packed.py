@@ -57,7 +57,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from . import kernels
 from . import layout as _layout
-from .blocks import Block, Call, Index, Message, RankPlan, Step, device_key, index
+from .blocks import Block, Call, Index, Message, RankPlan, Step, index
 from .comm import Ring
 from .merge import MERGE_LAUNCHES, accumulation_dtype, merge_into_
 from .tiles import Tile, row_tiles
@@ -650,21 +650,38 @@ _CELLS_WITHOUT_KEYS: weakref.WeakKeyDictionary[RankPlan, dict] = weakref.WeakKey
 
 def _cells_without_keys(plan: RankPlan, q: torch.Tensor) -> torch.Tensor:
     """``[n, H]`` bool on ``q``'s device: the (row, head) cells of the shard that no call of
-    ``plan`` computes (cached per plan and shape on the CPU; elsewhere built at every call,
-    as :func:`blocks.index` builds its tensors, since a cached CUDA tensor breaks CUDA graphs)."""
-    cpu = q.device.type == "cpu"
-    per_plan = _CELLS_WITHOUT_KEYS.setdefault(plan, {}) if cpu else {}
-    key = (q.shape[1], q.shape[2], device_key(q))
+    ``plan`` computes.
+
+    Built once per plan and shape as a CPU tensor and cached; on another device that mask
+    is copied over at every call (one launch). While a CUDA graph is being captured it is
+    built on the device instead, a fill per run of rows: a copy from pageable host memory
+    cannot be captured, and a device tensor kept across calls would live in the graph's
+    memory pool, which later replays overwrite.
+    """
+    n, h = q.shape[1], q.shape[2]
+    if q.device.type != "cpu" and _capturing_cuda_graph():
+        return _build_cells_without_keys(plan, n, h, q.device)
+    mode = getattr(q, "fake_mode", None)  # a tensor made under one fake mode serves no other
+    per_plan = _CELLS_WITHOUT_KEYS.setdefault(plan, {})
+    key = (n, h, None if mode is None else id(mode))
     cells = per_plan.get(key)
-    if cells is None:
-        cells = torch.ones(q.shape[1], q.shape[2], dtype=torch.bool, device=q.device)
-        for blk in _blocks_in_order(plan):
-            heads = range(*blk.heads.indices(q.shape[2]))
-            for c in blk.calls:
-                for o in range(blk.offsets):
-                    for r in blk.q_rows.sub(c.q_start, c.q_start + c.runs * c.q_len).ranges:
-                        cells[r.start + o : r[-1] + o + 1 : r.step, heads.start + o : heads.stop + o : heads.step] = False
-        per_plan[key] = cells
+    if cells is None:  # (it holds a reference to its fake mode: the id in the key stays unique)
+        cells = per_plan[key] = _build_cells_without_keys(plan, n, h, torch.device("cpu"))
+    return cells if q.device.type == "cpu" else cells.to(q.device, non_blocking=True)
+
+
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _build_cells_without_keys(plan: RankPlan, n: int, h: int, device: torch.device) -> torch.Tensor:
+    cells = torch.ones(n, h, dtype=torch.bool, device=device)
+    for blk in _blocks_in_order(plan):
+        heads = range(*blk.heads.indices(h))
+        for c in blk.calls:
+            for o in range(blk.offsets):
+                for r in blk.q_rows.sub(c.q_start, c.q_start + c.runs * c.q_len).ranges:
+                    cells[r.start + o : r[-1] + o + 1 : r.step, heads.start + o : heads.stop + o : heads.step] = False
     return cells
 
 

@@ -618,6 +618,17 @@ def test_causal_values_are_split_once_per_shard(name):
     assert ops["aten.cumsum_.default"] == 0, ops  # the per-call quarantine's scan
 
 
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "capturing"])
+def test_cells_without_keys_reach_the_gpu_in_one_copy_or_are_built_there_under_capture(capturing):
+    """A plan leaving cells without keys masks the query-row marks there. Eagerly its mask is
+    one copy of a cached CPU tensor; while a CUDA graph is captured (no copy from pageable
+    memory there, and nothing kept across calls) it is built on the device, a fill per run."""
+    with mock.patch.object(packed, "_capturing_cuda_graph", lambda: capturing):
+        fc = _run_variant("RingDilatedV2-ring4", n=8192, d=64, dtype=torch.float16, backward=False, batch=1)
+    fills = fc.checker.op_counts["aten.fill_.Scalar"]
+    assert (fills > 0) == capturing, fc.checker.op_counts
+
+
 def _live_cuda_tensors() -> int:
     gc.collect()
     with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op warns
