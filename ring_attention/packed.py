@@ -652,8 +652,9 @@ def _cells_without_keys(plan: RankPlan, q: torch.Tensor) -> torch.Tensor:
     """``[n, H]`` bool on ``q``'s device: the (row, head) cells of the shard that no call of
     ``plan`` computes.
 
-    Built once per plan and shape as a CPU tensor and cached; on another device that mask
-    is copied over at every call (one launch). While a CUDA graph is being captured it is
+    Built once per plan and shape as a CPU tensor (pinned where CUDA is the target, so the
+    copy does not wait for the stream) and cached; on another device that mask is copied
+    over at every call (one launch, no host synchronisation). While a CUDA graph is being captured it is
     built on the device instead, a fill per run of rows: a copy from pageable host memory
     cannot be captured, and a device tensor kept across calls would live in the graph's
     memory pool, which later replays overwrite.
@@ -662,11 +663,14 @@ def _cells_without_keys(plan: RankPlan, q: torch.Tensor) -> torch.Tensor:
     if q.device.type != "cpu" and _capturing_cuda_graph():
         return _build_cells_without_keys(plan, n, h, q.device)
     mode = getattr(q, "fake_mode", None)  # a tensor made under one fake mode serves no other
+    # Pinned for a CUDA copy: from pageable memory the copy would wait for the stream.
+    pinned = q.is_cuda and torch.cuda.is_available()
     per_plan = _CELLS_WITHOUT_KEYS.setdefault(plan, {})
-    key = (n, h, None if mode is None else id(mode))
+    key = (n, h, None if mode is None else id(mode), pinned)
     cells = per_plan.get(key)
     if cells is None:  # (it holds a reference to its fake mode: the id in the key stays unique)
-        cells = per_plan[key] = _build_cells_without_keys(plan, n, h, torch.device("cpu"))
+        cells = _build_cells_without_keys(plan, n, h, torch.device("cpu"))
+        cells = per_plan[key] = cells.pin_memory() if pinned else cells
     return cells if q.device.type == "cpu" else cells.to(q.device, non_blocking=True)
 
 
