@@ -157,9 +157,8 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
     saved = compared_benchmark.get("machine_info") or {}
     differ = _differing_fields(machine_info, saved)
     if differ:
-        shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
         benchmarksession.logger.info(
-            f"perf: the baseline's machine differs in {shown}; baselines are per device "
+            f"perf: the baseline's machine differs in {', '.join(differ)}; baselines are per device "
             f"({machine_info.get('perf_device')}), so times still compare"
         )
     compared_benchmark["machine_info"] = machine_info
