@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 import ring_attention as ra
 from ring_attention import blocks, packed, plans
 from ring_attention.comm import SimulatedRing
-from tests.test_ring import make_qkv
+from tests.inputs import qkv
 
 LONGNET = ra.DilatedPattern((256, 512, 1024), (1, 2, 4))
 
@@ -158,7 +158,7 @@ def _reordered(plan: blocks.RankPlan) -> blocks.RankPlan:
 )
 def test_write_or_merge_is_decided_by_the_executor_for_any_order(pattern, causal, ring_size, layout):
     n, h, hkv = 32, 4, 2
-    q, k, v, _ = make_qkv(3, 2, n, h, hkv, 8, requires_grad=False)
+    q, k, v = qkv(2, n, h, hkv, 8, seed=3)
     expected = ra.reference_attention(q, k, v, pattern=pattern, causal=causal)
     ring = SimulatedRing(ring_size)
     for order in (lambda p: p, _reordered):
