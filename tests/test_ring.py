@@ -17,31 +17,8 @@ from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
 from ring_attention.plans import ring_plans
 from tests import inputs
+from tests.inputs import F64, HEADS, LAYOUTS, assert_matches, fwd_bwd, make_qkv
 from tests.plan_view import plan_view
-
-LAYOUTS = ("contiguous", "zigzag")
-HEADS = ((1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (4, 2), (4, 4), (6, 2))  # (H, Hkv)
-F64 = dict(atol=1e-10, rtol=1e-8)
-
-
-def make_qkv(seed, b, n, h, hkv, d, dtype=torch.float64, requires_grad=True):
-    return inputs.qkv(b, n, h, hkv, d, seed=seed, dtype=dtype, requires_grad=requires_grad, grad_out=True)
-
-
-def fwd_bwd(fn, q, k, v, g):
-    """Output and ``(dq, dk, dv)`` of ``sum(fn(q, k, v) * g)``."""
-    out = fn(q, k, v)
-    return out, torch.autograd.grad(out, (q, k, v), g)
-
-
-def assert_matches(got, want, **tol):
-    out, grads = got
-    ref, ref_grads = want
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    torch.testing.assert_close(out, ref, **tol, msg=lambda m: f"output: {m}")
-    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert a.dtype == b.dtype, f"{name} dtype {a.dtype} != {b.dtype}"
-        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @st.composite

@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
+from tests.inputs import F64, HEADS, LAYOUTS, assert_matches, fwd_bwd, make_qkv
 from tests.plan_view import plan_view
-
-from .test_ring import F64, HEADS, LAYOUTS, assert_matches, fwd_bwd, make_qkv
 
 
 def _divisors(n):
