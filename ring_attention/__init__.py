@@ -16,6 +16,7 @@ Tensors are ``[B, N, H, D]`` (``k``/``v`` may have fewer heads: grouped-query at
 
 from .dense import dense_attention
 from .dilated import dilated_attention
+from .layout import Layout
 from .modules import DilatedAttention, MultiheadDilatedAttention, RingDilatedAttention
 from .pattern import DilatedPattern
 from .reference import reference_attention
@@ -25,6 +26,7 @@ from .ring_dilated import ring_dilated_attention
 __all__ = [
     "DilatedAttention",
     "DilatedPattern",
+    "Layout",
     "MultiheadDilatedAttention",
     "RingDilatedAttention",
     "dense_attention",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .layout import Layout
 from .packed import run_on_ring
 from .pattern import DilatedPattern
 from .plans import ring_plans
@@ -37,7 +38,7 @@ def attend(
     ring_size: int | None = None,
     causal: bool = False,
     scale: float | None = None,
-    layout: str = "contiguous",
+    layout: Layout | str = "contiguous",
     checkpoint: bool = False,
 ) -> torch.Tensor:
     """Attention with ``pattern``'s weights (:data:`FULL`: full attention) over a ring.

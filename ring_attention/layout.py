@@ -11,18 +11,42 @@ layouts, which the causal block logic relies on.
 
 from __future__ import annotations
 
+import enum
+
 import torch
 
 from ._checks import check_positive_int
 
-LAYOUTS = ("contiguous", "zigzag")
+
+class Layout(str, enum.Enum):
+    """How a ring's ranks hold the sequence. Public functions also take the plain strings.
+
+    A ``str`` subclass that hashes, compares and formats as its value, so a cache keyed by
+    ``"zigzag"`` and one keyed by ``Layout.ZIGZAG`` are the same cache.
+    """
+
+    CONTIGUOUS = "contiguous"
+    ZIGZAG = "zigzag"
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
-def check_layout(layout) -> str:
-    """``layout`` if it names a layout; ``ValueError`` listing the layouts for anything else."""
-    if not isinstance(layout, str) or layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}")
-    return layout
+LAYOUTS = tuple(layout.value for layout in Layout)
+
+
+def check_layout(layout) -> Layout:
+    """``layout`` (a :class:`Layout` or its name) as a :class:`Layout`; ``ValueError``
+    listing the layouts for anything else."""
+    try:
+        return Layout(layout)
+    except (ValueError, TypeError):
+        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}") from None
 
 
 def check_ring_size(ring_size) -> int:
@@ -36,31 +60,33 @@ def check_ring_size(ring_size) -> int:
     return check_positive_int(ring_size, "ring_size")
 
 
-def chunks_per_rank(layout: str) -> int:
-    return 2 if layout == "zigzag" else 1
+def chunks_per_rank(layout: Layout | str) -> int:
+    return 2 if check_layout(layout) is Layout.ZIGZAG else 1
 
 
-def check_divisible(seq_len: int, ring_size: int, layout: str) -> None:
+def check_divisible(seq_len: int, ring_size: int, layout: Layout | str) -> None:
     """``ValueError`` naming ``N``, ``R`` and the layout unless the layout can shard ``N``."""
+    layout = check_layout(layout)
     parts = ring_size * chunks_per_rank(layout)
     if seq_len % parts:
         raise ValueError(
             f"sequence length N={seq_len} must be divisible by {parts} "
-            f"({'2R' if layout == 'zigzag' else 'R'}) for ring size R={ring_size} "
+            f"({'2R' if layout is Layout.ZIGZAG else 'R'}) for ring size R={ring_size} "
             f"with the {layout} layout"
         )
 
 
-def shard_intervals(seq_len: int, ring_size: int, rank: int, layout: str) -> tuple[tuple[int, int], ...]:
+def shard_intervals(seq_len: int, ring_size: int, rank: int, layout: Layout | str) -> tuple[tuple[int, int], ...]:
     """The ``(start, stop)`` global position ranges rank ``rank`` holds, in storage order.
 
     Raises:
         ValueError unless ``seq_len`` divides into the layout's ``R`` (``2R``) equal chunks.
     """
-    check_divisible(seq_len, ring_size, check_layout(layout))
+    layout = check_layout(layout)
+    check_divisible(seq_len, ring_size, layout)
     if not 0 <= rank < ring_size:
         raise ValueError(f"rank {rank} is outside a ring of size R={ring_size}")
-    if layout == "contiguous":
+    if layout is Layout.CONTIGUOUS:
         n = seq_len // ring_size
         return ((rank * n, (rank + 1) * n),)
     c = seq_len // (2 * ring_size)
@@ -68,7 +94,7 @@ def shard_intervals(seq_len: int, ring_size: int, rank: int, layout: str) -> tup
     return ((first * c, (first + 1) * c), (second * c, (second + 1) * c))
 
 
-def split(x: torch.Tensor, ring_size: int, layout: str, dim: int = 1) -> list[torch.Tensor]:
+def split(x: torch.Tensor, ring_size: int, layout: Layout | str, dim: int = 1) -> list[torch.Tensor]:
     """Natural-order tensor -> the shard of every rank (differentiable).
 
     Raises:
@@ -84,19 +110,19 @@ def split(x: torch.Tensor, ring_size: int, layout: str, dim: int = 1) -> list[to
     return out
 
 
-def join(shards: list[torch.Tensor], layout: str, dim: int = 1) -> torch.Tensor:
+def join(shards: list[torch.Tensor], layout: Layout | str, dim: int = 1) -> torch.Tensor:
     """Every rank's shard -> the natural-order tensor (differentiable). Inverse of :func:`split`.
 
     Raises:
         ValueError unless the shards have one length (even, for ``zigzag``).
     """
-    check_layout(layout)
+    layout = check_layout(layout)
     if len(shards) == 0:
         raise ValueError("join needs at least one shard")
     lengths = [s.shape[dim] for s in shards]
     if len(set(lengths)) != 1:
         raise ValueError(f"shards of a ring have one length, got lengths {lengths}")
-    if layout == "contiguous":
+    if layout is Layout.CONTIGUOUS:
         return torch.cat(shards, dim=dim)
     if lengths[0] % 2:
         raise ValueError(f"zigzag shards hold two equal chunks: shard length {lengths[0]} is odd")

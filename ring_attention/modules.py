@@ -94,7 +94,7 @@ class RingDilatedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         size = "group" if self.group is not None else f"ring_size={self.ring_size}"
-        return f"pattern={self.pattern}, {size}, layout={self.layout!r}, causal={self.causal}"
+        return f"pattern={self.pattern}, {size}, layout={self.layout.value!r}, causal={self.causal}"
 
 
 class MultiheadDilatedAttention(nn.Module):

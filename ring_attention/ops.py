@@ -103,8 +103,8 @@ def _backward_fn(ctx, dout, _dlse):
 torch.library.register_autograd("ring_attention::forward", _backward_fn, setup_context=_setup_context)
 
 
-def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_size: int, layout: str,
-              scale: float, checkpoint: bool) -> torch.Tensor:
+def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_size: int,
+              layout: _layout.Layout | str, scale: float, checkpoint: bool) -> torch.Tensor:
     """The whole sequence's output through the custom ops (inputs already validated).
 
     ``pattern=None`` is full attention; ``ring_size`` ranks are simulated in this process.
@@ -114,6 +114,7 @@ def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_siz
     """
     ws, rs, mode = ([], [], "mixture") if pattern is None else (
         list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.mode)
+    layout = _layout.check_layout(layout).value  # the op's schema takes a plain string
 
     def run(q, k, v):
         return _forward(q, k, v, ws, rs, mode, causal, ring_size, layout, scale)[0]

@@ -922,7 +922,8 @@ class PackedAttention(torch.autograd.Function):
         return (None, None, None, None, *results)
 
 
-def run_on_ring(plans: tuple[RankPlan, ...], ring: Ring, scale: float, layout: str, q, k, v, *, checkpoint: bool):
+def run_on_ring(plans: tuple[RankPlan, ...], ring: Ring, scale: float, layout: _layout.Layout | str, q, k, v, *,
+                checkpoint: bool):
     """Run the plans of ``ring.ranks``: one rank's shard, or every rank's in turn.
 
     With one rank in this process, ``q, k, v`` are its shard; with several (a simulated

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from . import layout as _layout
 from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_ranges
+from .layout import Layout
 from .pattern import DilatedPattern
 
 
@@ -53,7 +54,7 @@ class _Spec:
 
     seq_len: int
     ring_size: int
-    layout: str
+    layout: Layout
     causal: bool
     group: int  # query heads per kv head
     segments: tuple[int, ...]  # effective segment length of each pair
@@ -89,7 +90,7 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
 def _holders(spec: _Spec, start: int, stop: int) -> set[int]:
     """The ranks holding any of the global positions ``[start, stop)``."""
     r = spec.ring_size
-    if spec.layout == "contiguous":
+    if spec.layout is Layout.CONTIGUOUS:
         n = spec.seq_len // r
         return set(range(start // n, (stop - 1) // n + 1))
     c = spec.seq_len // (2 * r)
@@ -352,7 +353,7 @@ def rank_plan(
     num_kv_heads: int,
     causal: bool,
     ring_size: int,
-    layout: str,
+    layout: Layout | str,
     rank: int,
 ) -> RankPlan:
     """The plan of rank ``rank`` of dilated attention (full attention if ``pattern is None``).
@@ -361,8 +362,9 @@ def rank_plan(
     traffic for this rank have no step; every rank still walks the shifts in the same
     order (see :mod:`ring_attention.packed`).
     """
+    layout = _layout.check_layout(layout)
     spec = _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout)
-    if pattern is None and ring_size > 1 and (not causal or layout == "zigzag"):
+    if pattern is None and ring_size > 1 and (not causal or layout is Layout.ZIGZAG):
         with _gc_paused():
             return _relay_plan(spec, rank)
     with _gc_paused():

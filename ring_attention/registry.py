@@ -31,6 +31,7 @@ from typing import Optional
 
 from .dense import dense_attention
 from .dilated import dilated_attention
+from .layout import chunks_per_rank
 from .pattern import DilatedPattern, computed_pairs
 from .reference import reference_attention
 from .ring import ring_attention
@@ -119,7 +120,7 @@ class Variant:
 
     def supports(self, seq_len: int, num_heads: int) -> bool:
         """Whether ``N`` and ``H`` fit the variant's pattern and ring."""
-        parts = (self.ring_size or 1) * (2 if self.layout == "zigzag" else 1)
+        parts = (self.ring_size or 1) * chunks_per_rank(self.layout)
         if seq_len % parts:
             return False
         try:

@@ -46,7 +46,7 @@ def ring_attention(
             ``None`` or the group's size.
         causal: keep keys at or before the query, in global positions.
         scale: score scale, ``1/sqrt(D)`` by default.
-        layout: ``"contiguous"`` or ``"zigzag"``.
+        layout: a :class:`~ring_attention.Layout`, or its name: ``"contiguous"`` or ``"zigzag"``.
         checkpoint: recompute the forward in backward instead of storing activations.
 
     Returns:

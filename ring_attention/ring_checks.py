@@ -47,7 +47,7 @@ class _Signature(NamedTuple):
     dtype: str
     device_type: str
     causal: bool
-    layout: str
+    layout: _layout.Layout
     pattern: str
     scale: float
     checkpoint: bool
@@ -108,7 +108,7 @@ def _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint
     shapes = check_qkv(q, k, v)
     scale = check_scale(scale, shapes.head_dim)
     n = shapes.seq_len * ring_size if sharded else shapes.seq_len
-    if sharded and layout == "zigzag" and shapes.seq_len % 2:
+    if sharded and layout is _layout.Layout.ZIGZAG and shapes.seq_len % 2:
         raise ValueError(f"zigzag shards hold two equal chunks: this rank's length {shapes.seq_len} is odd")
     _layout.check_divisible(n, ring_size, layout)
     if pattern is not FULL:

@@ -30,7 +30,7 @@ def ring_dilated_attention(
         ring_size: ``R`` for the simulation; with ``group`` it must be ``None`` or the
             group's size.
         causal, scale: as in :func:`~ring_attention.dilated_attention`, on global positions.
-        layout: ``"contiguous"`` or ``"zigzag"``.
+        layout: a :class:`~ring_attention.Layout`, or its name: ``"contiguous"`` or ``"zigzag"``.
         checkpoint: recompute the forward in backward instead of storing activations.
 
     Returns:

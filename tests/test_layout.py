@@ -12,6 +12,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import ring_attention as ra
 from ring_attention import layout as L
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -85,3 +86,18 @@ def test_shard_intervals_refuses_a_rank_outside_the_ring():
 def test_join_refuses_shards_no_split_makes(lengths, layout, match):
     with pytest.raises(ValueError, match=match):
         L.join([torch.zeros(1, m) for m in lengths], layout)
+
+
+def test_a_layout_is_an_enum_inside_and_its_name_at_the_boundary():
+    """Layout.ZIGZAG and "zigzag" are one layout: same shards, same plans (one cache entry)."""
+    from ring_attention.plans import rank_plan
+
+    assert L.check_layout("zigzag") is L.Layout.ZIGZAG is L.check_layout(ra.Layout.ZIGZAG)
+    assert f"{ra.Layout.ZIGZAG}" == str(ra.Layout.ZIGZAG) == "zigzag" and hash(ra.Layout.ZIGZAG) == hash("zigzag")
+    assert rank_plan(None, 16, 2, 2, True, 2, "zigzag", 1) is rank_plan(None, 16, 2, 2, True, 2, ra.Layout.ZIGZAG, 1)
+    x = torch.arange(16.0).reshape(1, 16)
+    for a, b in zip(L.split(x, 2, "zigzag"), L.split(x, 2, ra.Layout.ZIGZAG)):
+        assert torch.equal(a, b)
+    q = k = v = torch.randn(1, 16, 2, 4, dtype=torch.float64)
+    assert torch.equal(ra.ring_attention(q, k, v, ring_size=2, layout="zigzag", causal=True),
+                       ra.ring_attention(q, k, v, ring_size=2, layout=ra.Layout.ZIGZAG, causal=True))
