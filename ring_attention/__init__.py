@@ -18,7 +18,7 @@ from .dense import dense_attention
 from .dilated import dilated_attention
 from .layout import Layout
 from .modules import DilatedAttention, MultiheadDilatedAttention, RingDilatedAttention
-from .pattern import DilatedPattern
+from .pattern import DilatedPattern, Mode
 from .reference import reference_attention
 from .ring import ring_attention
 from .ring_dilated import ring_dilated_attention
@@ -27,6 +27,7 @@ __all__ = [
     "DilatedAttention",
     "DilatedPattern",
     "Layout",
+    "Mode",
     "MultiheadDilatedAttention",
     "RingDilatedAttention",
     "dense_attention",

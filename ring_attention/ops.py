@@ -113,7 +113,7 @@ def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_siz
     forward's call as a common subexpression, and its outputs stored after all.
     """
     ws, rs, mode = ([], [], "mixture") if pattern is None else (
-        list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.mode)
+        list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.mode.value)
     layout = _layout.check_layout(layout).value  # the op's schema takes a plain string
 
     def run(q, k, v):

@@ -15,6 +15,7 @@ in the same segment.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 
@@ -22,7 +23,30 @@ import torch
 
 from ._checks import check_positive_int
 
-MODES = ("mixture", "head_groups")
+
+class Mode(str, enum.Enum):
+    """How a pattern's pairs share the heads. Patterns also take the plain strings.
+
+    A ``str`` subclass that hashes, compares, formats and reprs as its value, so patterns
+    built from a name and from the enum are equal, hash alike and print alike.
+    """
+
+    MIXTURE = "mixture"  # every head runs every pair; their results mix by softmax denominators
+    HEAD_GROUPS = "head_groups"  # heads split into K contiguous groups, group k runs pair k
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+MODES = tuple(mode.value for mode in Mode)
 
 
 def _int_sequence(value, name: str) -> tuple:
@@ -53,9 +77,10 @@ class DilatedPattern:
             (stored as a tuple of ints). Mappings and sets are refused.
         dilation_rates: ``r_k``, positive integers with ``r_k <= w_k``, one per pair, in
             the same forms. ``r_k`` need not divide ``w_k``.
-        mode: ``"mixture"`` (every head runs every pair; the pairs' results are mixed by
-            their softmax denominators, as in the LongNet paper) or ``"head_groups"``
-            (heads are split into ``K`` contiguous groups and group ``k`` runs pair ``k``).
+        mode: a :class:`Mode` or its name: ``"mixture"`` (every head runs every pair; the
+            pairs' results are mixed by their softmax denominators, as in the LongNet paper)
+            or ``"head_groups"`` (heads are split into ``K`` contiguous groups and group
+            ``k`` runs pair ``k``). Stored as a :class:`Mode`.
 
     Raises:
         TypeError naming the offending field for a wrong type (a float or bool entry, a
@@ -64,7 +89,7 @@ class DilatedPattern:
 
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
-    mode: str = "mixture"
+    mode: Mode | str = Mode.MIXTURE
 
     def __post_init__(self):
         ws = _int_sequence(self.segment_lengths, "segment_lengths")
@@ -81,8 +106,11 @@ class DilatedPattern:
         for i, (w, r) in enumerate(zip(ws, rs)):
             if r > w:
                 raise ValueError(f"dilation_rates[{i}] = {r} exceeds segment_lengths[{i}] = {w}")
-        if not isinstance(self.mode, str) or self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
+        try:
+            mode = Mode(self.mode)
+        except (ValueError, TypeError):
+            raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}") from None
+        object.__setattr__(self, "mode", mode)
         object.__setattr__(self, "segment_lengths", ws)
         object.__setattr__(self, "dilation_rates", rs)
 
@@ -105,7 +133,7 @@ class DilatedPattern:
 
     def heads_of_pair(self, num_heads: int) -> tuple[range, ...]:
         """The query heads that run each pair: all of them (mixture) or pair ``k``'s group."""
-        if self.mode == "mixture":
+        if self.mode is Mode.MIXTURE:
             return tuple(range(num_heads) for _ in self.segment_lengths)
         k = self.num_pairs
         if num_heads < k:

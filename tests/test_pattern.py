@@ -321,3 +321,15 @@ def test_as_pattern():
     assert P.as_pattern(p) is p
     with pytest.raises(TypeError, match="DilatedPattern"):
         P.as_pattern(((4,), (1,)))
+
+
+def test_a_mode_is_an_enum_inside_and_its_name_at_the_boundary():
+    """DilatedPattern stores a Mode; built from the name or the enum it is the same pattern,
+    hashes alike (plan caches), and prints the name (error messages, module reprs)."""
+    by_name = ra.DilatedPattern((4, 8), (1, 2), "head_groups")
+    by_enum = ra.DilatedPattern((4, 8), (1, 2), ra.Mode.HEAD_GROUPS)
+    assert by_name.mode is ra.Mode.HEAD_GROUPS and by_name == by_enum and hash(by_name) == hash(by_enum)
+    assert repr(by_name) == repr(by_enum) and "mode='head_groups'" in repr(by_name)
+    assert f"{by_name.mode}" == "head_groups" and ra.DilatedPattern((4,), (1,)).mode is ra.Mode.MIXTURE
+    with pytest.raises(ValueError, match="unknown mode 'groups'"):
+        ra.DilatedPattern((4,), (1,), "groups")
