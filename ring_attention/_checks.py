@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from typing import NamedTuple
@@ -9,6 +10,35 @@ from typing import NamedTuple
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class NamedEnum(str, enum.Enum):
+    """An enum used inside whose members the public functions also take by name.
+
+    A ``str`` subclass that hashes, compares, formats and reprs as its value: a cache keyed
+    by the name and one keyed by the member are one cache, and messages read as before.
+    """
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def named(cls, value, what: str):
+        """``value`` (a member or its name) as a member; ``ValueError`` naming ``what`` and
+        listing the names for anything else."""
+        try:
+            return cls(value)
+        except (ValueError, TypeError):
+            names = tuple(member.value for member in cls)
+            raise ValueError(f"unknown {what} {value!r}: expected one of {names}") from None
 
 
 class Shapes(NamedTuple):

@@ -11,42 +11,22 @@ layouts, which the causal block logic relies on.
 
 from __future__ import annotations
 
-import enum
-
 import torch
 
-from ._checks import check_positive_int
+from ._checks import NamedEnum, check_positive_int
 
 
-class Layout(str, enum.Enum):
-    """How a ring's ranks hold the sequence. Public functions also take the plain strings.
-
-    A ``str`` subclass that hashes, compares and formats as its value, so a cache keyed by
-    ``"zigzag"`` and one keyed by ``Layout.ZIGZAG`` are the same cache.
-    """
+class Layout(NamedEnum):
+    """How a ring's ranks hold the sequence. Public functions also take the plain strings."""
 
     CONTIGUOUS = "contiguous"
     ZIGZAG = "zigzag"
-
-    __hash__ = str.__hash__
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-LAYOUTS = tuple(layout.value for layout in Layout)
 
 
 def check_layout(layout) -> Layout:
     """``layout`` (a :class:`Layout` or its name) as a :class:`Layout`; ``ValueError``
     listing the layouts for anything else."""
-    try:
-        return Layout(layout)
-    except (ValueError, TypeError):
-        raise ValueError(f"unknown layout {layout!r}: expected one of {LAYOUTS}") from None
+    return Layout.named(layout, "layout")
 
 
 def check_ring_size(ring_size) -> int:

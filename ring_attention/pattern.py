@@ -15,38 +15,19 @@ in the same segment.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 
 import torch
 
-from ._checks import check_positive_int
+from ._checks import NamedEnum, check_positive_int
 
 
-class Mode(str, enum.Enum):
-    """How a pattern's pairs share the heads. Patterns also take the plain strings.
-
-    A ``str`` subclass that hashes, compares, formats and reprs as its value, so patterns
-    built from a name and from the enum are equal, hash alike and print alike.
-    """
+class Mode(NamedEnum):
+    """How a pattern's pairs share the heads. Patterns also take the plain strings."""
 
     MIXTURE = "mixture"  # every head runs every pair; their results mix by softmax denominators
     HEAD_GROUPS = "head_groups"  # heads split into K contiguous groups, group k runs pair k
-
-    __hash__ = str.__hash__
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-MODES = tuple(mode.value for mode in Mode)
 
 
 def _int_sequence(value, name: str) -> tuple:
@@ -106,11 +87,7 @@ class DilatedPattern:
         for i, (w, r) in enumerate(zip(ws, rs)):
             if r > w:
                 raise ValueError(f"dilation_rates[{i}] = {r} exceeds segment_lengths[{i}] = {w}")
-        try:
-            mode = Mode(self.mode)
-        except (ValueError, TypeError):
-            raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}") from None
-        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "mode", Mode.named(self.mode, "mode"))
         object.__setattr__(self, "segment_lengths", ws)
         object.__setattr__(self, "dilation_rates", rs)
 
