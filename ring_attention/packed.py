@@ -57,7 +57,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from . import kernels
 from . import layout as _layout
-from .blocks import Block, Call, Index, Message, RankPlan, Step, index
+from .blocks import Block, Call, Index, Message, RankPlan, Step, device_key, index
 from .comm import Ring
 from .merge import MERGE_LAUNCHES, accumulation_dtype, merge_into_
 from .tiles import Tile, row_tiles
@@ -662,15 +662,14 @@ def _cells_without_keys(plan: RankPlan, q: torch.Tensor) -> torch.Tensor:
     n, h = q.shape[1], q.shape[2]
     if q.device.type != "cpu" and _capturing_cuda_graph():
         return _build_cells_without_keys(plan, n, h, q.device)
-    mode = getattr(q, "fake_mode", None)  # a tensor made under one fake mode serves no other
-    # Pinned for a CUDA copy: from pageable memory the copy would wait for the stream.
-    pinned = q.is_cuda and torch.cuda.is_available()
     per_plan = _CELLS_WITHOUT_KEYS.setdefault(plan, {})
-    key = (n, h, None if mode is None else id(mode), pinned)
+    key = (n, h, device_key(q))  # the CPU mask serves one target device and fake mode
     cells = per_plan.get(key)
-    if cells is None:  # (it holds a reference to its fake mode: the id in the key stays unique)
+    if cells is None:
         cells = _build_cells_without_keys(plan, n, h, torch.device("cpu"))
-        cells = per_plan[key] = cells.pin_memory() if pinned else cells
+        if q.is_cuda and torch.cuda.is_available():  # pinned: from pageable memory the copy waits for the stream
+            cells = cells.pin_memory()
+        per_plan[key] = cells
     return cells if q.device.type == "cpu" else cells.to(q.device, non_blocking=True)
 
 
