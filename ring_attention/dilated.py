@@ -5,7 +5,7 @@ dense packed block, the fused kernel runs on the packed block (segments batched)
 the pairs are merged by log-sum-exp in float32. No ``N x N`` tensor is ever built:
 memory grows linearly with ``N`` for fixed segment lengths. The plan of which rows
 meet which is built in :mod:`ring_attention.plans` and run by
-:mod:`ring_attention.packed`, through :func:`ring_attention.entry.attend` (a ring of one).
+:mod:`ring_attention.forward`, through :func:`ring_attention.entry.attend` (a ring of one).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ in this process; one device is the ring of one). :func:`attend` then
 2. checks the arguments (on every rank of a group at once, :mod:`ring_attention.ring_checks`);
 3. under tracing, hands the whole sequence to the custom ops (:mod:`ring_attention.ops`);
    eagerly, builds the ranks' plans (:mod:`ring_attention.plans`, cached) and runs them
-   (:func:`ring_attention.packed.run_on_ring`, which shards, runs the autograd function,
+   (:func:`ring_attention.autograd.run_on_ring`, which shards, runs the autograd function,
    and joins).
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .autograd import run_on_ring
 from .layout import Layout
-from .packed import run_on_ring
 from .pattern import DilatedPattern
 from .plans import ring_plans
 from .ring_checks import FULL, check_ring_inputs

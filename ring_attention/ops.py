@@ -5,15 +5,15 @@ process) call :func:`attention`, which runs two opaque ops, ``ring_attention::fo
 and ``ring_attention::backward``. Dynamo records each as one node and never traces the
 plan builder or the executor, so a compiled model has no graph break and no guard on a
 plan; the fake (meta) implementations give the ops' output shapes without running them.
-Inside, the ops run exactly the eager code (:func:`~ring_attention.packed.run_forward`
-and :func:`~ring_attention.packed.run_backward`), so compiled results equal eager ones.
+Inside, the ops run exactly the eager code (:func:`~ring_attention.forward.run_forward`
+and :func:`~ring_attention.backward.run_backward`), so compiled results equal eager ones.
 
 The ops take only what fixes the plan (pattern as two integer lists and a mode, causal,
 ring size, layout) and the scale. Outputs are contiguous, as the fake implementations
 promise: inductor checks an opaque op's output strides against them.
 
 Outside ``torch.compile`` the public functions keep the autograd function of
-:mod:`~ring_attention.packed`: its ops are what the fake-CUDA checks and the cost
+:mod:`~ring_attention.autograd`: its ops are what the fake-CUDA checks and the cost
 counters see, which a custom op would hide.
 """
 
@@ -23,9 +23,10 @@ import torch
 import torch.utils.checkpoint
 
 from . import layout as _layout
+from .backward import run_backward
 from .comm import SimulatedRing
+from .forward import run_forward
 from .merge import accumulation_dtype
-from .packed import run_backward, run_forward
 from .pattern import DilatedPattern
 from .plans import ring_plans
 

@@ -360,7 +360,7 @@ def rank_plan(
 
     ``ring_size=1`` is single-device dilated attention: local blocks only. Shifts with no
     traffic for this rank have no step; every rank still walks the shifts in the same
-    order (see :mod:`ring_attention.packed`).
+    order (see :mod:`ring_attention.exchange`).
     """
     layout = _layout.check_layout(layout)
     spec = _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout)

@@ -7,7 +7,7 @@ segment: at ring step ``d`` rank ``r - d`` sends rank ``r`` the kept rows of the
 segments they share, about ``w / r`` rows per pair instead of ``w``. Partial results
 merge by log-sum-exp in float32; the backward sends dK/dV of received rows back to
 their owner. The exchange plan is built in :mod:`ring_attention.plans` and run by
-:mod:`ring_attention.packed`, for a process group or a one-process simulation.
+:mod:`ring_attention.forward`, for a process group or a one-process simulation.
 """
 
 from __future__ import annotations

@@ -761,7 +761,7 @@ class FakeCuda:
     def drive(self, fn_cls, *args):
         """Run ``fn_cls.forward`` then (if ``backward``) ``fn_cls.backward`` with ones; return the outputs."""
         ctx = _Ctx()
-        from ring_attention.packed import PackedAttention
+        from ring_attention.autograd import PackedAttention
 
         if self.backward and fn_cls is PackedAttention:  # (plans, ring, scale, need_lse, ...): a backward follows
             args = (*args[:3], True, *args[4:])
@@ -814,7 +814,7 @@ def fake_cuda(*, backward: bool = True, capability: Capability = (8, 0)) -> Iter
     swallowed here so the test fails on :meth:`FakeCuda.assert_clean` with the full list.
     """
     from ring_attention import kernels
-    from ring_attention.packed import PackedAttention
+    from ring_attention.autograd import PackedAttention
 
     checker = KernelChecker(capability)
     fc = FakeCuda(checker, backward)

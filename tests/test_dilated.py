@@ -414,9 +414,9 @@ def test_double_backward_is_refused_clearly(fn):
 def test_head_offsets_batched_or_one_by_one_match_the_reference(monkeypatch, gather_limit, batch, causal):
     """A pair's head offsets run as one launch over a strided view, or (past the gather
     limit) one by one: the same result either way, forward and backward."""
-    from ring_attention import packed
+    from ring_attention import schedule
 
-    monkeypatch.setattr(packed, "MAX_GATHER_BYTES", gather_limit)
+    monkeypatch.setattr(schedule, "MAX_GATHER_BYTES", gather_limit)
     pattern = ra.DilatedPattern((8, 16), (2, 4))  # segments of several runs: offsets need a gather
     torch.manual_seed(7)
     q, k, v = (torch.randn(batch, 32, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -476,17 +476,17 @@ def test_calls_split_into_launches_of_fewer_runs_match_the_reference(monkeypatch
     """A call over more than 1/MAX_CALL_SHARE of the shard's cells runs as several launches
     of fewer runs: whole calls (a share of 1) and one run per launch (a huge share) give
     the reference's result, forward and backward, on one device and on a ring."""
-    from ring_attention import packed
+    from ring_attention import schedule
 
     launches = _recording(monkeypatch, "attention_forward")
     pattern = ra.DilatedPattern((16, 32), (1, 2), mode)
     torch.manual_seed(5)
     q, k, v = (torch.randn(batch, 64, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     g = torch.randn(batch, 64, 4, 8, dtype=torch.float64)
-    monkeypatch.setattr(packed, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(schedule, "MIN_SPLIT_BYTES", 0)
     counts = []
     for share in (1, 10**9):
-        monkeypatch.setattr(packed, "MAX_CALL_SHARE", share)
+        monkeypatch.setattr(schedule, "MAX_CALL_SHARE", share)
         _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
         out = ra.ring_dilated_attention(q, k, v, pattern, causal=causal, ring_size=2)
         ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal)
@@ -512,7 +512,7 @@ def test_the_output_is_laid_out_rows_major_like_the_inputs(mode, dtype):
 def test_inputs_at_any_storage_offset_reuse_the_view_recipes():
     # a query that is a slice of a longer buffer at a new offset every call: the same
     # recipes serve (they are relative to the tensor's offset), and give the right rows
-    from ring_attention import packed
+    from ring_attention import views
 
     pattern = ra.DilatedPattern((8, 16), (1, 2))
     buffer, k, v = qkv(1, 40, 4, 4, 8, dtype=torch.float32)[0], *qkv(1, 32, 4, 4, 8, seed=1, dtype=torch.float32)[1:]
@@ -520,5 +520,5 @@ def test_inputs_at_any_storage_offset_reuse_the_view_recipes():
     for start in range(4):
         q = buffer[:, start : start + 32]
         torch.testing.assert_close(ra.dilated_attention(q, k, v, pattern), ra.reference_attention(q, k, v, pattern=pattern))
-        counts.append(sum(len(r) for r in packed._VIEW_RECIPES.values()))
+        counts.append(sum(len(r) for r in views._VIEW_RECIPES.values()))
     assert counts[1:] == counts[:1] * 3

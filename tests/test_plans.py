@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import ring_attention as ra
-from ring_attention import blocks, packed, plans
+from ring_attention import autograd, blocks, plans
 from ring_attention.comm import SimulatedRing
 from tests.inputs import qkv
 
@@ -163,5 +163,5 @@ def test_write_or_merge_is_decided_by_the_executor_for_any_order(pattern, causal
     ring = SimulatedRing(ring_size)
     for order in (lambda p: p, _reordered):
         rank_plans = tuple(order(p) for p in plans.ring_plans(pattern, n, h, hkv, causal, ring_size, layout, ring.ranks))
-        out = packed.run_on_ring(rank_plans, ring, 8**-0.5, layout, q, k, v, checkpoint=False)
+        out = autograd.run_on_ring(rank_plans, ring, 8**-0.5, layout, q, k, v, checkpoint=False)
         torch.testing.assert_close(out, expected)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ring_attention as ra
-from ring_attention import packed, tiles
 from ring_attention import pattern as _pattern
+from ring_attention import schedule, tiles
 from ring_attention.plans import rank_plan
 from tests.inputs import qkv
 
@@ -92,7 +92,7 @@ def test_tiles_compute_every_pair_of_the_plan_once(name, n, h, hkv, causal, coun
 @pytest.mark.parametrize("name, n, h, hkv, causal", PLAN_CASES)
 def test_gradient_adds_bound_every_cell(name, n, h, hkv, causal):
     plan = rank_plan(PATTERNS[name], n, h, hkv, causal, 1, "contiguous", 0)
-    bound, exact = packed._schedule(plan).gradient_adds, _gradient_adds(plan)
+    bound, exact = schedule.schedule_of(plan).gradient_adds, _gradient_adds(plan)
     assert bound >= exact
     if name == "mixture" and h == hkv:  # two pairs, one head per kv head: two per cell
         assert bound == exact == 2
@@ -113,17 +113,17 @@ TOL = {torch.float16: dict(rtol=2e-2, atol=4e-3), torch.bfloat16: dict(rtol=5e-2
 def test_tiled_half_precision_matches_the_reference(monkeypatch, name, causal, dtype):
     """Tiles forced at a small size; rows without keys are exactly 0, and NaN in a query row
     and a value row shows in the output where the reference has it."""
-    monkeypatch.setattr(packed, "MIN_TILE_BYTES", 1)
-    monkeypatch.setattr(packed, "MIN_TILED_BYTES", 0)
+    monkeypatch.setattr(schedule, "MIN_TILE_BYTES", 1)
+    monkeypatch.setattr(schedule, "MIN_TILED_BYTES", 0)
     used = []
-    real = packed.row_tiles
+    real = schedule.row_tiles
 
     def recording(*args, **kwargs):
         found = real(*args, **kwargs)
         used.append(found is not None)
         return found
 
-    monkeypatch.setattr(packed, "row_tiles", recording)
+    monkeypatch.setattr(schedule, "row_tiles", recording)
     pattern, n = PATTERNS[name], 256
     q, k, v, g = qkv(2, n, 4, 2, 16, seed=3, dtype=dtype, grad_out=True)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -1,0 +1,147 @@
+"""The backward executor: a rank's plan run again for dQ, dK and dV.
+
+It follows PyTorch's context-parallel recipe: each block's kernel backward is called
+with the rows' *final* output and LSE, which makes its gradient that block's exact share
+of the gradient of the merged result; dQ accumulates locally in float32, dK/dV of
+received rows travel back to their owner (:mod:`ring_attention.exchange`), also in
+float32. Gradients accumulate in q's dtype only where that is exact
+(:func:`~ring_attention.schedule.exact_in_half`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels, views
+from .blocks import Block, Call, RankPlan, Step, index
+from .comm import Ring
+from .exchange import add_returned, post_kv, post_returns, wait
+from .merge import accumulation_dtype
+from .schedule import exact_in_half, pieces, schedule_of, shard_tiles
+
+
+def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, scale):
+    """Adds this block's dQ, dK, dV into ``accs = [dq, dk, dv]``.
+
+    ``dk``/``dv`` have the key source's shape, all three the accumulation dtype; ``lse``
+    is ``[B, H, n]``. Each call's gradients go straight into strided views of the
+    accumulators where rows and heads are progressions, else through ``index_add_``.
+    ``accs = [None] * 3`` adopts the first call's gradients as the accumulators (the
+    schedule's adopted call, when it covers every row and head of q, k and v).
+    """
+    q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
+    qb, dob, ob = (views.packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
+    lb = views.packed(views.rows_major(lse), q_rows, blk.heads, blk.offsets)
+    kb, vb = (views.source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
+    # Gathered copies: dout, q, k, v and out; putting a result: three adds.
+    launches = (piece for call in blk.calls for piece in pieces(blk, call, q, accs[0] is None, 5, 3))
+    for c, g in launches:
+        dq, dk, dv = kernels.attention_backward(
+            views.runs(dob[:, g], c.q_start, c.runs, c.q_len),
+            views.runs(qb[:, g], c.q_start, c.runs, c.q_len),
+            views.runs(kb[:, g], c.k_start, c.runs, c.k_len),
+            views.runs(vb[:, g], c.k_start, c.runs, c.k_len),
+            views.runs(ob[:, g], c.q_start, c.runs, c.q_len),
+            views.runs(lb[:, g].unsqueeze(-1), c.q_start, c.runs, c.q_len).squeeze(-1),
+            causal=c.causal,
+            scale=scale,
+        )
+        _add_gradients(blk, c, g, q, (q_rows, k_rows, kv_index), accs, dq, dk, dv)
+        del dq, dk, dv  # before the next call's: one block's gradients alive at a time
+
+
+def _add_gradients(blk: Block, c: Call, g: slice, q, indices: tuple, accs: list, dq, dk, dv) -> None:
+    """Add call ``c``'s gradients ``[B*O*runs, h, L, D]`` (head offsets ``g``) into ``accs``;
+    ``indices``: the block's query rows, key rows and kv heads as slices or index tensors."""
+    q_rows, k_rows, kv_index = indices
+    if accs[0] is None:  # the adopted call: its gradients are the accumulators, if they can be
+        adopted = [views.adopted_rows(grad, q.shape[0]) for grad in (dq, dk, dv)]
+        if None not in adopted:
+            accs[:] = adopted
+            return
+        # Adopted calls cover q, k and v of the shard, which then have one shape.
+        accs[:] = [torch.zeros(q.shape, dtype=dq.dtype, device=q.device) for _ in range(3)]
+    dq_acc, dk_src, dv_src = accs
+    kv_strided = isinstance(k_rows, slice) and isinstance(kv_index, slice)
+    by_run = (-1, g.stop - g.start, c.runs)
+    if isinstance(q_rows, slice):
+        dq_b = views.packed(dq_acc, q_rows, blk.heads, blk.offsets)[:, g]
+        views.run_view(dq_b, c.q_start, c.runs, c.q_len).add_(dq.unflatten(0, by_run))
+    else:
+        rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
+        views.scatter_add(dq_acc, rows, blk.heads, views.unpacked(dq.unflatten(0, by_run), dq_acc.dtype))
+    for acc, grad in ((dk_src, dk), (dv_src, dv)):
+        if kv_strided:
+            acc_b = views.source_packed(blk, acc, k_rows, kv_index)[:, g]
+            views.run_view(acc_b, c.k_start, c.runs, c.k_len).add_(grad.unflatten(0, by_run))
+            continue
+        rows = k_rows
+        if isinstance(rows, slice):
+            sub = range(rows.start, rows.stop, rows.step)[c.k_start : c.k_start + c.runs * c.k_len]
+            rows = slice(sub.start, sub.stop, sub.step)
+        else:
+            rows = rows[c.k_start : c.k_start + c.runs * c.k_len]
+        views.scatter_add(acc, rows, kv_index, views.unpacked(grad.unflatten(0, by_run), acc.dtype))
+
+
+def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
+    """Gradients ``{rank: [dq, dk, dv]}``, in the accumulation dtype or (where that is exact,
+    see :data:`EXACT_HALF_ADDS`, or the rank ran in row tiles) in q's dtype."""
+    r = ring.ranks[0]
+    q = qs[r]
+    tiles = None if exact_in_half(plans[r]) else shard_tiles(plans, ring, q, closed=True)
+    if tiles is None:
+        return _backward_whole(plans, ring, qs, ks, vs, outs, lses, douts, scale)
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, ks[r], vs[r])]
+    for tile in tiles:  # one tile's float32 accumulators alive at a time
+        rows = slice(tile.start, tile.stop)
+        tile_grads = _backward_whole(
+            {r: tile.plan}, ring, {r: q[:, rows]}, {r: ks[r][:, rows]}, {r: vs[r][:, rows]},
+            {r: outs[r][:, rows]}, {r: lses[r][:, :, rows]}, {r: douts[r][:, rows]}, scale)[r]
+        for grad, tile_grad in zip(grads, tile_grads):
+            grad[:, rows].copy_(tile_grad)
+        del tile_grads
+    return {r: grads}
+
+
+def _backward_whole(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
+    """:func:`run_backward` on whole shards."""
+    acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
+    grads = {}
+    for r in ring.ranks:
+        schedule = schedule_of(plans[r])
+        # The adopted call's gradients (in q's dtype) are the accumulators where those are
+        # in q's dtype too.
+        dtype = qs[r].dtype if exact_in_half(plans[r]) else acc
+        adopt = schedule.adopted_kv and ks[r].shape == qs[r].shape and dtype == qs[r].dtype
+        grads[r] = [None] * 3 if adopt else [
+            torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (qs[r], ks[r], vs[r])
+        ]
+    pending = post_kv(ring, plans, 1, ks, vs)
+    for r in ring.ranks:
+        for blk in plans[r].local:
+            _block_backward(blk, qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], grads[r], scale)
+    relay = plans[ring.ranks[0]].relay
+    returning = None  # dK/dV of the last shift on their way: back to owners, or one hop on
+    for shift in range(1, ring.size):
+        received = wait(pending)
+        pending = post_kv(ring, plans, shift + 1, ks, vs, received)
+        passed_on = wait(returning[1]) if relay and returning is not None else {}
+        back = {}
+        for r in ring.ranks:
+            step: Step = plans[r].step(shift)
+            if step.receives:
+                msgs = received[r]
+                dmsgs = passed_on.get(r) or [torch.zeros(t.shape, dtype=acc, device=t.device) for t in msgs]
+                for blk in step.blocks:
+                    j = 2 * blk.source
+                    accs = [grads[r][0], dmsgs[j], dmsgs[j + 1]]
+                    _block_backward(blk, qs[r], msgs[j], msgs[j + 1], douts[r], outs[r], lses[r], accs, scale)
+                back[r] = dmsgs
+        if relay:
+            returning = post_returns(ring, plans, shift, back, ks, acc, hop=1)
+        else:
+            add_returned(returning, plans, grads)
+            returning = post_returns(ring, plans, shift, back, ks, acc, hop=-shift)
+    add_returned(returning, plans, grads)  # relay: after R-1 hops, each rank's own shard
+    return grads

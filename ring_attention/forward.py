@@ -1,0 +1,245 @@
+"""The forward executor: a rank's plan of fused-kernel calls, run and merged.
+
+Dilated attention never looks at an ``N x N`` matrix. For each (pair, head offset) it
+*packs* the rows a head keeps into a dense block, runs the fused kernel on the packed
+block, and merges the result into the rows' running ``(out, lse)``. A
+:class:`~ring_attention.blocks.RankPlan` lists those blocks for one rank of a ring; this
+module runs the plans of the ranks a process holds on any
+:class:`~ring_attention.comm.Ring`: each rank's own blocks first, while the first
+exchange is in flight (:mod:`ring_attention.exchange`), then each shift's blocks with
+what arrived. What is written and what merged is the schedule's
+(:mod:`ring_attention.schedule`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels, views
+from .blocks import Block, Call, Index, RankPlan, index
+from .comm import Ring
+from .exchange import post_kv, wait
+from .merge import MERGE_LAUNCHES, accumulation_dtype, merge_into_
+from .schedule import cells_without_keys, pieces, schedule_of, shard_tiles
+
+
+class _SplitValues:
+    """Value sources split once for the causal blocks that read them (:func:`kernels.split_values`).
+
+    One per group of blocks that share sources (a rank's local blocks, or one step's), so
+    a received message's split dies with the step, as the message does.
+    """
+
+    def __init__(self):
+        self._by_source: dict[int, tuple] = {}
+
+    def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hit = self._by_source.get(id(v))
+        if hit is None:  # v is kept in the entry: its id stays its own
+            hit = self._by_source[id(v)] = (v, *kernels.split_values(v))
+        return hit[1], hit[2]
+
+
+def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: float, poison=None,
+                   split: _SplitValues | None = None) -> None:
+    """Run the block's calls; each result is written into or merged with the accumulators
+    ``acc = [out [B, n, H, D], lse [B, H, n] or None]`` in place, through strided views
+    (or, for the schedule's adopted call, becomes them). ``lse`` is ``None`` where nothing
+    reads it (no merge, no backward).
+
+    Non-finite query rows (:func:`kernels.marks_query_rows`) are marked as results are
+    written: ``poison [B, n, H]`` (:func:`kernels.query_row_poison`) is added with weight 0
+    in the copy (the same launch), and a merge into a marked cell keeps the NaN. ``None``:
+    the caller marks the rows once at the end (:func:`_mark_query_rows`).
+
+    Causal calls read the values from ``split(v_src)``: zeroed where not finite, their
+    poison added to the call's output (one scan); the other calls read ``v_src`` itself.
+    """
+    q_rows = index(blk.q_rows, q)
+    k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
+    qb = views.packed(q, q_rows, blk.heads, blk.offsets)
+    kb, vb = (views.source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
+    clean_vb = bad_vb = None
+    if any(c.causal for c in blk.calls):
+        clean, bad = (split or _SplitValues())(v_src)
+        clean_vb = views.source_packed(blk, clean, k_rows, kv_index) if clean is not v_src else vb
+        bad_vb = None if bad is None else views.source_packed(blk, bad, k_rows, kv_index)
+    for call in blk.calls:
+        write = schedule.writes[call]
+        mark = poison if write else None
+        # Launches per result: a merge (MERGE_LAUNCHES), or a copy of out (and of lse).
+        per_result = (1 + (acc[1] is not None)) if write else MERGE_LAUNCHES
+        adopted = acc[0] is None  # (then call is the schedule's adopted call)
+        for c, g in pieces(blk, call, q, adopted, copies=3, per_result=per_result):
+            o, lse = kernels.attention_forward(
+                *_kernel_inputs(blk, c, g, qb, kb, clean_vb if c.causal else vb),
+                causal=c.causal,
+                scale=scale,
+                mark_query_rows=False,  # marked once, at the end
+                quarantined=c.causal,
+            )
+            if c.causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
+                bad_runs = views.run_view(bad_vb[:, g], c.k_start, c.runs, c.k_len)
+                o.add_(kernels.value_poison(bad_runs).flatten(0, 2))
+            _put_result(blk, c, g, q, q_rows, write, mark, acc, o, lse)
+            del o, lse  # before the next offset's results: one block result alive at a time
+
+
+def _kernel_inputs(blk: Block, c: Call, g: slice, qb, kb, vb) -> tuple[torch.Tensor, ...]:
+    """Call ``c``'s (head offsets ``g``) query, key and value runs of the packed ``qb``,
+    ``kb``, ``vb [B, O, M, h, D]``, as the kernel takes them: ``[B*O*runs, h, L, D]``."""
+    return (
+        views.view(blk, (c, g.start, g.stop, "q"), qb, lambda x: views.runs(x[:, g], c.q_start, c.runs, c.q_len)),
+        views.view(blk, (c, g.start, g.stop, "k"), kb, lambda x: views.runs(x[:, g], c.k_start, c.runs, c.k_len)),
+        views.view(blk, (c, g.start, g.stop, "v"), vb, lambda x: views.runs(x[:, g], c.k_start, c.runs, c.k_len)),
+    )
+
+
+def _put_result(blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, mark, acc: list, o, lse) -> None:
+    """Write or merge the results ``o [B*O*runs, h, L, D]``, ``lse [B*O*runs, h, L]`` of
+    call ``c`` (head offsets ``g``) into ``acc``; a written result marked by ``mark`` (see
+    :func:`_block_forward`)."""
+    if acc[0] is None:  # the adopted call: its results are the accumulators, if they can be
+        adopted = views.adopted_rows(o, q.shape[0]), views.adopted_rows(lse.unsqueeze(-1), q.shape[0])
+        if None not in adopted:
+            acc[0], acc[1] = adopted[0], adopted[1].squeeze(-1).transpose(1, 2)
+            return
+        acc[:] = _accumulators(q, o.dtype, lse.dtype, covered=True)  # then written below
+    out_acc, lse_acc = acc
+    by_run = (-1, g.stop - g.start, c.runs)
+    o, lse = o.unflatten(0, by_run), lse.unflatten(0, by_run)
+    if not isinstance(q_rows, slice):
+        rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
+        _scatter_result(rows, blk.heads, write, acc, o, lse, mark)
+        return
+
+    def cells(x):
+        return views.cells(x, q_rows, blk, g, c)
+
+    o_acc = views.view(blk, (c, g.start, g.stop, "out"), out_acc, cells)
+    l_acc = None if lse_acc is None else views.view(blk, (c, g.start, g.stop, "lse"), views.rows_major(lse_acc), cells)
+    if not write:
+        merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
+    elif mark is None:
+        o_acc.copy_(o)
+        if l_acc is not None:
+            l_acc.copy_(lse)
+    else:  # the copy marks the rows: out = o + 0 * poison
+        p = views.view(blk, (c, g.start, g.stop, "mark"), mark, cells)
+        torch.add(o, p.unsqueeze(-1), alpha=0, out=o_acc)
+        if l_acc is not None:
+            torch.add(lse, p, alpha=0, out=l_acc)
+
+
+def _accumulators(q, out_dtype, lse_dtype, covered: bool, need_lse: bool = True) -> list:
+    """``[out [B, n, H, D], lse [B, H, n] or None]`` for the shard ``q``: uninitialized where
+    ``covered`` (every cell is written before any merge reads it), else ``(0, -inf)``:
+    cells no call writes are rows without keys."""
+    b, n, h, d = q.shape
+    out = (torch.empty if covered else torch.zeros)(b, n, h, d, dtype=out_dtype, device=q.device)
+    if not need_lse:
+        lse = None
+    elif covered:
+        lse = torch.empty(b, h, n, dtype=lse_dtype, device=q.device)
+    else:  # read by merges (and returned by the custom op)
+        lse = torch.full((b, h, n), float("-inf"), dtype=lse_dtype, device=q.device)
+    return [out, lse]
+
+
+def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o, lse, poison) -> None:
+    """Write or merge a result ``[B, 1, runs, h, L, ...]`` at ``rows`` that are no progression
+    (a dilated unit across zigzag chunks): gather, merge, scatter; marked by ``poison``
+    (``[B, n, H]`` or ``None``) first."""
+    out_acc, lse_acc = acc
+    o = views.unpacked(o, out_acc.dtype)  # [B, M, h, D]
+    lse = None if lse_acc is None else views.unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)
+    if poison is not None:
+        p = poison[:, :, heads].index_select(1, rows)
+        o.add_(p.unsqueeze(-1), alpha=0)
+        if lse is not None:
+            lse.add_(p, alpha=0)
+    o_heads = out_acc[:, :, heads]
+    l_heads = None if lse_acc is None else views.rows_major(lse_acc)[:, :, heads]
+    if not write:
+        o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
+        merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
+        o, lse = o_acc, l_acc
+    o_heads.index_copy_(1, rows, o)
+    if l_heads is not None:
+        l_heads.index_copy_(1, rows, lse)
+
+
+def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
+                need_lse: bool = True):
+    """Run the plans; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
+
+    ``out`` is in the accumulation dtype where some call merges on the whole shard, else
+    in q's dtype, laid out rows-major like the kernels' results; ``lse`` is in the
+    accumulation dtype. ``need_lse=False`` (no backward will run): ``lse`` may be ``None``
+    where no call merges.
+    """
+    r = ring.ranks[0]
+    tiles = shard_tiles(plans, ring, qs[r], closed=False) if schedule_of(plans[r]).merges else None
+    if tiles is None:
+        return _forward_whole(plans, ring, qs, ks, vs, scale, need_lse)
+    q = qs[r]
+    b, n, h, d = q.shape
+    out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, n, dtype=accumulation_dtype(q.dtype), device=q.device) if need_lse else None
+    for tile in tiles:  # one tile's float32 accumulators alive at a time
+        rows = slice(tile.start, tile.stop)
+        tile_out, tile_lse = _forward_whole({r: tile.plan}, ring, {r: q[:, rows]}, ks, vs, scale, need_lse)[r]
+        out[:, rows].copy_(tile_out)
+        if lse is not None:
+            lse[:, :, rows].copy_(tile_lse)
+        del tile_out, tile_lse
+    return {r: [out, lse]}
+
+
+def _forward_whole(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
+                   need_lse: bool):
+    """:func:`run_forward` on whole shards."""
+    acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
+    state, poisons, marked_at_end = {}, {}, []
+    for r in ring.ranks:
+        schedule = schedule_of(plans[r])
+        out_dtype = acc if schedule.merges else qs[r].dtype
+        covered = schedule.covers(qs[r])
+        adopted = covered and schedule.adopted is not None and out_dtype == qs[r].dtype
+        if kernels.marks_query_rows(qs[r]):
+            # Marked in the copies of written results, for free; but a merge may reach a cell
+            # before any write where the writes do not cover the shard: then once, at the end.
+            if adopted or (schedule.merges and not covered):
+                marked_at_end.append(r)
+            else:
+                poisons[r] = kernels.query_row_poison(qs[r], acc)
+        if adopted:
+            state[r] = [None, None]  # the adopted call's results will be the accumulators
+        else:
+            state[r] = _accumulators(qs[r], out_dtype, acc, covered, need_lse or schedule.merges)
+    pending = post_kv(ring, plans, 1, ks, vs)
+    for r in ring.ranks:  # own rows first, while the first exchange is in flight
+        schedule, split = schedule_of(plans[r]), _SplitValues()
+        for blk in plans[r].local:
+            _block_forward(blk, schedule, qs[r], ks[r], vs[r], state[r], scale, poisons.get(r), split)
+    for shift in range(1, ring.size):
+        received = wait(pending)
+        pending = post_kv(ring, plans, shift + 1, ks, vs, received)
+        for r in ring.ranks:
+            schedule, split = schedule_of(plans[r]), _SplitValues()
+            for blk in plans[r].step(shift).blocks:
+                k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
+                _block_forward(blk, schedule, qs[r], k_msg, v_msg, state[r], scale, poisons.get(r), split)
+    for r in marked_at_end:
+        _mark_query_rows(plans[r], qs[r], *state[r])
+    return state
+
+
+def _mark_query_rows(plan: RankPlan, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """Make ``out [B, n, H, D]`` and ``lse [B, H, n]`` NaN where the query row ``q[:, i, h]``
+    holds NaN or inf and the plan computes cell ``(i, h)``: once per shard, after every
+    merge, which carry whatever the CPU op returned for such a row (0, inf, or a finite
+    ``(0, 0)`` where every score is ``-inf``). A cell the plan never computes has no keys:
+    it stays ``(0, -inf)`` whatever its query holds."""
+    without_keys = None if schedule_of(plan).covers(q) else cells_without_keys(plan, q)
+    kernels.mark_query_rows_(q, out, None if lse is None else views.rows_major(lse), without_keys)
