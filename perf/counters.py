@@ -11,7 +11,7 @@ benchmarks call it):
 
 * ``launches``: aten calls that would launch a kernel on a GPU (:func:`launches_kernel`):
   eager PyTorch pays host time per launch whatever N is. The count depends on N only where
-  the executor trades launches for memory (``schedule.MAX_GATHER_BYTES``, ``MIN_SPLIT_BYTES``).
+  the executor trades launches for memory (``Options.max_gather_bytes``, ``min_split_bytes``).
 * ``fused_calls``: calls of the fused attention ops (``aten._scaled_dot_product_*attention*``).
 * ``peak_bytes``: peak of the bytes held by storages the call's ops created (inputs
   excluded), counted from the op outputs a ``TorchDispatchMode`` sees and freed by

@@ -18,19 +18,14 @@ import time
 import torch
 
 import ring_attention as ra
-from ring_attention import plans, registry
-
-
-def _clear_plan_caches() -> None:
-    for cached in (plans._kept, plans._kv_rows, plans._message, plans._spec, plans.rank_plan):
-        cached.cache_clear()
+from ring_attention import executable, plans, registry
 
 
 def build_seconds(pattern, n, heads, causal, ring_size, layout, ranks, repeats=3) -> float:
     """Best time to build the plans of ``ranks`` from empty caches."""
     best = float("inf")
     for _ in range(repeats):
-        _clear_plan_caches()
+        executable.clear()
         gc.collect()
         start = time.perf_counter()
         plans.ring_plans(pattern, n, heads, heads, causal, ring_size, layout, tuple(ranks))
@@ -41,7 +36,7 @@ def build_seconds(pattern, n, heads, causal, ring_size, layout, ranks, repeats=3
 def meta_seconds(fn, n, heads, dim, repeats=3) -> tuple[float, float]:
     """(first call, best repeated call) of ``fn(q, k, v)`` on meta tensors ``[1, n, heads, dim]``."""
     q, k, v = (torch.empty(1, n, heads, dim, device="meta") for _ in range(3))
-    _clear_plan_caches()
+    executable.clear()
     start = time.perf_counter()
     fn(q, k, v)
     first = time.perf_counter() - start

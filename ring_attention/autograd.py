@@ -7,31 +7,30 @@ import torch.utils.checkpoint
 
 from . import layout as _layout
 from .backward import run_backward
-from .blocks import RankPlan
 from .comm import Ring
+from .executable import ExecutablePlan
 from .forward import run_forward
 
 
 class PackedAttention(torch.autograd.Function):
     """Differentiable :func:`run_forward` for the ranks ``ring.ranks``.
 
-    Inputs are the ranks' plans (in ``ring.ranks`` order), the ring, the scale, whether a
+    Inputs are the executable plan of the ranks, the ring, the scale, whether a
     backward may follow (``need_lse``), then their q shards, k shards and v shards; outputs
     are the ranks' output shards in the input dtype. Double backward is refused: the
     backward runs fused kernels that have no derivative.
     """
 
     @staticmethod
-    def forward(ctx, plans: tuple[RankPlan, ...], ring: Ring, scale: float, need_lse: bool, *tensors):
+    def forward(ctx, plan: ExecutablePlan, ring: Ring, scale: float, need_lse: bool, *tensors):
         n = len(ring.ranks)
-        by_rank = dict(zip(ring.ranks, plans))
         qs = dict(zip(ring.ranks, tensors[:n]))
         ks = dict(zip(ring.ranks, tensors[n : 2 * n]))
         vs = dict(zip(ring.ranks, tensors[2 * n :]))
-        state = run_forward(by_rank, ring, qs, ks, vs, scale, need_lse)
+        state = run_forward(plan, ring, qs, ks, vs, scale, need_lse)
         outs = tuple(state[r][0].to(qs[r].dtype) for r in ring.ranks)
         lses = tuple(state[r][1] for r in ring.ranks)
-        ctx.plans, ctx.ring, ctx.scale = by_rank, ring, scale
+        ctx.plan, ctx.ring, ctx.scale = plan, ring, scale
         ctx.save_for_backward(*tensors, *outs, *lses)
         return outs
 
@@ -47,7 +46,7 @@ class PackedAttention(torch.autograd.Function):
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (dict(zip(ring.ranks, saved[i * n : (i + 1) * n])) for i in range(5))
         douts = {r: (d if d is not None else torch.zeros_like(outs[r])) for r, d in zip(ring.ranks, douts)}
-        grads = run_backward(ctx.plans, ring, qs, ks, vs, outs, lses, douts, ctx.scale)
+        grads = run_backward(ctx.plan, ring, qs, ks, vs, outs, lses, douts, ctx.scale)
         results = []
         for i, inputs in enumerate((qs, ks, vs)):
             for r in ring.ranks:
@@ -56,9 +55,9 @@ class PackedAttention(torch.autograd.Function):
         return (None, None, None, None, *results)
 
 
-def run_on_ring(plans: tuple[RankPlan, ...], ring: Ring, scale: float, layout: _layout.Layout | str, q, k, v, *,
+def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.Layout | str, q, k, v, *,
                 checkpoint: bool):
-    """Run the plans of ``ring.ranks``: one rank's shard, or every rank's in turn.
+    """Run the plan of ``ring.ranks``: one rank's shard, or every rank's in turn.
 
     With one rank in this process, ``q, k, v`` are its shard; with several (a simulated
     ring), they are the whole sequence in natural order, split into the ranks' shards
@@ -69,9 +68,9 @@ def run_on_ring(plans: tuple[RankPlan, ...], ring: Ring, scale: float, layout: _
     def run(q, k, v):
         need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # for a backward
         if len(ring.ranks) == 1:
-            return PackedAttention.apply(plans, ring, scale, need_lse, q, k, v)[0]
+            return PackedAttention.apply(plan, ring, scale, need_lse, q, k, v)[0]
         shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
-        outs = PackedAttention.apply(plans, ring, scale, need_lse, *shards[0], *shards[1], *shards[2])
+        outs = PackedAttention.apply(plan, ring, scale, need_lse, *shards[0], *shards[1], *shards[2])
         return _layout.join(list(outs), layout)
 
     if checkpoint and torch.is_grad_enabled():

@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 
 from . import kernels, views
-from .blocks import Block, Call, RankPlan, Step, index
+from .blocks import Block, Call, Step, index
 from .comm import Ring
 from .exchange import add_returned, post_kv, post_returns, wait
+from .executable import ExecutablePlan, RankExecution
 from .merge import accumulation_dtype
-from .schedule import exact_in_half, pieces, schedule_of, shard_tiles
 
 
-def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, scale):
+def _block_backward(blk: Block, rank: RankExecution, q, k_src, v_src, dout, out, lse, accs: list, scale):
     """Adds this block's dQ, dK, dV into ``accs = [dq, dk, dv]``.
 
     ``dk``/``dv`` have the key source's shape, all three the accumulation dtype; ``lse``
@@ -33,9 +33,7 @@ def _block_backward(blk: Block, q, k_src, v_src, dout, out, lse, accs: list, sca
     qb, dob, ob = (views.packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
     lb = views.packed(views.rows_major(lse), q_rows, blk.heads, blk.offsets)
     kb, vb = (views.source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
-    # Gathered copies: dout, q, k, v and out; putting a result: three adds.
-    launches = (piece for call in blk.calls for piece in pieces(blk, call, q, accs[0] is None, 5, 3))
-    for c, g in launches:
+    for c, g in (launch for call in blk.calls for launch in rank.backward_launches[call]):
         dq, dk, dv = kernels.attention_backward(
             views.runs(dob[:, g], c.q_start, c.runs, c.q_len),
             views.runs(qb[:, g], c.q_start, c.runs, c.q_len),
@@ -84,19 +82,19 @@ def _add_gradients(blk: Block, c: Call, g: slice, q, indices: tuple, accs: list,
         views.scatter_add(acc, rows, kv_index, views.unpacked(grad.unflatten(0, by_run), acc.dtype))
 
 
-def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
+def run_backward(plan: ExecutablePlan, ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
     """Gradients ``{rank: [dq, dk, dv]}``, in the accumulation dtype or (where that is exact,
-    see :data:`EXACT_HALF_ADDS`, or the rank ran in row tiles) in q's dtype."""
+    see :data:`~ring_attention.schedule.EXACT_HALF_ADDS`, or the rank ran in row tiles) in q's dtype."""
     r = ring.ranks[0]
     q = qs[r]
-    tiles = None if exact_in_half(plans[r]) else shard_tiles(plans, ring, q, closed=True)
+    tiles = plan.ranks[r].backward_tiles
     if tiles is None:
-        return _backward_whole(plans, ring, qs, ks, vs, outs, lses, douts, scale)
+        return _backward_whole(plan.ranks, ring, qs, ks, vs, outs, lses, douts, scale)
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, ks[r], vs[r])]
-    for tile in tiles:  # one tile's float32 accumulators alive at a time
-        rows = slice(tile.start, tile.stop)
+    for start, stop, tile in tiles:  # one tile's float32 accumulators alive at a time
+        rows = slice(start, stop)
         tile_grads = _backward_whole(
-            {r: tile.plan}, ring, {r: q[:, rows]}, {r: ks[r][:, rows]}, {r: vs[r][:, rows]},
+            {r: tile}, ring, {r: q[:, rows]}, {r: ks[r][:, rows]}, {r: vs[r][:, rows]},
             {r: outs[r][:, rows]}, {r: lses[r][:, :, rows]}, {r: douts[r][:, rows]}, scale)[r]
         for grad, tile_grad in zip(grads, tile_grads):
             grad[:, rows].copy_(tile_grad)
@@ -104,23 +102,20 @@ def run_backward(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses,
     return {r: grads}
 
 
-def _backward_whole(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
+def _backward_whole(ranks: dict[int, RankExecution], ring: Ring, qs, ks, vs, outs, lses, douts, scale: float):
     """:func:`run_backward` on whole shards."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
+    plans = {r: ranks[r].plan for r in ring.ranks}
     grads = {}
     for r in ring.ranks:
-        schedule = schedule_of(plans[r])
-        # The adopted call's gradients (in q's dtype) are the accumulators where those are
-        # in q's dtype too.
-        dtype = qs[r].dtype if exact_in_half(plans[r]) else acc
-        adopt = schedule.adopted_kv and ks[r].shape == qs[r].shape and dtype == qs[r].dtype
-        grads[r] = [None] * 3 if adopt else [
+        dtype = qs[r].dtype if ranks[r].gradients_in_half else acc
+        grads[r] = [None] * 3 if ranks[r].adopts_backward else [
             torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (qs[r], ks[r], vs[r])
         ]
     pending = post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:
         for blk in plans[r].local:
-            _block_backward(blk, qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], grads[r], scale)
+            _block_backward(blk, ranks[r], qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], grads[r], scale)
     relay = plans[ring.ranks[0]].relay
     returning = None  # dK/dV of the last shift on their way: back to owners, or one hop on
     for shift in range(1, ring.size):
@@ -136,7 +131,7 @@ def _backward_whole(plans: dict[int, RankPlan], ring: Ring, qs, ks, vs, outs, ls
                 for blk in step.blocks:
                     j = 2 * blk.source
                     accs = [grads[r][0], dmsgs[j], dmsgs[j + 1]]
-                    _block_backward(blk, qs[r], msgs[j], msgs[j + 1], douts[r], outs[r], lses[r], accs, scale)
+                    _block_backward(blk, ranks[r], qs[r], msgs[j], msgs[j + 1], douts[r], outs[r], lses[r], accs, scale)
                 back[r] = dmsgs
         if relay:
             returning = post_returns(ring, plans, shift, back, ks, acc, hop=1)

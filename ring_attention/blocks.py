@@ -95,6 +95,11 @@ def merge_ranges(ranges: Iterable[range]) -> tuple[range, ...]:
 _INDEX_CACHE: weakref.WeakKeyDictionary[Rows, dict] = weakref.WeakKeyDictionary()
 
 
+def clear() -> None:
+    """Drop the cached CPU index tensors (:func:`ring_attention.executable.clear` calls this)."""
+    _INDEX_CACHE.clear()
+
+
 def device_key(like: torch.Tensor):
     """What a tensor cached for ``like`` is keyed by: its device and its fake-tensor mode."""
     mode = getattr(like, "fake_mode", None)

@@ -9,9 +9,9 @@ in this process; one device is the ring of one). :func:`attend` then
    P2P are a graph break, :func:`_eager`);
 2. checks the arguments (on every rank of a group at once, :mod:`ring_attention.ring_checks`);
 3. under tracing, hands the whole sequence to the custom ops (:mod:`ring_attention.ops`);
-   eagerly, builds the ranks' plans (:mod:`ring_attention.plans`, cached) and runs them
-   (:func:`ring_attention.autograd.run_on_ring`, which shards, runs the autograd function,
-   and joins).
+   eagerly, looks up the executable plan of the call (:mod:`ring_attention.executable`,
+   built once per shape) and runs it (:func:`ring_attention.autograd.run_on_ring`, which
+   shards, runs the autograd function, and joins).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch
 
 from . import ops
 from .autograd import run_on_ring
+from .executable import PlanKey, executable_plan
 from .layout import Layout
+from .options import DEFAULT, Options
 from .pattern import DilatedPattern
-from .plans import ring_plans
 from .ring_checks import FULL, check_ring_inputs
 
 __all__ = ["FULL", "attend"]
@@ -40,18 +41,19 @@ def attend(
     scale: float | None = None,
     layout: Layout | str = "contiguous",
     checkpoint: bool = False,
+    options: Options = DEFAULT,
 ) -> torch.Tensor:
     """Attention with ``pattern``'s weights (:data:`FULL`: full attention) over a ring.
 
     Arguments as the public functions take them, unchecked: they are checked here (a
     ``pattern`` that is not a :class:`~ring_attention.DilatedPattern`, ``None`` included,
-    raises on every rank). Returns this rank's output shard (with ``group``) or the whole
-    output in natural order.
+    raises on every rank). ``options``: the executor's limits (tests force paths with them).
+    Returns this rank's output shard (with ``group``) or the whole output in natural order.
     """
     if torch.compiler.is_compiling() and group is not None:
         return _eager(
             q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-            checkpoint=checkpoint,
+            checkpoint=checkpoint, options=options,
         )
     ring, shapes, scale, causal, layout, checkpoint = check_ring_inputs(
         q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
@@ -60,11 +62,10 @@ def attend(
     pattern = None if pattern is FULL else pattern  # what plans and ops call full attention
     if torch.compiler.is_compiling():
         return ops.attention(q, k, v, pattern, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
-                             checkpoint=checkpoint)
-    plans = ring_plans(
-        pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks
-    )
-    return run_on_ring(plans, ring, scale, layout, q, k, v, checkpoint=checkpoint)
+                             checkpoint=checkpoint, options=options)
+    key = PlanKey(pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks,
+                  q.shape[0], q.shape[3], q.dtype, options)
+    return run_on_ring(executable_plan(key), ring, scale, layout, q, k, v, checkpoint=checkpoint)
 
 
 @torch.compiler.disable

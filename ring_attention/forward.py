@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 
 from . import kernels, views
-from .blocks import Block, Call, Index, RankPlan, index
+from .blocks import Block, Call, Index, index
 from .comm import Ring
 from .exchange import post_kv, wait
-from .merge import MERGE_LAUNCHES, accumulation_dtype, merge_into_
-from .schedule import cells_without_keys, pieces, schedule_of, shard_tiles
+from .executable import ExecutablePlan, RankExecution
+from .merge import accumulation_dtype, merge_into_
 
 
 class _SplitValues:
@@ -40,7 +40,7 @@ class _SplitValues:
         return hit[1], hit[2]
 
 
-def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: float, poison=None,
+def _block_forward(blk: Block, rank: RankExecution, q, k_src, v_src, acc: list, scale: float, poison=None,
                    split: _SplitValues | None = None) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
     ``acc = [out [B, n, H, D], lse [B, H, n] or None]`` in place, through strided views
@@ -65,14 +65,11 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
         clean_vb = views.source_packed(blk, clean, k_rows, kv_index) if clean is not v_src else vb
         bad_vb = None if bad is None else views.source_packed(blk, bad, k_rows, kv_index)
     for call in blk.calls:
-        write = schedule.writes[call]
+        write = rank.schedule.writes[call]
         mark = poison if write else None
-        # Launches per result: a merge (MERGE_LAUNCHES), or a copy of out (and of lse).
-        per_result = (1 + (acc[1] is not None)) if write else MERGE_LAUNCHES
-        adopted = acc[0] is None  # (then call is the schedule's adopted call)
-        for c, g in pieces(blk, call, q, adopted, copies=3, per_result=per_result):
+        for c, g in rank.forward_launches[acc[1] is not None][call]:
             o, lse = kernels.attention_forward(
-                *_kernel_inputs(blk, c, g, qb, kb, clean_vb if c.causal else vb),
+                *_kernel_inputs(rank.recipes, c, g, qb, kb, clean_vb if c.causal else vb),
                 causal=c.causal,
                 scale=scale,
                 mark_query_rows=False,  # marked once, at the end
@@ -81,21 +78,22 @@ def _block_forward(blk: Block, schedule, q, k_src, v_src, acc: list, scale: floa
             if c.causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
                 bad_runs = views.run_view(bad_vb[:, g], c.k_start, c.runs, c.k_len)
                 o.add_(kernels.value_poison(bad_runs).flatten(0, 2))
-            _put_result(blk, c, g, q, q_rows, write, mark, acc, o, lse)
+            _put_result(rank.recipes, blk, c, g, q, q_rows, write, mark, acc, o, lse)
             del o, lse  # before the next offset's results: one block result alive at a time
 
 
-def _kernel_inputs(blk: Block, c: Call, g: slice, qb, kb, vb) -> tuple[torch.Tensor, ...]:
+def _kernel_inputs(recipes: dict, c: Call, g: slice, qb, kb, vb) -> tuple[torch.Tensor, ...]:
     """Call ``c``'s (head offsets ``g``) query, key and value runs of the packed ``qb``,
     ``kb``, ``vb [B, O, M, h, D]``, as the kernel takes them: ``[B*O*runs, h, L, D]``."""
     return (
-        views.view(blk, (c, g.start, g.stop, "q"), qb, lambda x: views.runs(x[:, g], c.q_start, c.runs, c.q_len)),
-        views.view(blk, (c, g.start, g.stop, "k"), kb, lambda x: views.runs(x[:, g], c.k_start, c.runs, c.k_len)),
-        views.view(blk, (c, g.start, g.stop, "v"), vb, lambda x: views.runs(x[:, g], c.k_start, c.runs, c.k_len)),
+        views.view(recipes, (c, g.start, g.stop, "q"), qb, lambda x: views.runs(x[:, g], c.q_start, c.runs, c.q_len)),
+        views.view(recipes, (c, g.start, g.stop, "k"), kb, lambda x: views.runs(x[:, g], c.k_start, c.runs, c.k_len)),
+        views.view(recipes, (c, g.start, g.stop, "v"), vb, lambda x: views.runs(x[:, g], c.k_start, c.runs, c.k_len)),
     )
 
 
-def _put_result(blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, mark, acc: list, o, lse) -> None:
+def _put_result(recipes: dict, blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, mark, acc: list, o,
+                lse) -> None:
     """Write or merge the results ``o [B*O*runs, h, L, D]``, ``lse [B*O*runs, h, L]`` of
     call ``c`` (head offsets ``g``) into ``acc``; a written result marked by ``mark`` (see
     :func:`_block_forward`)."""
@@ -116,8 +114,8 @@ def _put_result(blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, ma
     def cells(x):
         return views.cells(x, q_rows, blk, g, c)
 
-    o_acc = views.view(blk, (c, g.start, g.stop, "out"), out_acc, cells)
-    l_acc = None if lse_acc is None else views.view(blk, (c, g.start, g.stop, "lse"), views.rows_major(lse_acc), cells)
+    o_acc = views.view(recipes, (c, g.start, g.stop, "out"), out_acc, cells)
+    l_acc = None if lse_acc is None else views.view(recipes, (c, g.start, g.stop, "lse"), views.rows_major(lse_acc), cells)
     if not write:
         merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
     elif mark is None:
@@ -125,7 +123,7 @@ def _put_result(blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, ma
         if l_acc is not None:
             l_acc.copy_(lse)
     else:  # the copy marks the rows: out = o + 0 * poison
-        p = views.view(blk, (c, g.start, g.stop, "mark"), mark, cells)
+        p = views.view(recipes, (c, g.start, g.stop, "mark"), mark, cells)
         torch.add(o, p.unsqueeze(-1), alpha=0, out=o_acc)
         if l_acc is not None:
             torch.add(lse, p, alpha=0, out=l_acc)
@@ -169,9 +167,9 @@ def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o,
         l_heads.index_copy_(1, rows, lse)
 
 
-def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
+def run_forward(plan: ExecutablePlan, ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
                 need_lse: bool = True):
-    """Run the plans; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
+    """Run the plan of ``ring.ranks``; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
 
     ``out`` is in the accumulation dtype where some call merges on the whole shard, else
     in q's dtype, laid out rows-major like the kernels' results; ``lse`` is in the
@@ -179,16 +177,16 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
     where no call merges.
     """
     r = ring.ranks[0]
-    tiles = shard_tiles(plans, ring, qs[r], closed=False) if schedule_of(plans[r]).merges else None
+    tiles = plan.ranks[r].forward_tiles
     if tiles is None:
-        return _forward_whole(plans, ring, qs, ks, vs, scale, need_lse)
+        return _forward_whole(plan.ranks, ring, qs, ks, vs, scale, need_lse)
     q = qs[r]
     b, n, h, d = q.shape
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n, dtype=accumulation_dtype(q.dtype), device=q.device) if need_lse else None
-    for tile in tiles:  # one tile's float32 accumulators alive at a time
-        rows = slice(tile.start, tile.stop)
-        tile_out, tile_lse = _forward_whole({r: tile.plan}, ring, {r: q[:, rows]}, ks, vs, scale, need_lse)[r]
+    for start, stop, tile in tiles:  # one tile's float32 accumulators alive at a time
+        rows = slice(start, stop)
+        tile_out, tile_lse = _forward_whole({r: tile}, ring, {r: q[:, rows]}, ks, vs, scale, need_lse)[r]
         out[:, rows].copy_(tile_out)
         if lse is not None:
             lse[:, :, rows].copy_(tile_lse)
@@ -196,16 +194,16 @@ def run_forward(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: 
     return {r: [out, lse]}
 
 
-def _forward_whole(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
+def _forward_whole(ranks: dict[int, RankExecution], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
                    need_lse: bool):
     """:func:`run_forward` on whole shards."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     state, poisons, marked_at_end = {}, {}, []
     for r in ring.ranks:
-        schedule = schedule_of(plans[r])
+        schedule = ranks[r].schedule
         out_dtype = acc if schedule.merges else qs[r].dtype
-        covered = schedule.covers(qs[r])
-        adopted = covered and schedule.adopted is not None and out_dtype == qs[r].dtype
+        covered = schedule.covers(ranks[r].shard)
+        adopted = ranks[r].adopts_forward
         if kernels.marks_query_rows(qs[r]):
             # Marked in the copies of written results, for free; but a merge may reach a cell
             # before any write where the writes do not cover the shard: then once, at the end.
@@ -217,29 +215,30 @@ def _forward_whole(plans: dict[int, RankPlan], ring: Ring, qs: dict, ks: dict, v
             state[r] = [None, None]  # the adopted call's results will be the accumulators
         else:
             state[r] = _accumulators(qs[r], out_dtype, acc, covered, need_lse or schedule.merges)
+    plans = {r: ranks[r].plan for r in ring.ranks}
     pending = post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
-        schedule, split = schedule_of(plans[r]), _SplitValues()
+        split = _SplitValues()
         for blk in plans[r].local:
-            _block_forward(blk, schedule, qs[r], ks[r], vs[r], state[r], scale, poisons.get(r), split)
+            _block_forward(blk, ranks[r], qs[r], ks[r], vs[r], state[r], scale, poisons.get(r), split)
     for shift in range(1, ring.size):
         received = wait(pending)
         pending = post_kv(ring, plans, shift + 1, ks, vs, received)
         for r in ring.ranks:
-            schedule, split = schedule_of(plans[r]), _SplitValues()
+            split = _SplitValues()
             for blk in plans[r].step(shift).blocks:
                 k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
-                _block_forward(blk, schedule, qs[r], k_msg, v_msg, state[r], scale, poisons.get(r), split)
+                _block_forward(blk, ranks[r], qs[r], k_msg, v_msg, state[r], scale, poisons.get(r), split)
     for r in marked_at_end:
-        _mark_query_rows(plans[r], qs[r], *state[r])
+        _mark_query_rows(ranks[r], qs[r], *state[r])
     return state
 
 
-def _mark_query_rows(plan: RankPlan, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+def _mark_query_rows(rank: RankExecution, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None) -> None:
     """Make ``out [B, n, H, D]`` and ``lse [B, H, n]`` NaN where the query row ``q[:, i, h]``
     holds NaN or inf and the plan computes cell ``(i, h)``: once per shard, after every
     merge, which carry whatever the CPU op returned for such a row (0, inf, or a finite
     ``(0, 0)`` where every score is ``-inf``). A cell the plan never computes has no keys:
     it stays ``(0, -inf)`` whatever its query holds."""
-    without_keys = None if schedule_of(plan).covers(q) else cells_without_keys(plan, q)
+    without_keys = None if rank.schedule.covers(rank.shard) else rank.cells_without_keys(q)
     kernels.mark_query_rows_(q, out, None if lse is None else views.rows_major(lse), without_keys)

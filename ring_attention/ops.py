@@ -9,8 +9,9 @@ Inside, the ops run exactly the eager code (:func:`~ring_attention.forward.run_f
 and :func:`~ring_attention.backward.run_backward`), so compiled results equal eager ones.
 
 The ops take only what fixes the plan (pattern as two integer lists and a mode, causal,
-ring size, layout) and the scale. Outputs are contiguous, as the fake implementations
-promise: inductor checks an opaque op's output strides against them.
+ring size, layout, the executor's options as integers) and the scale. Outputs are
+contiguous, as the fake implementations promise: inductor checks an opaque op's output
+strides against them.
 
 Outside ``torch.compile`` the public functions keep the autograd function of
 :mod:`~ring_attention.autograd`: its ops are what the fake-CUDA checks and the cost
@@ -19,23 +20,27 @@ counters see, which a custom op would hide.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.utils.checkpoint
 
 from . import layout as _layout
 from .backward import run_backward
 from .comm import SimulatedRing
+from .executable import ExecutablePlan, PlanKey, executable_plan
 from .forward import run_forward
 from .merge import accumulation_dtype
+from .options import DEFAULT, Options
 from .pattern import DilatedPattern
-from .plans import ring_plans
 
 
-def _plans(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout):
+def _plan(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout, options) -> ExecutablePlan:
     pattern = DilatedPattern(tuple(segment_lengths), tuple(dilation_rates), mode) if segment_lengths else None
-    _, n, h, _ = q.shape
-    ranks = tuple(range(ring_size))
-    return dict(zip(ranks, ring_plans(pattern, n, h, k.shape[2], causal, ring_size, layout, ranks)))
+    b, n, h, d = q.shape
+    key = PlanKey(pattern, n, h, k.shape[2], causal, ring_size, _layout.Layout(layout), tuple(range(ring_size)), b, d,
+                  q.dtype, Options(*options))
+    return executable_plan(key)
 
 
 def _shards(x: torch.Tensor, ring_size: int, layout: str) -> dict[int, torch.Tensor]:
@@ -53,17 +58,18 @@ def _joined(shards: list[torch.Tensor], layout: str, dtype: torch.dtype) -> torc
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
     dilation_rates: list[int], mode: str, causal: bool, ring_size: int, layout: str, scale: float,
+    options: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, N, H, D] in q's dtype, lse [R, B, H, N/R])``: every rank's LSE, stacked."""
-    plans = _plans(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout)
+    plan = _plan(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout, options)
     qs, ks, vs = (_shards(t, ring_size, layout) for t in (q, k, v))
-    state = run_forward(plans, SimulatedRing(ring_size), qs, ks, vs, scale)
-    out = _joined([state[r][0] for r in plans], layout, q.dtype)
-    return out, torch.stack([state[r][1] for r in plans])
+    state = run_forward(plan, SimulatedRing(ring_size), qs, ks, vs, scale)
+    out = _joined([state[r][0] for r in plan.ranks], layout, q.dtype)
+    return out, torch.stack([state[r][1] for r in plan.ranks])
 
 
 @_forward.register_fake
-def _(q, k, v, segment_lengths, dilation_rates, mode, causal, ring_size, layout, scale):
+def _(q, k, v, segment_lengths, dilation_rates, mode, causal, ring_size, layout, scale, options):
     b, n, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((ring_size, b, h, n // ring_size), dtype=accumulation_dtype(q.dtype))
 
@@ -72,18 +78,18 @@ def _(q, k, v, segment_lengths, dilation_rates, mode, causal, ring_size, layout,
 def _backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int], mode: str, causal: bool,
-    ring_size: int, layout: str, scale: float,
+    ring_size: int, layout: str, scale: float, options: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
-    plans = _plans(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout)
+    plan = _plan(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout, options)
     qs, ks, vs, outs, douts = (_shards(t, ring_size, layout) for t in (q, k, v, out, dout))
     lses = dict(enumerate(lse.unbind(0)))
-    grads = run_backward(plans, SimulatedRing(ring_size), qs, ks, vs, outs, lses, douts, scale)
-    return tuple(_joined([grads[r][i] for r in plans], layout, t.dtype) for i, t in enumerate((q, k, v)))
+    grads = run_backward(plan, SimulatedRing(ring_size), qs, ks, vs, outs, lses, douts, scale)
+    return tuple(_joined([grads[r][i] for r in plan.ranks], layout, t.dtype) for i, t in enumerate((q, k, v)))
 
 
 @_backward.register_fake
-def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, mode, causal, ring_size, layout, scale):
+def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, mode, causal, ring_size, layout, scale, options):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -105,7 +111,7 @@ torch.library.register_autograd("ring_attention::forward", _backward_fn, setup_c
 
 
 def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_size: int,
-              layout: _layout.Layout | str, scale: float, checkpoint: bool) -> torch.Tensor:
+              layout: _layout.Layout | str, scale: float, checkpoint: bool, options: Options = DEFAULT) -> torch.Tensor:
     """The whole sequence's output through the custom ops (inputs already validated).
 
     ``pattern=None`` is full attention; ``ring_size`` ranks are simulated in this process.
@@ -116,9 +122,10 @@ def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_siz
     ws, rs, mode = ([], [], "mixture") if pattern is None else (
         list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.mode.value)
     layout = _layout.check_layout(layout).value  # the op's schema takes a plain string
+    limits = list(dataclasses.astuple(options))  # and the options as integers
 
     def run(q, k, v):
-        return _forward(q, k, v, ws, rs, mode, causal, ring_size, layout, scale)[0]
+        return _forward(q, k, v, ws, rs, mode, causal, ring_size, layout, scale, limits)[0]
 
     if checkpoint and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)

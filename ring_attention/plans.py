@@ -405,6 +405,12 @@ def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
     return RankPlan(rank, spec.ring_size, spec.units, _local_blocks(spec, rank), steps, relay=True)
 
 
+def clear() -> None:
+    """Empty the planner's caches (:func:`ring_attention.executable.clear` calls this)."""
+    for cached in (_kept, _kv_rows, _message, _message_groups, _spec, rank_plan):
+        cached.cache_clear()
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """A build allocates many small acyclic objects; a collection would rescan every cached plan."""

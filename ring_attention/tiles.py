@@ -29,7 +29,6 @@ plan, or a shard that no cut divides, gives ``None``: run it whole.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 from .blocks import Call, RankPlan, Rows
 
@@ -41,19 +40,6 @@ class Tile:
     start: int
     stop: int
     plan: RankPlan
-
-
-_TILES: weakref.WeakKeyDictionary[RankPlan, dict] = weakref.WeakKeyDictionary()
-
-
-def row_tiles(plan: RankPlan, seq_len: int, count: int, *, closed: bool) -> tuple[Tile, ...] | None:
-    """About ``count`` tiles of nearly equal rows covering ``[0, seq_len)``, in order; ``None``
-    where the plan cannot be tiled or fewer than two tiles result (cached per plan)."""
-    per_plan = _TILES.setdefault(plan, {})
-    key = (seq_len, count, closed)
-    if key not in per_plan:
-        per_plan[key] = _tiles(plan, seq_len, count, closed)
-    return per_plan[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +112,9 @@ def _allowed(rows: _Progression, start: int, runs: int, length: int, cut: int, w
     return cut
 
 
-def _tiles(plan: RankPlan, seq_len: int, count: int, closed: bool) -> tuple[Tile, ...] | None:
+def row_tiles(plan: RankPlan, seq_len: int, count: int, *, closed: bool) -> tuple[Tile, ...] | None:
+    """About ``count`` tiles of nearly equal rows covering ``[0, seq_len)``, in order; ``None``
+    where the plan cannot be tiled or fewer than two tiles result."""
     blocks = _tileable(plan, closed)
     if blocks is None or count < 2:
         return None

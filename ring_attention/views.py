@@ -14,8 +14,6 @@ Shapes: a shard is ``[B, n, H, ...]``; a block's packed rows are ``[B, O, M, h, 
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
@@ -68,16 +66,14 @@ def unpacked(x: torch.Tensor, dtype) -> torch.Tensor:
     return x.to(dtype, memory_format=torch.contiguous_format).flatten(1, 2)
 
 
-# How each call views its tensors, per block: (size, stride, storage offset from the viewed
-# tensor's) by (what the view is for, the viewed tensor's shape and strides). A call's kernel inputs and result cells take a
-# dozen view ops to derive (slices, unflatten, transpose, flatten), and their host time is
-# most of what a small call costs besides its kernel; their recipe, once known, is one
-# as_strided.
-_VIEW_RECIPES: weakref.WeakKeyDictionary[Block, dict] = weakref.WeakKeyDictionary()
+def view(recipes: dict, key, x: torch.Tensor, build) -> torch.Tensor:
+    """``build(x)``, taken by the recipe kept in ``recipes`` under ``key`` where it is a view of ``x``.
 
-
-def view(blk: Block, key, x: torch.Tensor, build) -> torch.Tensor:
-    """``build(x)``, taken by the recipe cached under ``key`` where it is a view of ``x``.
+    A call's kernel inputs and result cells take a dozen view ops to derive (slices,
+    unflatten, transpose, flatten), and their host time is most of what a small call costs
+    besides its kernel; their recipe, once known, is one ``as_strided``: ``(size, stride,
+    storage offset from x's)`` by ``(key, x's shape and strides)``. An executable plan keeps
+    its ranks' recipes (:class:`~ring_attention.executable.RankExecution`).
 
     The recipe is found by building the view of a meta tensor laid out as ``x``; where
     ``build`` copies (a flatten that strides cannot express), it runs as it is. A traced
@@ -85,9 +81,6 @@ def view(blk: Block, key, x: torch.Tensor, build) -> torch.Tensor:
     """
     if torch.compiler.is_compiling() or is_fake(x):
         return build(x)
-    recipes = _VIEW_RECIPES.get(blk)
-    if recipes is None:
-        recipes = _VIEW_RECIPES[blk] = {}
     layout = (key, x.shape, x.stride())  # view ops move the storage offset by a constant
     recipe = recipes.get(layout)
     if recipe is None:

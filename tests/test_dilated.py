@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 import ring_attention as ra
 from ring_attention import pattern as P
+from ring_attention.entry import attend
+from ring_attention.options import DEFAULT, Options
 from tests.inputs import qkv
 from tests.strategies import cases
 
@@ -227,10 +229,10 @@ def _strided_last_dim(t):
     return view.requires_grad_(t.requires_grad)
 
 
-def _check_against_reference(q, k, v, leaves, pattern, causal, g):
+def _check_against_reference(q, k, v, leaves, pattern, causal, g, options=DEFAULT):
     ref_in = _leaves((q, k, v), torch.float64)
     ref = ra.reference_attention(*ref_in, pattern=pattern, causal=causal)
-    out = ra.dilated_attention(q, k, v, pattern, causal=causal)
+    out = attend(q, k, v, pattern, causal=causal, options=options)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     got = torch.autograd.grad((out * g).sum(), leaves)
     expected = torch.autograd.grad((ref * g).sum(), ref_in)
@@ -411,17 +413,14 @@ def test_double_backward_is_refused_clearly(fn):
 
 @pytest.mark.parametrize("gather_limit", [0, 2**40])
 @pytest.mark.parametrize("batch, causal", [(1, False), (2, True)])
-def test_head_offsets_batched_or_one_by_one_match_the_reference(monkeypatch, gather_limit, batch, causal):
+def test_head_offsets_batched_or_one_by_one_match_the_reference(gather_limit, batch, causal):
     """A pair's head offsets run as one launch over a strided view, or (past the gather
     limit) one by one: the same result either way, forward and backward."""
-    from ring_attention import schedule
-
-    monkeypatch.setattr(schedule, "MAX_GATHER_BYTES", gather_limit)
     pattern = ra.DilatedPattern((8, 16), (2, 4))  # segments of several runs: offsets need a gather
     torch.manual_seed(7)
     q, k, v = (torch.randn(batch, 32, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     g = torch.randn(batch, 32, 4, 8, dtype=torch.float64)
-    _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
+    _check_against_reference(q, k, v, (q, k, v), pattern, causal, g, Options(max_gather_bytes=gather_limit))
 
 
 def _recording(monkeypatch, name):
@@ -473,27 +472,24 @@ def test_a_first_call_of_several_runs_becomes_the_accumulators_where_its_layout_
 @pytest.mark.parametrize("mode", ["mixture", "head_groups"])
 @pytest.mark.parametrize("batch, causal", [(1, False), (2, True)])
 def test_calls_split_into_launches_of_fewer_runs_match_the_reference(monkeypatch, mode, batch, causal):
-    """A call over more than 1/MAX_CALL_SHARE of the shard's cells runs as several launches
+    """A call over more than 1/Options.max_call_share of the shard's cells runs as several launches
     of fewer runs: whole calls (a share of 1) and one run per launch (a huge share) give
     the reference's result, forward and backward, on one device and on a ring."""
-    from ring_attention import schedule
-
     launches = _recording(monkeypatch, "attention_forward")
     pattern = ra.DilatedPattern((16, 32), (1, 2), mode)
     torch.manual_seed(5)
     q, k, v = (torch.randn(batch, 64, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     g = torch.randn(batch, 64, 4, 8, dtype=torch.float64)
-    monkeypatch.setattr(schedule, "MIN_SPLIT_BYTES", 0)
     counts = []
     for share in (1, 10**9):
-        monkeypatch.setattr(schedule, "MAX_CALL_SHARE", share)
-        _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
-        out = ra.ring_dilated_attention(q, k, v, pattern, causal=causal, ring_size=2)
+        options = Options(max_call_share=share, min_split_bytes=0)
+        _check_against_reference(q, k, v, (q, k, v), pattern, causal, g, options)
+        out = attend(q, k, v, pattern, causal=causal, ring_size=2, options=options)
         ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
         with torch.no_grad():
             launches.clear()
-            ra.dilated_attention(q, k, v, pattern, causal=causal)
+            attend(q, k, v, pattern, causal=causal, options=options)
             counts.append(len(launches))
     assert counts[1] > counts[0]
 
@@ -512,7 +508,7 @@ def test_the_output_is_laid_out_rows_major_like_the_inputs(mode, dtype):
 def test_inputs_at_any_storage_offset_reuse_the_view_recipes():
     # a query that is a slice of a longer buffer at a new offset every call: the same
     # recipes serve (they are relative to the tensor's offset), and give the right rows
-    from ring_attention import views
+    from ring_attention import executable
 
     pattern = ra.DilatedPattern((8, 16), (1, 2))
     buffer, k, v = qkv(1, 40, 4, 4, 8, dtype=torch.float32)[0], *qkv(1, 32, 4, 4, 8, seed=1, dtype=torch.float32)[1:]
@@ -520,5 +516,5 @@ def test_inputs_at_any_storage_offset_reuse_the_view_recipes():
     for start in range(4):
         q = buffer[:, start : start + 32]
         torch.testing.assert_close(ra.dilated_attention(q, k, v, pattern), ra.reference_attention(q, k, v, pattern=pattern))
-        counts.append(sum(len(r) for r in views._VIEW_RECIPES.values()))
+        counts.append(sum(len(rank.recipes) for plan in executable._CACHE.values() for rank in plan.ranks.values()))
     assert counts[1:] == counts[:1] * 3

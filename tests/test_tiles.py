@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import ring_attention as ra
+from ring_attention import executable, schedule, tiles
 from ring_attention import pattern as _pattern
-from ring_attention import schedule, tiles
+from ring_attention.entry import attend
+from ring_attention.options import Options
 from ring_attention.plans import rank_plan
 from tests.inputs import qkv
 
@@ -92,7 +94,7 @@ def test_tiles_compute_every_pair_of_the_plan_once(name, n, h, hkv, causal, coun
 @pytest.mark.parametrize("name, n, h, hkv, causal", PLAN_CASES)
 def test_gradient_adds_bound_every_cell(name, n, h, hkv, causal):
     plan = rank_plan(PATTERNS[name], n, h, hkv, causal, 1, "contiguous", 0)
-    bound, exact = schedule.schedule_of(plan).gradient_adds, _gradient_adds(plan)
+    bound, exact = schedule.analyse(plan).gradient_adds, _gradient_adds(plan)
     assert bound >= exact
     if name == "mixture" and h == hkv:  # two pairs, one head per kv head: two per cell
         assert bound == exact == 2
@@ -113,21 +115,20 @@ TOL = {torch.float16: dict(rtol=2e-2, atol=4e-3), torch.bfloat16: dict(rtol=5e-2
 def test_tiled_half_precision_matches_the_reference(monkeypatch, name, causal, dtype):
     """Tiles forced at a small size; rows without keys are exactly 0, and NaN in a query row
     and a value row shows in the output where the reference has it."""
-    monkeypatch.setattr(schedule, "MIN_TILE_BYTES", 1)
-    monkeypatch.setattr(schedule, "MIN_TILED_BYTES", 0)
     used = []
-    real = schedule.row_tiles
+    real = executable.row_tiles
 
     def recording(*args, **kwargs):
         found = real(*args, **kwargs)
         used.append(found is not None)
         return found
 
-    monkeypatch.setattr(schedule, "row_tiles", recording)
+    monkeypatch.setattr(executable, "row_tiles", recording)
+    executable.clear()  # the plan is built here, with its tiles
     pattern, n = PATTERNS[name], 256
     q, k, v, g = qkv(2, n, 4, 2, 16, seed=3, dtype=dtype, grad_out=True)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = ra.dilated_attention(*ins, pattern, causal=causal)
+    out = attend(*ins, pattern, causal=causal, options=Options(min_tile_bytes=1, min_tiled_bytes=0))
     got = (out, *torch.autograd.grad(out, ins, g))
     assert any(used), "the plan ran whole: nothing tested the tiles"
     for label, a, e in zip(("out", "dq", "dk", "dv"), got, _reference(q, k, v, g, pattern, causal)):

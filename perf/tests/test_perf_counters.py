@@ -183,7 +183,7 @@ def _sdpa(q, k, v):
 @pytest.mark.parametrize("name", ["ImprovedDilatedAttention", "Production", "longnet"])
 def test_dilated_attention_holds_little_more_memory_than_sdpa(name):
     """Forward and forward+backward peaks at most 1.3x raw SDPA's at the issue's shape (N=4096,
-    B=1, H=8, D=64, float32; shorter, gathered copies of up to MAX_GATHER_BYTES add more):
+    B=1, H=8, D=64, float32; shorter, gathered copies of up to Options.max_gather_bytes add more):
     the first call's results are the accumulators, no other launch computes more than a
     quarter of the cells, and one block's results are alive at a time."""
     q, k, v, grad_out = counters.inputs(1, 4096, 8, 64)

@@ -1,0 +1,194 @@
+"""Executable plans: the ranks' plans with everything the executor needs, built once per key.
+
+The planner (:mod:`ring_attention.plans`) says which packed rows meet which; this module
+adds what running them takes, so the executors (:mod:`ring_attention.forward`,
+:mod:`ring_attention.backward`) only run it:
+
+- the schedule of each rank (:mod:`ring_attention.schedule`): which calls write and which
+  merge, what is adopted as accumulators, how many gradients meet in a cell;
+- each call's launches for the shard's shape and the :class:`~ring_attention.options.Options`;
+- the row tiles of a half-precision shard that runs tiled, each an executable rank of its own;
+- the view recipes and the mask of cells without keys, made by the first call that needs
+  them (they depend on the inputs' strides and device) and kept with the plan.
+
+Plans are cached under a :class:`PlanKey`, a hashable description of a call: the pattern,
+the sequence, heads, batch, head dim and dtype, the ring and the options. The cache holds
+:data:`MAX_PLANS` executable plans, least recently used first out; :func:`clear` empties
+it with every cache the planner keeps. What a plan holds across calls is Python data and,
+for the masks, CPU tensors: never a tensor on an accelerator, which a CUDA graph's memory
+pool could overwrite between calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+
+from . import blocks, plans, schedule
+from .blocks import Call, RankPlan, device_key
+from .layout import Layout
+from .merge import MERGE_LAUNCHES, accumulation_dtype
+from .options import DEFAULT, Options
+from .pattern import DilatedPattern
+from .schedule import Schedule, Shard
+from .tiles import row_tiles
+
+# Executable plans kept: a model's layers share one per shape, so a few per training job.
+MAX_PLANS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanKey:
+    """What fixes an executable plan: ``pattern=None`` is full attention."""
+
+    pattern: DilatedPattern | None
+    seq_len: int
+    heads: int
+    kv_heads: int
+    causal: bool
+    ring_size: int
+    layout: Layout
+    ranks: tuple[int, ...]
+    batch: int
+    head_dim: int
+    dtype: torch.dtype
+    options: Options = DEFAULT
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.batch, self.seq_len // self.ring_size, self.heads, self.head_dim, self.dtype.itemsize)
+
+
+@dataclasses.dataclass(eq=False)
+class RankExecution:
+    """One rank's plan, ready to run: its schedule, launches and tiles.
+
+    ``adopts_forward``/``adopts_backward``: the schedule's adopted call's results (gradients)
+    become the accumulators. ``gradients_in_half``: gradients accumulate in q's dtype
+    (:func:`~ring_attention.schedule.exact_in_half`). ``forward_launches[lse][call]``: the
+    launches of a call when an LSE accumulator exists (``lse``) or not;
+    ``backward_launches[call]``: in backward. ``forward_tiles``/``backward_tiles``: ``(start,
+    stop, rank)`` of each row tile, or ``None`` (the shard runs whole).
+    """
+
+    plan: RankPlan
+    shard: Shard
+    schedule: Schedule
+    adopts_forward: bool
+    adopts_backward: bool
+    gradients_in_half: bool
+    forward_launches: dict[bool, dict[Call, tuple[tuple[Call, slice], ...]]]
+    backward_launches: dict[Call, tuple[tuple[Call, slice], ...]]
+    forward_tiles: tuple[tuple[int, int, RankExecution], ...] | None = None
+    backward_tiles: tuple[tuple[int, int, RankExecution], ...] | None = None
+    recipes: dict = dataclasses.field(default_factory=dict)  # see views.view
+    _empty_cells: dict = dataclasses.field(default_factory=dict)
+
+    def cells_without_keys(self, q: torch.Tensor) -> torch.Tensor:
+        """``[n, H]`` bool on ``q``'s device: the cells of the shard no call computes.
+
+        Built once per target device (and fake-tensor mode) as a CPU tensor, pinned where CUDA
+        is the target so that the copy does not wait for the stream, and copied over at every
+        call (one launch, no host synchronisation). While a CUDA graph is being captured it is
+        built on the device instead: a copy from pageable host memory cannot be captured.
+        """
+        n, h = q.shape[1], q.shape[2]
+        if q.device.type != "cpu" and schedule.capturing_cuda_graph():
+            return schedule.build_cells_without_keys(self.plan, n, h, q.device)
+        key = device_key(q)
+        cells = self._empty_cells.get(key)
+        if cells is None:
+            cells = schedule.build_cells_without_keys(self.plan, n, h, torch.device("cpu"))
+            if q.is_cuda and torch.cuda.is_available():
+                cells = cells.pin_memory()
+            self._empty_cells[key] = cells
+        return cells if q.device.type == "cpu" else cells.to(q.device, non_blocking=True)
+
+
+@dataclasses.dataclass(eq=False)
+class ExecutablePlan:
+    """The executable ranks of a ring that one process runs, by rank."""
+
+    key: PlanKey
+    ranks: dict[int, RankExecution]
+
+
+def executable_plan(key: PlanKey) -> ExecutablePlan:
+    """The cached executable plan of ``key``, built on first use."""
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    rank_plans = plans.ring_plans(key.pattern, key.seq_len, key.heads, key.kv_heads, key.causal, key.ring_size,
+                                  key.layout, key.ranks)
+    built = _CACHE[key] = build(key, rank_plans)
+    if len(_CACHE) > MAX_PLANS:
+        _CACHE.popitem(last=False)
+    return built
+
+
+def build(key: PlanKey, rank_plans: tuple[RankPlan, ...]) -> ExecutablePlan:
+    """An executable plan of ``rank_plans`` (one per rank of ``key.ranks``), uncached."""
+    dtype, shard = key.dtype, key.shard
+    tiled = key.ring_size == 1 and accumulation_dtype(dtype) != dtype
+    ranks = {}
+    for r, plan in zip(key.ranks, rank_plans):
+        ranks[r] = _rank(plan, shard, dtype, key.kv_heads == key.heads, key.options, tiled=tiled)
+    return ExecutablePlan(key, ranks)
+
+
+def clear() -> None:
+    """Empty the cache of executable plans and every cache of the planner behind it."""
+    _CACHE.clear()
+    plans.clear()
+    blocks.clear()
+
+
+_CACHE: collections.OrderedDict[PlanKey, ExecutablePlan] = collections.OrderedDict()
+
+
+def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, options: Options, *,
+          tiled: bool) -> RankExecution:
+    sched = schedule.analyse(plan)
+    acc = accumulation_dtype(dtype)
+    out_dtype = acc if sched.merges else dtype
+    adopts_forward = sched.covers(shard) and sched.adopted is not None and out_dtype == dtype
+    in_half = schedule.exact_in_half(plan, sched)
+    adopts_backward = sched.adopted_kv and kv_like_q and (in_half or acc == dtype)
+    forward, backward = {False: {}, True: {}}, {}
+    for blk in schedule.blocks_in_order(plan):
+        for c in blk.calls:
+            adopted = c is sched.adopted
+            for lse in (False, True):  # launches per result: a merge, or a copy of out (and of lse)
+                per_result = 1 + lse if sched.writes[c] else MERGE_LAUNCHES
+                forward[lse][c] = schedule.launches(blk, c, shard, options, adopted and adopts_forward, 3, per_result)
+            # Gathered copies: dout, q, k, v and out; putting a result: three adds.
+            backward[c] = schedule.launches(blk, c, shard, options, adopted and adopts_backward, 5, 3)
+    rank = RankExecution(plan, shard, sched, adopts_forward, adopts_backward, in_half, forward, backward)
+    if tiled:
+        if sched.merges:
+            rank.forward_tiles = _tiles(plan, shard, dtype, kv_like_q, options, closed=False)
+        if not in_half:
+            rank.backward_tiles = _tiles(plan, shard, dtype, kv_like_q, options, closed=True)
+    return rank
+
+
+def _tiles(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, options: Options, *,
+           closed: bool) -> tuple[tuple[int, int, RankExecution], ...] | None:
+    """The row tiles of a half-precision shard, each executable, or ``None`` (run it whole):
+    none below ``options.min_tiled_bytes`` of float32 ``[B, n, H, D]``, else as many as
+    leave each tile's over ``options.min_tile_bytes``, at most ``options.row_tiles``."""
+    float32_bytes = shard.batch * shard.cells * shard.head_dim * accumulation_dtype(dtype).itemsize
+    if float32_bytes < options.min_tiled_bytes:
+        return None
+    count = min(options.row_tiles, float32_bytes // options.min_tile_bytes)
+    tiles = row_tiles(plan, shard.rows, count, closed=closed)
+    if tiles is None:
+        return None
+    return tuple(
+        (t.start, t.stop, _rank(t.plan, dataclasses.replace(shard, rows=t.stop - t.start), dtype, kv_like_q, options,
+                                tiled=False))
+        for t in tiles
+    )

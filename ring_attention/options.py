@@ -1,0 +1,47 @@
+"""How the executor trades launches for memory: the limits an executable plan is built with.
+
+The defaults suit both a CPU and a GPU. Tests and benchmarks pass other values to
+:func:`ring_attention.entry.attend` (``options=``) to force a path, instead of overwriting
+module globals; the options are part of the plan's key, so plans built with other limits
+never serve a call with these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Limits on launches, their sizes, and row tiles (all byte counts are of one call's tensors).
+
+    :param max_gather_bytes: bytes of q, k and v a call that batches a block's head offsets
+        may gather into copies; beyond it the offsets run one by one on strided views. A copy
+        of 4 MiB costs a GPU about what a launch costs its host (~5 us at 3 TB/s, read and
+        write).
+    :param max_call_share: a launch computes at most ``1/max_call_share`` of the shard's
+        (row, head) cells, unless it is the adopted call (whose results are the accumulators)
+        or its output is under ``min_split_bytes``: its results, and in backward its
+        gradients, are alive beside the accumulators, so this bounds the memory above them
+        where memory matters more than launches.
+    :param min_split_bytes: see ``max_call_share``.
+    :param row_tiles: a one-rank half-precision shard whose float32 accumulators would take
+        ``min_tiled_bytes`` or more runs in up to this many tiles of rows
+        (:mod:`ring_attention.tiles`), each tile's at least ``min_tile_bytes``: in forward
+        where its rows merge several results, in backward where a gradient cell sums more
+        than :data:`~ring_attention.schedule.EXACT_HALF_ADDS`. Each tile repeats the plan's
+        launches, so smaller shards, host-bound on a GPU, run whole: there launches cost more
+        than the memory. ``1`` turns tiling off.
+    :param min_tile_bytes: see ``row_tiles``.
+    :param min_tiled_bytes: see ``row_tiles``.
+    """
+
+    max_gather_bytes: int = 4 * 2**20
+    max_call_share: int = 4
+    min_split_bytes: int = 2**20
+    row_tiles: int = 16
+    min_tile_bytes: int = 2**20
+    min_tiled_bytes: int = 64 * 2**20
+
+
+DEFAULT = Options()
