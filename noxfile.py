@@ -1,5 +1,6 @@
-"""Sessions: ``nox -s tests`` (CPU test suite), ``nox -s perf`` (benchmarks + gate), ``nox -s cuda``
-(the kernels and every variant on a real GPU against float64), ``nox -s lint``.
+"""Sessions: ``nox -s tests`` (CPU test suite), ``nox -s perf`` (benchmarks + gate), ``nox -s history``
+(trend plots and regressions of the benchmark history), ``nox -s cuda`` (the kernels and every variant
+on a real GPU against float64), ``nox -s lint``.
 
 torch comes from ``RING_ATTENTION_TORCH`` (default ``torch==2.13.0``):
 
@@ -113,6 +114,18 @@ def perf(session):
     """
     _install(session, "perf")
     session.run("python", "-m", "perf", *session.posargs, external=KEEP_TORCH)
+
+
+@nox.session(venv_backend=TORCH_BACKEND)
+def history(session):
+    """Trend plots and the regression table of this device's benchmark history (not a default session).
+
+    ``python -m perf history``: every ``nox -s perf`` run appends to ``perf/history/<device>.jsonl``;
+    ``nox -s perf -- --profile history`` times enough rounds for its rank test. Extra arguments go
+    to it, e.g. ``nox -s history -- --every`` or ``-- --file perf/history/sample/<device>.jsonl``.
+    """
+    _install(session, "perf")
+    session.run("python", "-m", "perf", "history", *session.posargs, external=KEEP_TORCH)
 
 
 @nox.session

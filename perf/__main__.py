@@ -6,6 +6,8 @@
     python -m perf --smoke              # one round per benchmark, no warm-up, no gate, nothing saved
     python -m perf --variants Production_CP,RingDilatedV2_Ring4 --n 1024,2048 --pass fwd
     python -m perf -- -k "dense and fwd"   # anything after -- goes to pytest
+    python -m perf --profile history    # a few rows, 15 rounds each, for the history's rank test
+    python -m perf history              # trend plots and the history's regression table (perf.trend)
 
 The baseline of a device is ``<baselines-dir>/<device-slug>/0001_baseline.json``. It is checked
 (schema, numbers, finiteness) before anything runs. Only this runner writes it: on the first
@@ -21,6 +23,9 @@ a benchmark of the baseline is missing from it; any run fails when it compared n
 Exit status: 0 pass, or baseline saved; 1 regression; 2 usage error (this runner's or
 pytest's, with its message); 3 no baseline for this device and ``--require-baseline``;
 4 the baseline file is invalid; 5 a benchmark itself failed (or no results were written).
+
+Every run but ``--smoke`` also appends its results, every round included, to the device's
+history store (``perf.history``; ``--history-dir``, ``--history-note``, ``--no-history``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import time
 from pathlib import Path
 
 from perf import device as _device
-from perf import gate, options, report
+from perf import gate, history, options, report
 
 HERE = Path(__file__).resolve().parent
 BENCH_FILE = HERE / "test_bench_attention.py"
@@ -78,6 +83,13 @@ def parse(argv):
                    help="exit 3 before running anything when the device has no baseline (CI gates)")
     p.add_argument("--smoke", action="store_true", help="1 round, no warm-up, no gate, nothing saved")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--profile", default="suite", choices=("suite", "history"),
+                   help="history: the history's rows (perf.history.VARIANTS, one N, fwd) with "
+                        f"{history.ROUNDS} rounds each, unless --variants / --n / --pass / --rounds say otherwise")
+    p.add_argument("--history-dir", type=Path, default=None,
+                   help=f"the history store's folder (default ${history.ENV_DIR}, else perf/history)")
+    p.add_argument("--history-note", default=None, help="a note stored with this run in the history")
+    p.add_argument("--no-history", action="store_true", help="do not append this run to the history")
     p.add_argument("--variants", type=options.variant_names, default=None,
                    help="comma-separated registry names or aliases (Production_CP, RingDilatedV2_Ring4, ...)")
     p.add_argument("--n", type=options.seq_lens, default=None, help="comma-separated sequence lengths")
@@ -110,6 +122,8 @@ def parse(argv):
         p.error("--replace goes with --save-baseline")
     if args.smoke and (args.rounds or args.warmup is not None):
         p.error("--smoke sets one round and no warm-up itself")
+    if args.smoke and args.profile == "history":
+        p.error("--smoke runs one round: the history profile needs its rounds")
     if args.smoke and args.save_baseline:
         p.error("--smoke runs one round: not a baseline; leave out --save-baseline")
     return args, pytest_args
@@ -165,7 +179,7 @@ def load_run(path: Path) -> dict | None:
 def merged_baseline(old: dict | None, run: dict, *, replace: bool) -> dict:
     """The baseline to store: ``run``'s benchmarks, plus (unless ``replace``) ``old``'s others.
 
-    Raw per-round data is dropped (the gate reads the statistics); the machine info is the
+    Raw per-round data (times, SDPA times) is dropped (the gate reads the statistics); the machine info is the
     run's. Benchmarks keep the baseline's order, new ones after.
     """
     new = {b["name"]: b for b in run["benchmarks"]}
@@ -177,6 +191,7 @@ def merged_baseline(old: dict | None, run: dict, *, replace: bool) -> dict:
     for name in [n for n in order if n in everything] + [n for n in new if n not in order]:
         b = json.loads(json.dumps(everything[name]))  # a copy
         b.get("stats", {}).pop("data", None)
+        b.get("extra_info", {}).pop("sdpa_round_s", None)
         out["benchmarks"].append(b)
     return out
 
@@ -243,13 +258,20 @@ def _save(path: Path, old: dict | None, run: dict, replace: bool, slug: str) -> 
 
 
 def main(argv=None) -> int:
-    args, pytest_args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["history"]:  # python -m perf history: the trend plots and table
+        from perf import trend
+
+        return trend.main(argv[1:])
+    args, pytest_args = parse(argv)
     try:
         dev = _device.pick_device(args.device)
     except RuntimeError as exc:
         print(f"perf: {exc}", file=sys.stderr)
         return Exit.USAGE
     slug = _device.device_slug(dev)
+    if args.profile == "history":
+        history.apply_profile(args, dev)
     base_path = baseline_path(args.baselines_dir, slug)
 
     # The baseline is read and checked before anything runs: a broken one must not cost a
@@ -286,7 +308,7 @@ def main(argv=None) -> int:
     selection = selection_args(args)
     cmd = [sys.executable, "-m", "pytest", str(BENCH_FILE), "-p", "no:cacheprovider", "-q",
            f"--perf-device={dev}", f"--perf-baselines={args.baselines_dir}", f"--benchmark-json={run_json}", "--benchmark-sort=name",
-           "--benchmark-columns=median,iqr,rounds", *selection]
+           "--benchmark-save-data", "--benchmark-columns=median,iqr,rounds", *selection]
     if gating:
         cmd += [f"--benchmark-compare={base_path}"]
     rc = _pytest(cmd + pytest_args)
@@ -308,6 +330,11 @@ def main(argv=None) -> int:
     print(f"perf: report {md} and {png}")
     if args.smoke:
         return Exit.OK if rc == 0 else Exit.BENCHMARK_FAILED
+    if not args.no_history:
+        store = history.store_path(args.history_dir or history.default_dir(), slug)
+        commit, dirty = history.git_state(HERE.parent)
+        history.append(store, history.entry(run, commit=commit, dirty=dirty, note=args.history_note))
+        print(f"perf: appended this run to the history {store} (`python -m perf history` plots it)")
 
     if saving:
         if rc != 0:

@@ -46,6 +46,10 @@ class Thresholds:
     memory_pct: float = 10.0
     memory_slack_bytes: int = 256 << 10
     ratio_pct: float = 30.0
+    # The history's regression threshold (perf.trend): a median ratio-to-SDPA rise that fails
+    # when the rank test over the runs' rounds also calls it significant. Tighter than ratio_pct:
+    # the test, not the threshold, is what keeps a noisy run's shift out there.
+    trend_pct: float = 5.0
     error_tol: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_ERROR_TOL))
     error_factor: float = 10.0
     error_floor: float = 1e-5

@@ -159,6 +159,7 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         "sdpa_tflops": sdpa_flops / sdpa_median / 1e12,
         "sdpa_backend": anchor_backend or "default",
         "ratio_to_sdpa": measure.paired_ratio(times, sdpa_times),
+        "sdpa_round_s": sdpa_times,  # round i's anchor: the history's per-round ratios (perf.history)
         **({} if cost is None else {"counters": cost.as_dict()}),
         "compiled": profile.compile_mode if compiled.is_compiled(name) else None,
         "max_error": max_error,

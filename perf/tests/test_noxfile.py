@@ -99,3 +99,24 @@ def test_dry_run_of_skip_installs_no_torch():
     assert not any("torch" in line.split("pip install", 1)[1] for line in skipped), out
     assert "Creating virtual environment" not in out and "python -m perf --help" in out
     assert "--require-baseline" in out  # the runner's help: the session ran in this interpreter
+
+
+def test_history_session_runs_the_history_command_and_is_not_a_default(monkeypatch):
+    nf = _load_noxfile(monkeypatch, RING_ATTENTION_TORCH="skip")
+    assert "history" not in nf.nox.options.sessions and nf.history.venv_backend == "none"
+
+    class Recorder:
+        posargs = ["--every"]
+
+        def __init__(self):
+            self.runs = []
+
+        def run(self, *args, **kwargs):
+            self.runs.append(args)
+
+        def log(self, *args):  # pragma: no cover
+            pass
+
+    rec = Recorder()
+    nf.history(rec)
+    assert rec.runs[-1] == ("python", "-m", "perf", "history", "--every")

@@ -25,7 +25,8 @@ NAMES = {f"test_attention[dense-N{N}-float32-fwd]", f"test_attention[Production-
 def _perf(tmp_path, *args, timeout=300):
     cmd = [sys.executable, "-m", "perf", "--device=cpu", f"--baselines-dir={tmp_path / 'baselines'}",
            f"--reports-dir={tmp_path / 'reports'}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="2")  # the CPU profile pins one thread itself
+    # the CPU profile pins one thread itself; the history goes to the run's folder, not perf/history
+    env = dict(os.environ, OMP_NUM_THREADS="2", PERF_HISTORY_DIR=str(tmp_path / "history"))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -61,6 +62,12 @@ def test_first_run_saves_baseline_and_report(saved):
     report = tmp / "reports" / device.device_slug("cpu")
     assert f"### N = {N} (float32, fwd)" in (report / "report.md").read_text()
     assert (report / "report.png").stat().st_size > 0
+    lines = (tmp / "history" / f"{device.device_slug('cpu')}.jsonl").read_text().splitlines()
+    recorded = json.loads(lines[0])  # this first run's
+    assert {b["name"] for b in recorded["benchmarks"]} == NAMES and len(recorded["commit"]) == 40
+    for b in recorded["benchmarks"]:
+        assert len(b["round_s"]) == len(b["sdpa_round_s"]) == 2 and b["counters"] and b["peak_memory_bytes"] > 0
+        assert "sdpa_round_s" not in next(x for x in run["benchmarks"] if x["name"] == b["name"])["extra_info"]
 
 
 def test_require_baseline_exits_3_before_running(tmp_path):
