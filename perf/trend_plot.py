@@ -36,6 +36,8 @@ def _row(axes, runs, points, flagged: set[int]):
     for k, values in enumerate(ratios):
         axes[0].plot([k] * len(values), values, ".", color="black", markersize=2)
     axes[0].set_ylabel("ratio to SDPA (per round)")
+    axes[1].set_title("peak memory", fontsize=9)
+    axes[2].set_title("cost counters", fontsize=9)
     memory = [(b.get("peak_memory_bytes") or 0) / 2**20 for _, b in points]
     axes[1].plot(range(len(points)), memory, "o-")
     axes[1].set_ylabel("peak memory (MiB)")
@@ -45,7 +47,7 @@ def _row(axes, runs, points, flagged: set[int]):
             values = [b["counters"][key] / first[key] if b.get("counters") and key in b["counters"] else float("nan")
                       for _, b in points]
             axes[2].plot(range(len(points)), values, "o-", label=key, markersize=3)
-    axes[2].set_ylabel("counter / first run's")
+    axes[2].set_ylabel("counter / first run's (1: unchanged)")
     if first:
         axes[2].legend(fontsize=6)
     for ax in axes:
@@ -70,14 +72,14 @@ def write(runs: list[dict], out: Path, found=()) -> list[Path]:
     written = []
     for variant, names in by_variant.items():
         width = max(10, 3 + 0.25 * max(len(all_series[n]) for n in names) * 3)
-        fig, axes = plt.subplots(len(names), 3, figsize=(width, 3.6 * len(names)), squeeze=False)
+        fig, axes = plt.subplots(len(names), 3, figsize=(width, 4.0 * len(names)), squeeze=False)
         for row, name in enumerate(names):
             _row(axes[row], runs, all_series[name], flagged.get(name, set()))
             b = all_series[name][0][1]
             axes[row][0].set_title(f"{variant} N={b['N']} {b['dtype']} {b['pass']}", fontsize=9)
         fig.tight_layout()
         path = Path(out) / f"{slugify(variant)}.png"
-        fig.savefig(path, dpi=72)
+        fig.savefig(path, dpi=80)
         plt.close(fig)
         written.append(path)
     return written

@@ -10,6 +10,9 @@ from perf import __main__ as runner
 from perf import gate, history, trend
 from perf.tests.conftest import make_bench, make_run
 
+# The committed sample history: runs of `python -m perf --profile history` on this project's CPU.
+SAMPLE = history.HERE / "history" / "sample"
+
 
 def rounds(seed, n=15, scale=1.0, spread=0.03):
     """Per-round ratios as a machine gives them: log-normal spread, a few slow outliers."""
@@ -38,6 +41,21 @@ def test_both_arms_are_needed():
     faster = trend.judge(base, [x * 0.9 for x in base])
     assert not faster.significant and not faster.regression
     assert trend.judge(base, base).threshold_pct == gate.Thresholds().trend_pct
+
+
+def test_real_rounds_from_the_sample_history():
+    """The committed sample: a clean rerun is not flagged, the planted 8% run and clean rounds x 1.08 are."""
+    (sample,) = SAMPLE.glob("*.jsonl")  # one device's
+    runs = history.load(sample)
+    clean = [r for r in runs if not (r.get("note") or "").startswith("planted")]
+    planted = [i for i, r in enumerate(runs) if (r.get("note") or "").startswith("planted")]
+    name = "test_attention[longnet-N1024-float32-fwd]"
+    ratios = [history.round_ratios(b) for r in clean for b in r["benchmarks"] if b["name"] == name]
+    assert len(ratios) >= 3 and planted
+    assert not trend.judge(ratios[0], ratios[1]).regression
+    assert trend.judge(ratios[0], [x * 1.08 for x in ratios[1]]).regression
+    found = {(v.name, v.runs[1]): v for v in trend.verdicts(runs, every=True)}
+    assert found[(name, planted[0])].regression
 
 
 def bench_with_rounds(variant, times, anchors):
