@@ -179,8 +179,9 @@ def load_run(path: Path) -> dict | None:
 def merged_baseline(old: dict | None, run: dict, *, replace: bool) -> dict:
     """The baseline to store: ``run``'s benchmarks, plus (unless ``replace``) ``old``'s others.
 
-    Raw per-round data (times, SDPA times) is dropped (the gate reads the statistics); the machine info is the
-    run's. Benchmarks keep the baseline's order, new ones after.
+    Raw per-round data (times, SDPA times: the history keeps them) is dropped, the gate reads
+    the statistics; the machine info is the run's. Benchmarks keep the baseline's order, new
+    ones after.
     """
     new = {b["name"]: b for b in run["benchmarks"]}
     kept = [] if (replace or old is None) else [b for b in old["benchmarks"] if b["name"] not in new]
