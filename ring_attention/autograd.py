@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.utils.checkpoint
 
 from . import layout as _layout
 from .backward import run_backward
@@ -55,24 +54,17 @@ class PackedAttention(torch.autograd.Function):
         return (None, None, None, None, *results)
 
 
-def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.Layout | str, q, k, v, *,
-                checkpoint: bool):
+def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.Layout | str, q: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Run the plan of ``ring.ranks``: one rank's shard, or every rank's in turn.
 
     With one rank in this process, ``q, k, v`` are its shard; with several (a simulated
     ring), they are the whole sequence in natural order, split into the ranks' shards
-    here and joined back. ``checkpoint`` stores only the inputs and reruns the forward
-    in backward.
+    here and joined back.
     """
-
-    def run(q, k, v):
-        need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # for a backward
-        if len(ring.ranks) == 1:
-            return PackedAttention.apply(plan, ring, scale, need_lse, q, k, v)[0]
-        shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
-        outs = PackedAttention.apply(plan, ring, scale, need_lse, *shards[0], *shards[1], *shards[2])
-        return _layout.join(list(outs), layout)
-
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
-    return run(q, k, v)
+    need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # for a backward
+    if len(ring.ranks) == 1:
+        return PackedAttention.apply(plan, ring, scale, need_lse, q, k, v)[0]
+    shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
+    outs = PackedAttention.apply(plan, ring, scale, need_lse, *shards[0], *shards[1], *shards[2])
+    return _layout.join(list(outs), layout)

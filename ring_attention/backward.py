@@ -17,6 +17,7 @@ from .blocks import Block, Call, Step, index
 from .comm import Ring
 from .exchange import add_returned, post_kv, post_returns, wait
 from .executable import ExecutablePlan, RankExecution
+from .masks import BlockMask
 from .merge import accumulation_dtype
 
 
@@ -41,7 +42,7 @@ def _block_backward(blk: Block, rank: RankExecution, q, k_src, v_src, dout, out,
             views.runs(vb[:, g], c.k_start, c.runs, c.k_len),
             views.runs(ob[:, g], c.q_start, c.runs, c.q_len),
             views.runs(lb[:, g].unsqueeze(-1), c.q_start, c.runs, c.q_len).squeeze(-1),
-            causal=c.causal,
+            causal=c.mask is BlockMask.CAUSAL,
             scale=scale,
         )
         _add_gradients(blk, c, g, q, (q_rows, k_rows, kv_index), accs, dq, dk, dv)

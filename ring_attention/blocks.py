@@ -28,6 +28,8 @@ from typing import Union
 
 import torch
 
+from .masks import BlockMask
+
 Index = Union[slice, torch.Tensor]
 
 
@@ -166,7 +168,7 @@ class Call:
     runs: int
     q_len: int
     k_len: int
-    causal: bool  # diagonal block: the key run is the query run itself
+    mask: BlockMask  # CAUSAL: a diagonal block, the key run is the query run itself
     q_rows: Rows
 
 

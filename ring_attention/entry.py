@@ -11,17 +11,20 @@ in this process; one device is the ring of one). :func:`attend` then
 3. under tracing, hands the whole sequence to the custom ops (:mod:`ring_attention.ops`);
    eagerly, looks up the executable plan of the call (:mod:`ring_attention.executable`,
    built once per shape) and runs it (:func:`ring_attention.autograd.run_on_ring`, which
-   shards, runs the autograd function, and joins).
+   shards, runs the autograd function, and joins);
+4. checkpoints either path, the one place that does.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 from . import ops
 from .autograd import run_on_ring
 from .executable import PlanKey, executable_plan
 from .layout import Layout
+from .masks import SequenceMask
 from .options import DEFAULT, Options
 from .pattern import DilatedPattern
 from .ring_checks import FULL, check_ring_inputs
@@ -61,11 +64,24 @@ def attend(
     )
     pattern = None if pattern is FULL else pattern  # what plans and ops call full attention
     if torch.compiler.is_compiling():
-        return ops.attention(q, k, v, pattern, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
-                             checkpoint=checkpoint, options=options)
-    key = PlanKey(pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, causal, ring.size, layout, ring.ranks,
-                  q.shape[0], q.shape[3], q.dtype, options)
-    return run_on_ring(executable_plan(key), ring, scale, layout, q, k, v, checkpoint=checkpoint)
+        def run(q, k, v):
+            return ops.attention(q, k, v, pattern, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
+                                 options=options)
+    else:
+        mask = SequenceMask(causal=causal)
+        key = PlanKey(pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, mask, ring.size, layout, ring.ranks,
+                      q.shape[0], q.shape[3], q.dtype, options)
+        plan = executable_plan(key)
+
+        def run(q, k, v):
+            return run_on_ring(plan, ring, scale, layout, q, k, v)
+
+    # Only the inputs are stored; the forward runs again in backward. Under torch.compile
+    # this is what keeps the custom op's outputs unsaved: a plain rerun of the op in its
+    # backward formula would be merged with the forward's call as a common subexpression.
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
+    return run(q, k, v)
 
 
 @torch.compiler.disable

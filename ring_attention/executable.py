@@ -29,6 +29,7 @@ import torch
 from . import blocks, plans, schedule
 from .blocks import Call, RankPlan, device_key
 from .layout import Layout
+from .masks import SequenceMask
 from .merge import MERGE_LAUNCHES, accumulation_dtype
 from .options import DEFAULT, Options
 from .pattern import DilatedPattern
@@ -41,13 +42,14 @@ MAX_PLANS = 256
 
 @dataclasses.dataclass(frozen=True)
 class PlanKey:
-    """What fixes an executable plan: ``pattern=None`` is full attention."""
+    """What fixes an executable plan: ``pattern=None`` is full attention; ``mask`` which keys
+    each query may see (besides the pattern), as data the planner classifies blocks by."""
 
     pattern: DilatedPattern | None
     seq_len: int
     heads: int
     kv_heads: int
-    causal: bool
+    mask: SequenceMask
     ring_size: int
     layout: Layout
     ranks: tuple[int, ...]
@@ -121,7 +123,7 @@ def executable_plan(key: PlanKey) -> ExecutablePlan:
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    rank_plans = plans.ring_plans(key.pattern, key.seq_len, key.heads, key.kv_heads, key.causal, key.ring_size,
+    rank_plans = plans.ring_plans(key.pattern, key.seq_len, key.heads, key.kv_heads, key.mask, key.ring_size,
                                   key.layout, key.ranks)
     built = _CACHE[key] = build(key, rank_plans)
     if len(_CACHE) > MAX_PLANS:

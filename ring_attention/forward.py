@@ -20,6 +20,7 @@ from .blocks import Block, Call, Index, index
 from .comm import Ring
 from .exchange import post_kv, wait
 from .executable import ExecutablePlan, RankExecution
+from .masks import BlockMask
 from .merge import accumulation_dtype, merge_into_
 
 
@@ -60,7 +61,7 @@ def _block_forward(blk: Block, rank: RankExecution, q, k_src, v_src, acc: list, 
     qb = views.packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (views.source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
     clean_vb = bad_vb = None
-    if any(c.causal for c in blk.calls):
+    if any(c.mask is BlockMask.CAUSAL for c in blk.calls):
         clean, bad = (split or _SplitValues())(v_src)
         clean_vb = views.source_packed(blk, clean, k_rows, kv_index) if clean is not v_src else vb
         bad_vb = None if bad is None else views.source_packed(blk, bad, k_rows, kv_index)
@@ -68,14 +69,15 @@ def _block_forward(blk: Block, rank: RankExecution, q, k_src, v_src, acc: list, 
         write = rank.schedule.writes[call]
         mark = poison if write else None
         for c, g in rank.forward_launches[acc[1] is not None][call]:
+            causal = c.mask is BlockMask.CAUSAL
             o, lse = kernels.attention_forward(
-                *_kernel_inputs(rank.recipes, c, g, qb, kb, clean_vb if c.causal else vb),
-                causal=c.causal,
+                *_kernel_inputs(rank.recipes, c, g, qb, kb, clean_vb if causal else vb),
+                causal=causal,
                 scale=scale,
                 mark_query_rows=False,  # marked once, at the end
-                quarantined=c.causal,
+                quarantined=causal,
             )
-            if c.causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
+            if causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
                 bad_runs = views.run_view(bad_vb[:, g], c.k_start, c.runs, c.k_len)
                 o.add_(kernels.value_poison(bad_runs).flatten(0, 2))
             _put_result(rank.recipes, blk, c, g, q, q_rows, write, mark, acc, o, lse)

@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.utils.checkpoint
 
 from . import layout as _layout
 from .backward import run_backward
 from .comm import SimulatedRing
 from .executable import ExecutablePlan, PlanKey, executable_plan
 from .forward import run_forward
+from .masks import SequenceMask
 from .merge import accumulation_dtype
 from .options import DEFAULT, Options
 from .pattern import DilatedPattern
@@ -38,7 +38,7 @@ from .pattern import DilatedPattern
 def _plan(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout, options) -> ExecutablePlan:
     pattern = DilatedPattern(tuple(segment_lengths), tuple(dilation_rates), mode) if segment_lengths else None
     b, n, h, d = q.shape
-    key = PlanKey(pattern, n, h, k.shape[2], causal, ring_size, _layout.Layout(layout), tuple(range(ring_size)), b, d,
+    key = PlanKey(pattern, n, h, k.shape[2], SequenceMask(causal=causal), ring_size, _layout.Layout(layout), tuple(range(ring_size)), b, d,
                   q.dtype, Options(*options))
     return executable_plan(key)
 
@@ -111,22 +111,13 @@ torch.library.register_autograd("ring_attention::forward", _backward_fn, setup_c
 
 
 def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_size: int,
-              layout: _layout.Layout | str, scale: float, checkpoint: bool, options: Options = DEFAULT) -> torch.Tensor:
+              layout: _layout.Layout | str, scale: float, options: Options = DEFAULT) -> torch.Tensor:
     """The whole sequence's output through the custom ops (inputs already validated).
 
     ``pattern=None`` is full attention; ``ring_size`` ranks are simulated in this process.
-    ``checkpoint`` wraps the forward op in ``torch.utils.checkpoint``, which the compiler
-    honours: a plain rerun of the op in its backward formula would be merged with the
-    forward's call as a common subexpression, and its outputs stored after all.
     """
     ws, rs, mode = ([], [], "mixture") if pattern is None else (
         list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.mode.value)
     layout = _layout.check_layout(layout).value  # the op's schema takes a plain string
     limits = list(dataclasses.astuple(options))  # and the options as integers
-
-    def run(q, k, v):
-        return _forward(q, k, v, ws, rs, mode, causal, ring_size, layout, scale, limits)[0]
-
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
-    return run(q, k, v)
+    return _forward(q, k, v, ws, rs, mode, causal, ring_size, layout, scale, limits)[0]

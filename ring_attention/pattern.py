@@ -21,6 +21,7 @@ from collections.abc import Set as AbstractSet
 import torch
 
 from ._checks import NamedEnum, check_positive_int
+from .masks import SequenceMask
 
 
 class Mode(NamedEnum):
@@ -148,10 +149,6 @@ def same_segment(q_pos: torch.Tensor, k_pos: torch.Tensor, segment: int) -> torc
     return (q_pos[:, None] // segment) == (k_pos[None, :] // segment)
 
 
-def causal(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    return k_pos[None, :] <= q_pos[:, None]
-
-
 def pair_mask(
     q_pos: torch.Tensor, k_pos: torch.Tensor, segment: int, rate: int, offset: int
 ) -> torch.Tensor:
@@ -186,9 +183,8 @@ def weights(
         for seg, rate, heads in zip(segments, pattern.dilation_rates, pattern.heads_of_pair(num_heads)):
             for h in heads:
                 w[h] += pair_mask(q_pos, pos, seg, rate, head_offset(h, rate))
-    if is_causal:
-        w = w * causal(q_pos, pos)
-    return w
+    mask = SequenceMask(causal=is_causal)
+    return w if mask.keeps_all else w * mask.keeps(q_pos, pos)
 
 
 def computed_pairs(

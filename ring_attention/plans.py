@@ -5,12 +5,16 @@ offset keep the same rows: ``(p mod w') mod r == o``. A rank packs its kept rows
 dense block; attention then only pairs runs of the same segment:
 
 - runs on the same rank are computed locally, with no communication: the same run is a
-  diagonal block (block-causal when ``causal``), runs of different intervals are full
-  blocks, or skipped when causal and the keys come after the queries;
+  diagonal block (block-causal under a causal mask), runs of different intervals are
+  full blocks, or skipped where the mask hides every key (causal, keys after the queries);
 - runs on another rank arrive at the ring step whose shift joins the two ranks: the
-  sender sends only its kept rows, of the segments the receiver also holds (and under
-  ``causal``, only runs that precede one of the receiver's runs). Runs held by different
-  ranks never overlap, so such a block is either full or skipped. A pair's head offsets
+  sender sends only its kept rows, of the segments the receiver also holds, that the
+  mask lets one of the receiver's runs see. Runs held by different ranks never overlap,
+  so such a block is either full or skipped.
+
+What the mask makes of a pair of runs is :meth:`ring_attention.masks.SequenceMask.block`'s
+to say: the planner never tests ``causal`` itself, except to join a rank's adjacent runs
+(one causal block over both is exact and one call). A pair's head offsets
   travel as one message, and run as one block, where their rows are shifted copies of
   each other (as local blocks batch them).
 
@@ -30,6 +34,7 @@ from typing import NamedTuple
 from . import layout as _layout
 from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_ranges
 from .layout import Layout
+from .masks import BlockMask, SequenceMask
 from .pattern import DilatedPattern
 
 
@@ -55,7 +60,7 @@ class _Spec:
     seq_len: int
     ring_size: int
     layout: Layout
-    causal: bool
+    mask: SequenceMask
     group: int  # query heads per kv head
     segments: tuple[int, ...]  # effective segment length of each pair
     rates: tuple[int, ...]
@@ -98,7 +103,7 @@ def _holders(spec: _Spec, start: int, stop: int) -> set[int]:
 
 
 def _batch_calls(pairs, q_rows: Rows) -> tuple[Call, ...]:
-    """Group ``(q_run, k_run, causal)`` pairs into as few kernel calls as possible.
+    """Group ``(q_run, k_run, block mask)`` pairs into as few kernel calls as possible.
 
     Full pairs coalesce first: a query run's key runs that follow each other in packed
     order become one longer key span, then query runs that follow each other against
@@ -106,10 +111,10 @@ def _batch_calls(pairs, q_rows: Rows) -> tuple[Call, ...]:
     Then spans batch: consecutive spans of equal lengths and mask that follow each other
     in both packed orders join one call as its runs. Diagonal (causal) blocks stay square.
     """
-    diagonal = [(q.start, q.length, k.start, k.length, True) for q, k, causal in pairs if causal]
+    diagonal = [(q.start, q.length, k.start, k.length, m) for q, k, m in pairs if m is BlockMask.CAUSAL]
     by_query: dict[tuple[int, int], list[list[int]]] = {}
-    for q, k, causal in pairs:
-        if causal:
+    for q, k, m in pairs:
+        if m is BlockMask.CAUSAL:
             continue
         spans = by_query.setdefault((q.start, q.length), [])
         if spans and spans[-1][0] + spans[-1][1] == k.start:
@@ -123,34 +128,36 @@ def _batch_calls(pairs, q_rows: Rows) -> tuple[Call, ...]:
             if prev and prev[2:4] == [ks, kl] and prev[0] + prev[1] == qs:
                 prev[1] += ql
             else:
-                full.append([qs, ql, ks, kl, False])
+                full.append([qs, ql, ks, kl, BlockMask.FULL])
     calls: list[list] = []
-    for qs, ql, ks, kl, causal in diagonal + [tuple(f) for f in full]:
+    for qs, ql, ks, kl, mask in diagonal + [tuple(f) for f in full]:
         if calls:
             c = calls[-1]
             if (
-                c[5] == causal and c[3] == ql and c[4] == kl
+                c[5] is mask and c[3] == ql and c[4] == kl
                 and qs == c[0] + c[2] * c[3] and ks == c[1] + c[2] * c[4]
             ):
                 c[2] += 1
                 continue
-        calls.append([qs, ks, 1, ql, kl, causal])
+        calls.append([qs, ks, 1, ql, kl, mask])
     return tuple(
-        Call(qs, ks, n, ql, kl, causal, q_rows.sub(qs, qs + n * ql)) for qs, ks, n, ql, kl, causal in calls
+        Call(qs, ks, n, ql, kl, mask, q_rows.sub(qs, qs + n * ql)) for qs, ks, n, ql, kl, mask in calls
     )
 
 
-def _block_pairs(q_runs, k_runs, causal: bool, same_rank: bool):
+def _block_pairs(q_runs, k_runs, mask: SequenceMask, same_rank: bool) -> list[tuple[_Run, _Run, BlockMask]]:
+    """``(query run, key run, block mask)`` of every pair of runs of one segment that the
+    mask lets meet; on one rank a run meets itself in a diagonal block, and runs of
+    different intervals never overlap."""
     by_segment: dict[int, list[_Run]] = {}
     for k in k_runs:
         by_segment.setdefault(k.segment, []).append(k)
     pairs = []
     for q in q_runs:
         for k in by_segment.get(q.segment, ()):
-            if same_rank and k.start == q.start:
-                pairs.append((q, k, causal))  # diagonal block
-            elif not causal or k.first < q.first:
-                pairs.append((q, k, False))  # full block; runs never overlap otherwise
+            block = mask.block(q.first, k.first, diagonal=same_rank and k.start == q.start)
+            if block is not None:
+                pairs.append((q, k, block))
     return pairs
 
 
@@ -189,7 +196,8 @@ def _message(spec: _Spec, unit: int, src: int, dst: int):
     have, need = _kept(spec, src, unit), _kept(spec, dst, unit)
     sent = [
         k for k in have.runs
-        if k.segment in need.last_first and (not spec.causal or k.first < need.last_first[k.segment])
+        if k.segment in need.last_first
+        and spec.mask.block(need.last_first[k.segment], k.first, diagonal=False) is not None  # seen by its last run
     ]
     if not sent:
         return None
@@ -210,8 +218,8 @@ def _local_blocks(spec: _Spec, rank: int) -> tuple[Block, ...]:
     u = 0
     while u < len(spec.units):
         unit, kept = spec.units[u], _kept(spec, rank, u)
-        runs = _joined_runs(kept.runs) if spec.causal else kept.runs
-        pairs = _block_pairs(runs, runs, spec.causal, same_rank=True)
+        runs = _joined_runs(kept.runs) if spec.mask.causal else kept.runs
+        pairs = _block_pairs(runs, runs, spec.mask, same_rank=True)
         offsets = _shifted_units(spec, rank, u)
         if pairs:
             kv_index = _kv_rows(spec, u)[0]
@@ -270,7 +278,7 @@ def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None
 
 def _receiver_calls(spec: _Spec, rank: int, u: int, moved) -> tuple[Call, ...]:
     kept = _kept(spec, rank, u)
-    pairs = _block_pairs(kept.runs, moved, spec.causal, same_rank=False)
+    pairs = _block_pairs(kept.runs, moved, spec.mask, same_rank=False)
     return _batch_calls(pairs, kept.rows) if pairs else ()
 
 
@@ -314,7 +322,7 @@ def _shifted(rows: Rows, by: int) -> tuple[range, ...]:
 
 
 def _call_shapes(calls: tuple[Call, ...]) -> list[tuple]:
-    return [(c.q_start, c.k_start, c.runs, c.q_len, c.k_len, c.causal) for c in calls]
+    return [(c.q_start, c.k_start, c.runs, c.q_len, c.k_len, c.mask) for c in calls]
 
 
 def _partners(spec: _Spec, rank: int) -> set[int]:
@@ -329,7 +337,7 @@ def _partners(spec: _Spec, rank: int) -> set[int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout) -> _Spec:
+def _spec(pattern, seq_len, num_heads, num_kv_heads, mask: SequenceMask, ring_size, layout) -> _Spec:
     if pattern is None:
         pattern = DilatedPattern((seq_len,), (1,))
     segments = pattern.effective_segment_lengths(seq_len)
@@ -340,7 +348,7 @@ def _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout) 
             if first < heads.stop:
                 units.append(Unit(pair, range(first, heads.stop, rate)))
     return _Spec(
-        seq_len, ring_size, layout, causal, num_heads // num_kv_heads, segments,
+        seq_len, ring_size, layout, mask, num_heads // num_kv_heads, segments,
         pattern.dilation_rates, tuple(units),
     )
 
@@ -351,20 +359,21 @@ def rank_plan(
     seq_len: int,
     num_heads: int,
     num_kv_heads: int,
-    causal: bool,
+    mask: SequenceMask | bool,
     ring_size: int,
     layout: Layout | str,
     rank: int,
 ) -> RankPlan:
-    """The plan of rank ``rank`` of dilated attention (full attention if ``pattern is None``).
+    """The plan of rank ``rank`` of dilated attention (full attention if ``pattern is None``)
+    under ``mask`` (a bool: causal or not).
 
     ``ring_size=1`` is single-device dilated attention: local blocks only. Shifts with no
     traffic for this rank have no step; every rank still walks the shifts in the same
     order (see :mod:`ring_attention.exchange`).
     """
-    layout = _layout.check_layout(layout)
-    spec = _spec(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout)
-    if pattern is None and ring_size > 1 and (not causal or layout is Layout.ZIGZAG):
+    layout, mask = _layout.check_layout(layout), SequenceMask.of(mask)
+    spec = _spec(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout)
+    if pattern is None and ring_size > 1 and (not mask.causal or layout is Layout.ZIGZAG):
         with _gc_paused():
             return _relay_plan(spec, rank)
     with _gc_paused():
@@ -395,7 +404,7 @@ def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
     steps = {}
     for shift in range(1, spec.ring_size):
         theirs = _kept(spec, (rank - shift) % spec.ring_size, 0)
-        pairs = _block_pairs(kept.runs, theirs.runs, spec.causal, same_rank=False)
+        pairs = _block_pairs(kept.runs, theirs.runs, spec.mask, same_rank=False)
         blocks = ()
         if pairs:
             k_rows = Rows.of(range(len(theirs.rows)))
@@ -423,8 +432,6 @@ def _gc_paused():
             gc.enable()
 
 
-def ring_plans(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout, ranks) -> tuple[RankPlan, ...]:
+def ring_plans(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, ranks) -> tuple[RankPlan, ...]:
     """The plans of the ranks this process runs, in the order of ``ranks``."""
-    return tuple(
-        rank_plan(pattern, seq_len, num_heads, num_kv_heads, causal, ring_size, layout, r) for r in ranks
-    )
+    return tuple(rank_plan(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, r) for r in ranks)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 
 from .blocks import Call, RankPlan, Rows
+from .masks import BlockMask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _next_cut(blocks, cut: int, closed: bool) -> int:
         moved = cut
         for blk, q, k in blocks:
             for c in blk.calls:
-                moved = max(moved, _allowed(q, c.q_start, c.runs, c.q_len, moved, c.causal or closed))
+                moved = max(moved, _allowed(q, c.q_start, c.runs, c.q_len, moved, c.mask is BlockMask.CAUSAL or closed))
                 if k is not None:
                     moved = max(moved, _allowed(k, c.k_start, c.runs, c.k_len, moved, True))
         if moved == cut:

@@ -15,6 +15,7 @@ import ring_attention as ra
 from ring_attention import autograd, blocks, executable, plans
 from ring_attention.comm import SimulatedRing
 from ring_attention.executable import PlanKey
+from ring_attention.masks import SequenceMask
 from tests.inputs import qkv
 
 LONGNET = ra.DilatedPattern((256, 512, 1024), (1, 2, 4))
@@ -164,6 +165,6 @@ def test_write_or_merge_is_decided_by_the_executor_for_any_order(pattern, causal
     ring = SimulatedRing(ring_size)
     for order in (lambda p: p, _reordered):
         rank_plans = tuple(order(p) for p in plans.ring_plans(pattern, n, h, hkv, causal, ring_size, layout, ring.ranks))
-        key = PlanKey(pattern, n, h, hkv, causal, ring_size, layout, ring.ranks, 2, 8, q.dtype)
-        out = autograd.run_on_ring(executable.build(key, rank_plans), ring, 8**-0.5, layout, q, k, v, checkpoint=False)
+        key = PlanKey(pattern, n, h, hkv, SequenceMask(causal), ring_size, layout, ring.ranks, 2, 8, q.dtype)
+        out = autograd.run_on_ring(executable.build(key, rank_plans), ring, 8**-0.5, layout, q, k, v)
         torch.testing.assert_close(out, expected)

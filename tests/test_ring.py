@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
+from ring_attention.masks import BlockMask
 from ring_attention.plans import ring_plans
 from tests import inputs
 from tests.inputs import F64, HEADS, LAYOUTS, assert_matches, fwd_bwd, make_qkv
@@ -119,7 +120,7 @@ def _calls_work(blocks, num_heads, triangle: bool):
     for blk in blocks:
         heads = len(range(*blk.heads.indices(num_heads)))
         for c in blk.calls:
-            if triangle and c.causal:
+            if triangle and c.mask is BlockMask.CAUSAL:
                 assert c.q_len == c.k_len
                 total += heads * c.runs * c.q_len * (c.q_len + 1) // 2
             else:
@@ -328,4 +329,4 @@ def test_a_zigzag_rank_attends_its_own_two_chunks_in_one_causal_call():
     # causal block over both is exact, where two diagonal blocks and a full one took 3 calls
     for plan in ring_plans(None, 64, 2, 2, True, 4, "zigzag", tuple(range(4))):
         (block,) = plan.local
-        assert [(c.runs, c.q_len, c.k_len, c.causal) for c in block.calls] == [(1, 16, 16, True)]
+        assert [(c.runs, c.q_len, c.k_len, c.mask) for c in block.calls] == [(1, 16, 16, BlockMask.CAUSAL)]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
+from ring_attention.masks import BlockMask
 from tests.inputs import F64, HEADS, LAYOUTS, assert_matches, fwd_bwd, make_qkv
 from tests.plan_view import plan_view
 
@@ -281,7 +282,7 @@ def _work(plan, h, rank, triangle):
     for blk in blocks:
         nh = blk.offsets * len(range(*blk.heads.indices(h)))  # O units shifted by o heads
         for c in blk.calls:
-            per = c.q_len * (c.q_len + 1) // 2 if (triangle and c.causal) else c.q_len * c.k_len
+            per = c.q_len * (c.q_len + 1) // 2 if (triangle and c.mask is BlockMask.CAUSAL) else c.q_len * c.k_len
             total += nh * c.runs * per
     return total
 

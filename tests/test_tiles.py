@@ -12,6 +12,7 @@ import ring_attention as ra
 from ring_attention import executable, schedule, tiles
 from ring_attention import pattern as _pattern
 from ring_attention.entry import attend
+from ring_attention.masks import BlockMask
 from ring_attention.options import Options
 from ring_attention.plans import rank_plan
 from tests.inputs import qkv
@@ -38,7 +39,7 @@ def _cells(plan, q_base: int = 0, k_base: int = 0) -> Counter:
                 for o in range(blk.offsets):
                     for h, g in zip(heads, kv):
                         for a, qr in enumerate(qs):
-                            for kr in ks[: a + 1] if c.causal else ks:
+                            for kr in ks[: a + 1] if c.mask is BlockMask.CAUSAL else ks:
                                 seen[(qr + o + q_base, h + o, kr + o + k_base, g + o)] += 1
     return seen
 
@@ -86,7 +87,7 @@ def test_tiles_compute_every_pair_of_the_plan_once(name, n, h, hkv, causal, coun
         if closed:
             assert all(t.start <= kr < t.stop for _, _, kr, _ in cells), "a closed tile reads keys of another"
         for blk in t.plan.local:
-            assert all(c.q_len == c.k_len for c in blk.calls if c.causal), "a causal block was cut"
+            assert all(c.q_len == c.k_len for c in blk.calls if c.mask is BlockMask.CAUSAL), "a causal block was cut"
         union += cells
     assert union == _cells(plan)
 
