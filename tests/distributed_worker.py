@@ -17,7 +17,8 @@ Case kinds:
   ``torch.compile``.
 - ``bad``: a malformed call; records ``"Type: message"`` of what it raised, or ``None``.
   Rank 1 may pass other arguments than the rest (``*_on_rank1``: rows, heads, dtype,
-  layout, causal, scale, pattern, ring_size, checkpoint; a string pattern is not one).
+  layout, causal, scale, pattern, ring_size, checkpoint; a string pattern is not one);
+  in a multi-node launch, the rank :func:`odd_one` names.
 - ``agreement``: calls of ring attention with the shard lengths ``n_local`` (rank 1 may
   pass ``n_local_rank1``) under the agreement ``policy``; records how many digest
   ``all_gather`` and full ``all_gather_object`` collectives each call ran, and what it
@@ -46,6 +47,10 @@ from tests.inputs import qkv
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HALF = (torch.bfloat16, torch.float16)
+TOL = {"float64": 1e-10, "float32": 2e-5}
+# Half precision: the ring's error against a float64 reference may be at most HALF_K times
+# the error of torch's SDPA in the same dtype on the same inputs (measured by each rank).
+HALF_K, HALF_EPS = 4.0, 1e-6
 
 
 def _pattern(spec):
@@ -120,37 +125,45 @@ def run_ok(case, group, rank, world):
     return result
 
 
+def odd_one(rank: int) -> bool:
+    """Whether this rank passes the ``*_on_rank1`` arguments: global rank 1, or, where
+    ``RING_TEST_ODD_LOCAL_RANK`` is set (a node of a multi-node launch), the local rank it names."""
+    local = os.environ.get("RING_TEST_ODD_LOCAL_RANK")
+    return rank == 1 if local is None else os.environ.get("LOCAL_RANK") == local
+
+
 def run_bad(case, group, rank, world):
     """A malformed call; returns what this rank raised (or None)."""
     n_local = case["n_local"]
-    if rank == 1:
+    odd = odd_one(rank)
+    if odd:
         n_local += case.get("extra_rows_on_rank1", 0)
     h, hkv = case.get("heads", (2, 2))
-    if rank == 1 and "heads_on_rank1" in case:
+    if odd and "heads_on_rank1" in case:
         h, hkv = case["heads_on_rank1"]
     dtype = torch.float64
-    if rank == 1 and case.get("dtype_on_rank1"):
+    if odd and case.get("dtype_on_rank1"):
         dtype = DTYPES[case["dtype_on_rank1"]]
     q, k, v = qkv(1, n_local, h, hkv, 4, seed=rank, dtype=dtype)
     layout = case.get("layout", "contiguous")
-    if rank == 1 and "layout_on_rank1" in case:
+    if odd and "layout_on_rank1" in case:
         layout = case["layout_on_rank1"]
     causal = case.get("causal", False)
-    if rank == 1 and "causal_on_rank1" in case:
+    if odd and "causal_on_rank1" in case:
         causal = case["causal_on_rank1"]
     kwargs = dict(group=group, layout=layout, causal=causal, scale=case.get("scale"))
-    if rank == 1 and "scale_on_rank1" in case:
+    if odd and "scale_on_rank1" in case:
         kwargs["scale"] = case["scale_on_rank1"]
     if "ring_size" in case:
         kwargs["ring_size"] = case["ring_size"]
-    if rank == 1 and "ring_size_on_rank1" in case:
+    if odd and "ring_size_on_rank1" in case:
         kwargs["ring_size"] = case["ring_size_on_rank1"]
-    if rank == 1 and "checkpoint_on_rank1" in case:
+    if odd and "checkpoint_on_rank1" in case:
         kwargs["checkpoint"] = case["checkpoint_on_rank1"]
     if case.get("group_none"):
         del kwargs["group"]
     pattern = _pattern(case.get("pattern"))
-    if rank == 1 and "pattern_on_rank1" in case:
+    if odd and "pattern_on_rank1" in case:
         spec = case["pattern_on_rank1"]
         pattern = spec if isinstance(spec, str) else _pattern(spec)  # a string: not a pattern
     try:
@@ -198,6 +211,30 @@ def run_agreement(case, group, rank, world):
         if saved is not None:
             os.environ[ring_checks.AGREEMENT_ENV] = saved
     return {"digests": digests, "exchanges": exchanges, "raised": raised}
+
+
+def check_ok(world: int, case: dict, per_rank: list[dict]) -> None:
+    """Assert every rank's result of an ``ok`` case (as :func:`run_ok` records it) is within
+    its dtype's tolerance of the reference, with a non-degenerate comparison."""
+    dtype = case.get("dtype", "float64")
+    ran = 0
+    for rank, res in enumerate(per_rank):
+        assert "crash" not in res, f"world {world} rank {rank} {case['name']}:\n{res['crash']}"
+        if res.get("skipped"):
+            continue
+        ran += 1
+        assert res["shape_ok"] and res["dtype_ok"], f"rank {rank}: wrong output shape or dtype ({res})"
+        assert res["finite"], f"rank {rank}: non-finite output or gradient ({res})"
+        errs = {key: res[key] for key in ("out", "dq", "dk", "dv")}
+        if dtype in TOL:
+            tol = dict.fromkeys(errs, TOL[dtype])
+        else:
+            tol = {key: HALF_K * res[f"sdpa_{key}"] + HALF_EPS for key in errs}
+        assert all(errs[key] <= tol[key] for key in errs), (
+            f"world {world} rank {rank} {case['name']}: errors {errs} (tolerances {tol})"
+        )
+        assert res["ref_out_max"] > 0.1 and res["ref_dk_max"] > 1e-3, "degenerate comparison"
+    assert ran == len(case.get("subgroup") or range(world))
 
 
 def main(cases_path, out_dir):

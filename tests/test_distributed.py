@@ -21,16 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed_worker import check_ok
+
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("distributed_worker.py")
 JOIN_TIMEOUT_S = int(os.environ.get("RING_TEST_TIMEOUT_S", "150"))  # a hang fails, never blocks
 N = 24  # global sequence length: shards of 12 (R=2) or 6 (R=4); zigzag chunks of 6 or 3
-TOL = {"float64": 1e-10, "float32": 2e-5}
-# Half precision: the ring's error against a float64 reference may be at most HALF_K times
-# the error of torch's SDPA in the same dtype on the same inputs (measured by each rank).
-HALF_K, HALF_EPS = 4.0, 1e-6
 
 
 def _free_port() -> int:
@@ -259,28 +257,6 @@ def world_results(request, tmp_path_factory):
     return world, {c["name"]: c for c in cases}, by_name
 
 
-def _check_ok(world, case, per_rank):
-    dtype = case.get("dtype", "float64")
-    ran = 0
-    for rank, res in enumerate(per_rank):
-        assert "crash" not in res, f"world {world} rank {rank} {case['name']}:\n{res['crash']}"
-        if res.get("skipped"):
-            continue
-        ran += 1
-        assert res["shape_ok"] and res["dtype_ok"], f"rank {rank}: wrong output shape or dtype ({res})"
-        assert res["finite"], f"rank {rank}: non-finite output or gradient ({res})"
-        errs = {key: res[key] for key in ("out", "dq", "dk", "dv")}
-        if dtype in TOL:
-            tol = dict.fromkeys(errs, TOL[dtype])
-        else:
-            tol = {key: HALF_K * res[f"sdpa_{key}"] + HALF_EPS for key in errs}
-        assert all(errs[key] <= tol[key] for key in errs), (
-            f"world {world} rank {rank} {case['name']}: errors {errs} (tolerances {tol})"
-        )
-        assert res["ref_out_max"] > 0.1 and res["ref_dk_max"] > 1e-3, "degenerate comparison"
-    assert ran == len(case.get("subgroup") or range(world))
-
-
 def _ok_names(fn):
     return [c["name"] for c in fn(4)]
 
@@ -288,7 +264,7 @@ def _ok_names(fn):
 @pytest.mark.parametrize("name", _ok_names(_ring_cases))
 def test_ring_attention_matches_reference(world_results, name):
     world, cases, results = world_results
-    _check_ok(world, cases[name], results[name])
+    check_ok(world, cases[name], results[name])
 
 
 @pytest.mark.parametrize("name", _ok_names(_dilated_cases) + ["ok-after-bad"])
@@ -296,7 +272,7 @@ def test_ring_dilated_attention_matches_reference(world_results, name):
     world, cases, results = world_results
     if name not in cases:
         pytest.skip(f"{name} runs on world size 4 only")
-    _check_ok(world, cases[name], results[name])
+    check_ok(world, cases[name], results[name])
 
 
 @pytest.mark.parametrize("index", range(len(_bad_cases(2))), ids=[c["name"] for c, _ in _bad_cases(2)])
