@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -235,6 +236,29 @@ def check_ok(world: int, case: dict, per_rank: list[dict]) -> None:
         )
         assert res["ref_out_max"] > 0.1 and res["ref_dk_max"] > 1e-3, "degenerate comparison"
     assert ran == len(case.get("subgroup") or range(world))
+
+
+def wait_or_kill(procs: list, logs: list, timeout_s: float) -> bool:
+    """Wait for the spawned ``procs`` at most ``timeout_s`` in all, then kill what still runs
+    and close the ``logs``; whether one was still running (a hang, which a test fails on
+    instead of blocking CI)."""
+    deadline = time.monotonic() + timeout_s
+    hung = False
+    try:
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                hung = True
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    return hung
 
 
 def main(cases_path, out_dir):

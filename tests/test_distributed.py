@@ -16,12 +16,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed_worker import check_ok
+from tests.distributed_worker import check_ok, wait_or_kill
 
 pytestmark = pytest.mark.distributed
 
@@ -60,22 +59,7 @@ def _launch(world: int, cases: list[dict], tmp: Path) -> list[list[dict]]:
             [sys.executable, str(WORKER), str(cases_path), str(tmp)],
             env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
         ))
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    hung = False
-    try:
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                hung = True
-                break
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
+    hung = wait_or_kill(procs, logs, JOIN_TIMEOUT_S)
 
     def tail(rank):
         return (tmp / f"rank{rank}.log").read_text()[-3000:]

@@ -20,12 +20,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed_worker import check_ok
+from tests.distributed_worker import check_ok, wait_or_kill
 
 pytestmark = pytest.mark.distributed
 
@@ -104,23 +103,9 @@ def _launch(nodes: Nodes, cases: list[dict], tmp: Path, odd_local_rank: int | No
         log = open(tmp / f"node{node}.log", "w")  # noqa: SIM115 - closed below
         logs.append(log)
         procs.append(subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                break
-    finally:
-        hung = [p.poll() is None for p in procs]
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
+    hung = wait_or_kill(procs, logs, TIMEOUT_S)
     tails = "\n".join((tmp / f"node{i}.log").read_text()[-3000:] for i in range(2))
-    assert not any(hung), f"a node still ran after {TIMEOUT_S}s (a hang):\n{tails}"
+    assert not hung, f"a node still ran after {TIMEOUT_S}s (a hang):\n{tails}"
     assert all(p.returncode == 0 for p in procs), f"a node failed:\n{tails}"
     results = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(4)]
     for rank, res in enumerate(results):
