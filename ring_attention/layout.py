@@ -66,12 +66,23 @@ def shard_intervals(seq_len: int, ring_size: int, rank: int, layout: Layout | st
     check_divisible(seq_len, ring_size, layout)
     if not 0 <= rank < ring_size:
         raise ValueError(f"rank {rank} is outside a ring of size R={ring_size}")
-    if layout is Layout.CONTIGUOUS:
-        n = seq_len // ring_size
-        return ((rank * n, (rank + 1) * n),)
-    c = seq_len // (2 * ring_size)
-    first, second = rank, 2 * ring_size - 1 - rank
-    return ((first * c, (first + 1) * c), (second * c, (second + 1) * c))
+    c = seq_len // (ring_size * chunks_per_rank(layout))
+    chunks = (rank,) if layout is Layout.CONTIGUOUS else (rank, 2 * ring_size - 1 - rank)
+    return tuple((ch * c, (ch + 1) * c) for ch in chunks)
+
+
+def holders(seq_len: int, ring_size: int, layout: Layout, start: int, stop: int) -> set[int]:
+    """The ranks holding any of the global positions ``[start, stop)`` (arguments checked by
+    the caller: the planner asks this for every segment of every rank)."""
+    c = seq_len // (ring_size * chunks_per_rank(layout))
+    return {_owner(ch, ring_size, layout) for ch in range(start // c, (stop - 1) // c + 1)}
+
+
+def _owner(chunk: int, ring_size: int, layout: Layout) -> int:
+    """The rank holding chunk ``chunk`` of the sequence's ``R`` (zigzag: ``2R``) equal chunks."""
+    if layout is Layout.CONTIGUOUS or chunk < ring_size:
+        return chunk
+    return 2 * ring_size - 1 - chunk
 
 
 def split(x: torch.Tensor, ring_size: int, layout: Layout | str, dim: int = 1) -> list[torch.Tensor]:

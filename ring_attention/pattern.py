@@ -145,6 +145,16 @@ def selected(positions: torch.Tensor, segment: int, rate: int, offset: int) -> t
     return (positions % segment) % rate == offset
 
 
+def kept_positions(segment_index: int, segment: int, rate: int, offset: int, start: int, stop: int) -> range:
+    """The positions of segment ``segment_index`` within ``[start, stop)`` that :func:`selected`
+    keeps for a head with this offset, as the progression the planner packs."""
+    first = segment_index * segment + offset
+    if first < start:
+        first += -(-(start - first) // rate) * rate
+    end = min((segment_index + 1) * segment, stop)
+    return range(first, max(first, end), rate)
+
+
 def same_segment(q_pos: torch.Tensor, k_pos: torch.Tensor, segment: int) -> torch.Tensor:
     return (q_pos[:, None] // segment) == (k_pos[None, :] // segment)
 

@@ -32,6 +32,7 @@ import gc
 from typing import NamedTuple
 
 from . import layout as _layout
+from . import pattern as _pattern
 from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_ranges
 from .layout import Layout
 from .masks import BlockMask, SequenceMask
@@ -76,13 +77,10 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
     base = packed = 0
     for a, b in _layout.shard_intervals(spec.seq_len, spec.ring_size, rank, spec.layout):
         for s in range(a // segment, (b - 1) // segment + 1):
-            first = s * segment + offset
-            if first < a:
-                first += -(-(a - first) // rate) * rate
-            stop = min((s + 1) * segment, b)
-            if first >= stop:
+            kept = _pattern.kept_positions(s, segment, rate, offset, a, b)
+            if not kept:
                 continue
-            count = -(-(stop - first) // rate)
+            first, count = kept.start, len(kept)
             local = first - a + base
             ranges.append(range(local, local + count * rate, rate))
             runs.append(_Run(s, first, packed, count))
@@ -90,16 +88,6 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
             packed += count
         base += b - a
     return _Kept(Rows(merge_ranges(ranges)), tuple(runs), last_first)
-
-
-def _holders(spec: _Spec, start: int, stop: int) -> set[int]:
-    """The ranks holding any of the global positions ``[start, stop)``."""
-    r = spec.ring_size
-    if spec.layout is Layout.CONTIGUOUS:
-        n = spec.seq_len // r
-        return set(range(start // n, (stop - 1) // n + 1))
-    c = spec.seq_len // (2 * r)
-    return {ch if ch < r else 2 * r - 1 - ch for ch in range(start // c, (stop - 1) // c + 1)}
 
 
 def _batch_calls(pairs, q_rows: Rows) -> tuple[Call, ...]:
@@ -331,7 +319,7 @@ def _partners(spec: _Spec, rank: int) -> set[int]:
     for u in range(len(spec.units)):
         segment = spec.segments[spec.units[u].pair]
         for s in _kept(spec, rank, u).last_first:
-            out |= _holders(spec, s * segment, (s + 1) * segment)
+            out |= _layout.holders(spec.seq_len, spec.ring_size, spec.layout, s * segment, (s + 1) * segment)
     out.discard(rank)
     return out
 

@@ -101,3 +101,15 @@ def test_a_layout_is_an_enum_inside_and_its_name_at_the_boundary():
     q = k = v = torch.randn(1, 16, 2, 4, dtype=torch.float64)
     assert torch.equal(ra.ring_attention(q, k, v, ring_size=2, layout="zigzag", causal=True),
                        ra.ring_attention(q, k, v, ring_size=2, layout=ra.Layout.ZIGZAG, causal=True))
+
+
+@given(ring_size=st.integers(1, 6), chunk=st.integers(1, 4), layout=st.sampled_from(list(ra.Layout)), data=st.data())
+def test_holders_are_the_ranks_whose_shards_meet_the_positions(ring_size, chunk, layout, data):
+    n = ring_size * L.chunks_per_rank(layout) * chunk
+    start = data.draw(st.integers(0, n - 1))
+    stop = data.draw(st.integers(start + 1, n))
+    expected = {
+        r for r in range(ring_size)
+        if any(a < stop and start < b for a, b in L.shard_intervals(n, ring_size, r, layout))
+    }
+    assert L.holders(n, ring_size, layout, start, stop) == expected

@@ -333,3 +333,17 @@ def test_a_mode_is_an_enum_inside_and_its_name_at_the_boundary():
     assert f"{by_name.mode}" == "head_groups" and ra.DilatedPattern((4,), (1,)).mode is ra.Mode.MIXTURE
     with pytest.raises(ValueError, match="unknown mode 'groups'"):
         ra.DilatedPattern((4,), (1,), "groups")
+
+
+@given(
+    segment=st.integers(1, 24), rate=st.integers(1, 6), data=st.data(),
+)
+def test_kept_positions_are_the_positions_selected_keeps(segment, rate, data):
+    """The planner's progression form of ``sel(h, p)`` against the predicate the oracle uses."""
+    offset = data.draw(st.integers(0, rate - 1))
+    index = data.draw(st.integers(0, 3))
+    start = data.draw(st.integers(0, 5 * segment))
+    stop = data.draw(st.integers(start, 5 * segment + 1))
+    pos = torch.arange(index * segment, (index + 1) * segment)
+    keep = P.selected(pos, segment, rate, offset) & (pos >= start) & (pos < stop)
+    assert list(P.kept_positions(index, segment, rate, offset, start, stop)) == pos[keep].tolist()
