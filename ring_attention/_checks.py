@@ -125,3 +125,22 @@ def check_positive_int(value, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value}")
     return value
+
+
+def check_window(window) -> tuple[int, int] | None:
+    """``window=(left, right)`` in flash-attn's convention: each ``-1`` (unbounded) or ``>= 0``.
+
+    Returns ``None`` for no window (``None`` or ``(-1, -1)``), else the pair as ints.
+
+    Raises:
+        TypeError or ValueError naming ``window`` for anything else.
+    """
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None or a pair (left, right), got {window!r}")
+    left, right = (check_int(w, "window") for w in window)
+    if left < -1 or right < -1:
+        raise ValueError(f"window sides must be -1 (unbounded) or >= 0, got window=({left}, {right})")
+    return None if (left, right) == (-1, -1) else (left, right)
+

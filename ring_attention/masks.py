@@ -37,9 +37,13 @@ class SequenceMask:
     """Which keys each query may see, on global positions (before the pattern's weights).
 
     :param causal: keep only keys at or before the query (``j <= i``).
+    :param window: ``(left, right)``, flash-attn's sliding window: keep key ``j`` for query
+        ``i`` when ``i - left <= j <= i + right``, a side of ``-1`` unbounded; ``None``: no
+        window. The oracle honours it; the planner does not yet (:meth:`block` refuses it).
     """
 
     causal: bool = False
+    window: tuple[int, int] | None = None
 
     @staticmethod
     def of(mask: SequenceMask | bool) -> SequenceMask:
@@ -49,13 +53,19 @@ class SequenceMask:
     @property
     def keeps_all(self) -> bool:
         """Whether every query sees every key (the mask changes nothing)."""
-        return not self.causal
+        return not self.causal and self.window is None
 
     def keeps(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """``[len(q_pos), len(k_pos)]`` bool: whether query position ``i`` may see key ``j``."""
         keep = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
         if self.causal:
             keep &= k_pos[None, :] <= q_pos[:, None]
+        if self.window is not None:
+            left, right = self.window
+            if left >= 0:
+                keep &= k_pos[None, :] >= q_pos[:, None] - left
+            if right >= 0:
+                keep &= k_pos[None, :] <= q_pos[:, None] + right
         return keep
 
     def block(self, q_first: int, k_first: int, *, diagonal: bool) -> BlockMask | None:
@@ -65,6 +75,8 @@ class SequenceMask:
         run itself (a square block); otherwise the two runs share no position, so one lies
         wholly before the other and ``q_first``/``k_first`` say which.
         """
+        if self.window is not None:
+            raise NotImplementedError("the planner does not plan sliding windows yet")
         if diagonal:
             return BlockMask.CAUSAL if self.causal else BlockMask.FULL
         if not self.causal or k_first < q_first:

@@ -175,8 +175,13 @@ def weights(
     *,
     is_causal: bool = False,
     rows: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The explicit integer weights ``W[h, i, j]`` of SEMANTICS.md, shape ``[H, N, N]``.
+
+    ``is_causal`` and ``window`` (``(left, right)``, see
+    :class:`~ring_attention.masks.SequenceMask`) restrict the pattern's weights to the keys
+    they keep.
 
     ``rows``: the query positions ``i`` to build (a 1-d integer tensor), giving
     ``[H, len(rows), N]``: a sample of rows of a long sequence costs ``H * len(rows) * N``.
@@ -193,7 +198,7 @@ def weights(
         for seg, rate, heads in zip(segments, pattern.dilation_rates, pattern.heads_of_pair(num_heads)):
             for h in heads:
                 w[h] += pair_mask(q_pos, pos, seg, rate, head_offset(h, rate))
-    mask = SequenceMask(causal=is_causal)
+    mask = SequenceMask(causal=is_causal, window=window)
     return w if mask.keeps_all else w * mask.keeps(q_pos, pos)
 
 

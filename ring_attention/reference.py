@@ -19,16 +19,19 @@ from __future__ import annotations
 import torch
 
 from . import pattern as _pattern
-from ._checks import check_flag, check_qkv, check_scale
+from ._checks import check_flag, check_qkv, check_scale, check_window
 
 
-def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None, query_rows=None):
+def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None, query_rows=None, window=None):
     """Dense weighted attention ``O = sum_j W exp(s) v / sum_j W exp(s)``.
 
     Args:
         q: ``[B, N, H, D]``; k, v: ``[B, N, Hkv, D]`` with ``H % Hkv == 0``.
         pattern: a :class:`~ring_attention.DilatedPattern`, or ``None`` for full attention.
         causal: keep only keys at or before the query (global positions).
+        window: ``(left, right)``, a sliding window in flash-attn's convention: key ``j`` is
+            kept for query ``i`` when ``i - left <= j <= i + right`` (a side of ``-1`` is
+            unbounded); composed with ``causal`` and the pattern. ``None``: no window.
         scale: score scale, ``1/sqrt(D)`` by default.
         query_rows: compute only these query positions (a 1-d integer tensor or sequence,
             each in ``[0, N)``, in any order, repeats allowed): the rows of the full result,
@@ -43,10 +46,11 @@ def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None, quer
     b, n, h, hkv, d = check_qkv(q, k, v)
     scale = check_scale(scale, d)
     causal = check_flag(causal, "causal")
+    window = check_window(window)
     if pattern is not None:
         _pattern.as_pattern(pattern).check(n, h)
     rows = None if query_rows is None else _check_rows(query_rows, n)
-    w = _pattern.weights(pattern, n, h, is_causal=causal, rows=rows).to(q.device)
+    w = _pattern.weights(pattern, n, h, is_causal=causal, rows=rows, window=window).to(q.device)
     if rows is not None:
         q = q[:, rows.to(q.device)]
     acc = torch.promote_types(q.dtype, torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -49,3 +50,11 @@ def test_full_keeps_all_and_a_bool_is_causal_or_full():
     assert SequenceMask.of(True) == SequenceMask(causal=True) and SequenceMask.of(False) == SequenceMask()
     mask = SequenceMask(causal=True)
     assert SequenceMask.of(mask) is mask
+
+
+def test_the_planner_refuses_a_window_it_cannot_plan_yet():
+    """keeps() honours a window (the oracle's); block() must not classify as if there were none."""
+    mask = SequenceMask(causal=True, window=(2, 0))
+    assert not mask.keeps_all
+    with pytest.raises(NotImplementedError, match="window"):
+        mask.block(4, 0, diagonal=False)

@@ -292,3 +292,46 @@ def test_query_rows_refuses_what_is_not_a_list_of_positions(rows, error):
     q, k, v = _qkv()
     with pytest.raises(error, match="query_rows"):
         ra.reference_attention(q, k, v, query_rows=rows)
+
+
+def _band(n: int, left: int, right: int) -> torch.Tensor:
+    """``[N, N]`` int: 1 where ``i - left <= j <= i + right`` (a side of -1 unbounded), by a loop."""
+    band = torch.zeros(n, n, dtype=torch.int64)
+    for i in range(n):
+        for j in range(n):
+            band[i, j] = int((left < 0 or j >= i - left) and (right < 0 or j <= i + right))
+    return band
+
+
+@given(cases(dtypes=(torch.float64,), max_seq_len=16, max_batch=1), st.integers(-1, 5), st.integers(-1, 5))
+def test_a_window_restricts_the_patterns_weights_to_the_band(case, left, right):
+    """SEMANTICS.md: W is the pattern's (and causal's) weights times the band, forward and backward."""
+    q, k, v = (t.requires_grad_() for t in case.qkv())
+    w = naive_weights(case.pattern, case.seq_len, case.heads, case.causal) * _band(case.seq_len, left, right)
+    out = ra.reference_attention(q, k, v, pattern=case.pattern, causal=case.causal, window=(left, right))
+    expected = naive_attention(q, k, v, w)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+def test_transformers_sliding_window_is_a_causal_window_of_w_minus_one():
+    """transformers keeps keys j > i - W (and j <= i): window=(W - 1, 0) with causal."""
+    q, k, v = _qkv(n=12)
+    size = 4
+    kept = torch.tensor([[int(i - size < j <= i) for j in range(12)] for i in range(12)])
+    expected = naive_attention(q, k, v, kept.expand(4, 12, 12))
+    got = ra.reference_attention(q, k, v, causal=True, window=(size - 1, 0))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    unbounded = ra.reference_attention(q, k, v, causal=True, window=(-1, -1))
+    torch.testing.assert_close(unbounded, ra.reference_attention(q, k, v, causal=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window, error", [
+    ((2,), TypeError), ("(1, 1)", TypeError), ((1.0, 1), TypeError), ((-2, 0), ValueError), ((0, -5), ValueError),
+])
+def test_a_bad_window_is_refused_naming_it(window, error):
+    q, k, v = _qkv()
+    with pytest.raises(error, match="window"):
+        ra.reference_attention(q, k, v, window=window)
