@@ -5,11 +5,13 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_Named = TypeVar("_Named", bound="NamedEnum")
 
 
 class NamedEnum(str, enum.Enum):
@@ -19,6 +21,7 @@ class NamedEnum(str, enum.Enum):
     by the name and one keyed by the member are one cache, and messages read as before.
     """
 
+    _value_: str
     __hash__ = str.__hash__
 
     def __str__(self) -> str:
@@ -31,7 +34,7 @@ class NamedEnum(str, enum.Enum):
         return format(self.value, spec)
 
     @classmethod
-    def named(cls, value, what: str):
+    def named(cls: type[_Named], value: object, what: str) -> _Named:
         """``value`` (a member or its name) as a member; ``ValueError`` naming ``what`` and
         listing the names for anything else."""
         try:
@@ -49,7 +52,7 @@ class Shapes(NamedTuple):
     head_dim: int
 
 
-def check_qkv(q, k, v) -> Shapes:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Shapes:
     """Check ``q [B, N, H, D]``, ``k, v [B, N, Hkv, D]`` and return their sizes."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -80,7 +83,7 @@ def check_qkv(q, k, v) -> Shapes:
     return Shapes(b, n, h, hkv, d)
 
 
-def check_optional_scale(scale) -> float | None:
+def check_optional_scale(scale: object) -> float | None:
     """``scale`` as a float, or ``None``; what can be checked before the head dim is known."""
     if scale is None:
         return None
@@ -89,19 +92,19 @@ def check_optional_scale(scale) -> float | None:
     return float(scale)
 
 
-def check_scale(scale, head_dim: int) -> float:
+def check_scale(scale: object, head_dim: int) -> float:
     """``scale``, or the default ``1 / sqrt(head_dim)`` when it is ``None``."""
-    scale = check_optional_scale(scale)
-    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+    checked = check_optional_scale(scale)
+    return 1.0 / math.sqrt(head_dim) if checked is None else checked
 
 
-def check_flag(value, name: str) -> bool:
+def check_flag(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
 
 
-def check_int(value, name: str) -> int:
+def check_int(value: object, name: str) -> int:
     """An integer as users pass one: a Python int, a numpy integer or a 0-d integer tensor.
 
     Bools are refused although Python counts them as ints (``True`` is never meant as 1
@@ -119,15 +122,15 @@ def check_int(value, name: str) -> int:
     raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
 
 
-def check_positive_int(value, name: str) -> int:
+def check_positive_int(value: object, name: str) -> int:
     """:func:`check_int`, then ``ValueError`` naming ``name`` unless the value is at least 1."""
-    value = check_int(value, name)
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return value
+    number = check_int(value, name)
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {number}")
+    return number
 
 
-def check_window(window) -> tuple[int, int] | None:
+def check_window(window: object) -> tuple[int, int] | None:
     """``window=(left, right)`` in flash-attn's convention: each ``-1`` (unbounded) or ``>= 0``.
 
     Returns ``None`` for no window (``None`` or ``(-1, -1)``), else the pair as ints.
@@ -143,4 +146,3 @@ def check_window(window) -> tuple[int, int] | None:
     if left < -1 or right < -1:
         raise ValueError(f"window sides must be -1 (unbounded) or >= 0, got window=({left}, {right})")
     return None if (left, right) == (-1, -1) else (left, right)
-

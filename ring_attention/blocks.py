@@ -31,6 +31,8 @@ import torch
 from .masks import BlockMask
 
 Index = Union[slice, torch.Tensor]
+# What tensors cached per device are keyed by: the device and the id of a fake-tensor mode.
+DeviceKey = tuple[torch.device, Union[int, None]]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,7 +96,7 @@ def merge_ranges(ranges: Iterable[range]) -> tuple[range, ...]:
 # is never handed to another mode or to a real run. Only CPU tensors are cached: a CUDA
 # tensor made while torch.compile(mode="reduce-overhead") captures a CUDA graph lives in
 # the graph's memory pool, which the next replay overwrites or frees.
-_INDEX_CACHE: weakref.WeakKeyDictionary[Rows, dict] = weakref.WeakKeyDictionary()
+_INDEX_CACHE: weakref.WeakKeyDictionary[Rows, dict[DeviceKey, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def clear() -> None:
@@ -102,7 +104,7 @@ def clear() -> None:
     _INDEX_CACHE.clear()
 
 
-def device_key(like: torch.Tensor):
+def device_key(like: torch.Tensor) -> DeviceKey:
     """What a tensor cached for ``like`` is keyed by: its device and its fake-tensor mode."""
     mode = getattr(like, "fake_mode", None)
     return (like.device, None if mode is None else id(mode))

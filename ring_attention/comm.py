@@ -15,7 +15,7 @@ as one batch of P2P operations, so there is a single send/recv order and no dead
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,10 @@ Spec = Sequence[tuple[tuple[int, ...], torch.dtype]]
 class Pending:
     """An exchange in flight; :meth:`wait` returns ``{rank: [received tensors]}``."""
 
-    def __init__(self, received: dict[int, list[torch.Tensor]], requests=(), keep_alive=()):
+    def __init__(
+        self, received: dict[int, list[torch.Tensor]], requests: Iterable[dist.Work] = (),
+        keep_alive: Sequence[torch.Tensor] = (),
+    ) -> None:
         self._received = received
         self._requests = list(requests)
         self._keep_alive = keep_alive  # send buffers must live until the transfer is done
@@ -46,7 +49,8 @@ class Ring:
     ranks: tuple[int, ...]
 
     def exchange(
-        self, shift: int, sends: dict[int, list[torch.Tensor]], specs: dict[int, Spec], device
+        self, shift: int, sends: Mapping[int, Sequence[torch.Tensor]], specs: Mapping[int, Spec],
+        device: torch.device,
     ) -> Pending:
         """Every run rank ``r`` sends ``sends[r]`` to ``(r+shift) % R`` and receives ``specs[r]``.
 
@@ -59,12 +63,15 @@ class Ring:
 class SimulatedRing(Ring):
     """All ``size`` ranks in this process; an exchange is a hand-over, no copy."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int) -> None:
         self.size = size
         self.ranks = tuple(range(size))
 
-    def exchange(self, shift, sends, specs, device):
-        received = {}
+    def exchange(
+        self, shift: int, sends: Mapping[int, Sequence[torch.Tensor]], specs: Mapping[int, Spec],
+        device: torch.device,
+    ) -> Pending:
+        received: dict[int, list[torch.Tensor]] = {}
         for r, spec in specs.items():
             got = sends[(r - shift) % self.size]
             # A process group receives into buffers built from the spec: a sender whose
@@ -89,7 +96,7 @@ class SimulatedRing(Ring):
 class ProcessGroupRing(Ring):
     """This process is one rank of ``group``; tensors travel by batched P2P."""
 
-    def __init__(self, group):
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("a process group was given but torch.distributed is not initialized")
         self.group = group
@@ -100,7 +107,10 @@ class ProcessGroupRing(Ring):
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
 
-    def exchange(self, shift, sends, specs, device):
+    def exchange(
+        self, shift: int, sends: Mapping[int, Sequence[torch.Tensor]], specs: Mapping[int, Spec],
+        device: torch.device,
+    ) -> Pending:
         me = self.rank
         dst, src = self._global((me + shift) % self.size), self._global((me - shift) % self.size)
         outgoing = [t.contiguous() for t in sends.get(me, ())]

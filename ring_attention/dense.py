@@ -12,7 +12,9 @@ from ._checks import check_flag, check_qkv, check_scale
 from .kernels import CPU_FEW_KEYS, fold_scale, known_finite, quarantine_values, query_row_poison
 
 
-def dense_attention(q, k, v, *, causal=False, scale=None):
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+) -> torch.Tensor:
     """Full (optionally causal) attention, ``W = 1`` or ``W = [j <= i]``.
 
     Args:
@@ -48,6 +50,6 @@ def dense_attention(q, k, v, *, causal=False, scale=None):
     return out.transpose(1, 2)
 
 
-def _add(out, x):
+def _add(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``out + x``, in place unless autograd keeps ``out`` for SDPA's backward."""
     return out + x if out.requires_grad else out.add_(x)

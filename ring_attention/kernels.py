@@ -95,17 +95,18 @@ def backend(q: torch.Tensor, kv_len: int | None = None) -> str:
     half = q.dtype != torch.float32
     padded = _round_up(q.shape[-1], 8)
     capability = _cuda_capability(q.device)
-    if half and padded <= FLASH_MAX_HEAD_DIM and capability >= (8, 0) and torch.backends.cuda.flash_sdp_enabled():
+    if half and padded <= FLASH_MAX_HEAD_DIM and capability >= (8, 0) and torch.backends.cuda.flash_sdp_enabled():  # type: ignore[no-untyped-call]  # unannotated in torch
         return "flash"
     bf16_ok = q.dtype != torch.bfloat16 or capability >= (8, 0)
-    if bf16_ok and capability >= (5, 0) and torch.backends.cuda.mem_efficient_sdp_enabled():
+    if bf16_ok and capability >= (5, 0) and torch.backends.cuda.mem_efficient_sdp_enabled():  # type: ignore[no-untyped-call]  # unannotated in torch
         return "efficient"
     return "math"
 
 
 def attention_forward(
-    q, k, v, *, causal: bool, scale: float, mark_query_rows: bool = True, quarantined: bool = False
-):
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+    mark_query_rows: bool = True, quarantined: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one block. Returns ``(out [B,H,L,D] in q.dtype, lse [B,H,L])``.
 
     ``lse`` is float32 (float64 for float64 inputs) and contiguous.
@@ -132,7 +133,7 @@ def attention_forward(
     return out, lse
 
 
-def marks_query_rows(q) -> bool:
+def marks_query_rows(q: torch.Tensor) -> bool:
     """Whether blocks of ``q`` need :func:`mark_query_rows_` to show a non-finite query as NaN.
 
     The reference gives NaN for a query row holding NaN or inf (its scores are NaN, or
@@ -147,14 +148,16 @@ def marks_query_rows(q) -> bool:
     return not known_finite(q)
 
 
-def query_row_poison(q, dtype) -> torch.Tensor:
+def query_row_poison(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``q [..., D]`` summed over D in ``dtype`` (float32 or wider): non-finite exactly in
     the rows that hold NaN or inf, finite elsewhere. Added with ``alpha=0`` (0 * inf is
     NaN), it makes those rows NaN and leaves the others as they are."""
     return q.sum(-1, dtype=dtype)
 
 
-def mark_query_rows_(q, out, lse, without_keys=None) -> None:
+def mark_query_rows_(
+    q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, without_keys: torch.Tensor | None = None
+) -> None:
     """Make ``out [..., D]`` and ``lse [...]`` (or ``None``) NaN where ``q [..., D]`` holds NaN
     or inf: one kernel per tensor (:func:`query_row_poison`). ``without_keys``: a bool mask,
     broadcast to ``lse``'s shape, of cells left as they are (rows without keys stay 0)."""
@@ -166,7 +169,7 @@ def mark_query_rows_(q, out, lse, without_keys=None) -> None:
         lse.add_(poison, alpha=0)
 
 
-def quarantine_values(v):
+def quarantine_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(v with its non-finite entries zeroed, poison)`` for a causal block ``v [..., L, D]``.
 
     Fused kernels multiply a masked key's value by a zero probability, and 0 * NaN would
@@ -181,7 +184,7 @@ def quarantine_values(v):
     return v, None if bad is None else bad.cumsum_(-2)
 
 
-def split_values(v):
+def split_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(v with its non-finite entries zeroed, bad)``, ``bad`` NaN exactly at those entries
     (``inf - inf`` too) and 0 elsewhere; ``(v, None)`` where ``v`` is seen to be finite
     (:func:`known_finite`). Split once, a source serves every causal block that reads it:
@@ -191,7 +194,7 @@ def split_values(v):
     return v.nan_to_num(0.0, 0.0, 0.0), v - v
 
 
-def value_poison(bad):
+def value_poison(bad: torch.Tensor) -> torch.Tensor:
     """The poison of a causal block's rows from its keys' ``bad [..., L, D]``
     (:func:`split_values`): NaN at ``[i, d]`` where some ``j <= i`` holds a non-finite
     ``v[j, d]``, else 0; added to the block's output (:func:`quarantine_values`)."""
@@ -213,7 +216,9 @@ def known_finite(x: torch.Tensor) -> bool:
     return math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item())
 
 
-def _forward(q, k, v, causal, scale):
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     kind = backend(q, k.shape[-2])
     if kind == "cpu":
         return _cpu_forward(q, k, v, causal, scale)
@@ -238,7 +243,10 @@ def _forward(q, k, v, causal, scale):
     return out[..., :d], lse.contiguous()
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
+def attention_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    *, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
     _check_block(q, k, causal)
     q, scale, q_factor = fold_scale(q, scale)
@@ -277,7 +285,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     return dq, dk, dv
 
 
-def _flash_backward_runs(q) -> bool:
+def _flash_backward_runs(q: torch.Tensor) -> bool:
     """Whether flash's backward takes ``q``'s padded head dim on its GPU: for
     ``192 < D <= 224`` only sm80 and sm90 do (flash_api.cpp ``mha_bwd``; sm86/89, sm100 and
     sm120 raise), though the forward runs there. Such blocks' backward runs on the
@@ -289,7 +297,7 @@ def _flash_backward_runs(q) -> bool:
 # --- preconditions ----------------------------------------------------------------------
 
 
-def _check_block(q, k, causal: bool) -> None:
+def _check_block(q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(
             f"a causal block must be square, got {q.shape[-2]} query rows and {k.shape[-2]} key rows: "
@@ -297,7 +305,7 @@ def _check_block(q, k, causal: bool) -> None:
         )
 
 
-def fold_scale(q, scale: float):
+def fold_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float, float]:
     """``(q', scale', dq factor)`` with ``q' * scale' == q * scale`` and ``scale'`` a positive
     normal float32: fused kernels multiply masked ``-inf`` scores by the scale as well."""
     if _F32.tiny <= scale <= _F32.max:
@@ -360,7 +368,9 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _cpu_forward(q, k, v, causal, scale):
+def _cpu_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
         q, k, v, 0.0, causal, attn_mask=None, scale=scale
@@ -368,26 +378,33 @@ def _cpu_forward(q, k, v, causal, scale):
     return out, lse
 
 
-def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
+def _cpu_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dout, q, k, v, out = (_unit_stride(x) for x in (dout, q, k, v, out))
     # The CPU kernel reads the LSE through all three of its strides (it makes its own
     # rows-major, [B, L, H] in memory): unlike CUDA's, a strided view needs no copy.
-    return aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+    dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
         dout, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale
     )
+    return dq, dk, dv
 
 
 # --- math ---------------------------------------------------------------------------------
 
 
-def _row_chunks(q, k) -> list[tuple[int, int]]:
+def _row_chunks(q: torch.Tensor, k: torch.Tensor) -> list[tuple[int, int]]:
     """``(start, length)`` of query-row chunks whose float32 scores fit in MATH_SCORE_BYTES."""
     b, h, lq, _ = q.shape
     rows = max(1, MATH_SCORE_BYTES // max(b * h * k.shape[-2] * 4, 1))
     return [(i, min(rows, lq - i)) for i in range(0, lq, rows)]
 
 
-def _math_probs(q, k, start: int, length: int, *, causal, scale, lse=None):
+def _math_probs(
+    q: torch.Tensor, k: torch.Tensor, start: int, length: int, *, causal: bool, scale: float,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scores (or probabilities, given ``lse``) of ``length`` query rows in float32/64."""
     acc = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.narrow(2, start, length).to(acc), k.to(acc).transpose(-1, -2)) * scale
@@ -398,13 +415,15 @@ def _math_probs(q, k, start: int, length: int, *, causal, scale, lse=None):
     return s if lse is None else torch.exp(s - _finite_shift(lse.narrow(2, start, length)).unsqueeze(-1))
 
 
-def _finite_shift(lse):
+def _finite_shift(lse: torch.Tensor) -> torch.Tensor:
     """``lse`` with ``-inf`` (a row whose scores are all ``-inf``) as 0: its probabilities
     are then ``exp(-inf) = 0``, as the fused kernels give, not ``-inf - -inf = NaN``."""
     return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
-def _math_forward(q, k, v, *, causal, scale):
+def _math_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     outs, lses = [], []
     for start, length in _row_chunks(q, k):
         s = _math_probs(q, k, start, length, causal=causal, scale=scale)
@@ -414,7 +433,10 @@ def _math_forward(q, k, v, *, causal, scale):
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _math_backward(dout, q, k, v, out, lse, *, causal, scale):
+def _math_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    *, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = torch.promote_types(q.dtype, torch.float32)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)

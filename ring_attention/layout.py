@@ -23,13 +23,13 @@ class Layout(NamedEnum):
     ZIGZAG = "zigzag"
 
 
-def check_layout(layout) -> Layout:
+def check_layout(layout: object) -> Layout:
     """``layout`` (a :class:`Layout` or its name) as a :class:`Layout`; ``ValueError``
     listing the layouts for anything else."""
     return Layout.named(layout, "layout")
 
 
-def check_ring_size(ring_size) -> int:
+def check_ring_size(ring_size: object) -> int:
     """``ring_size`` as an int (``None`` means 1).
 
     Accepts a Python int, a numpy integer or a 0-d integer tensor; ``TypeError`` for

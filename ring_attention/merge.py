@@ -27,7 +27,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def merge_into_(out_acc, lse_acc, out_b, lse_b, *, empty_rows: bool = True) -> None:
+def merge_into_(
+    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *,
+    empty_rows: bool = True,
+) -> None:
     """Merge ``(out_b, lse_b)`` into the accumulators in place (strided views allowed).
 
     Five kernels: the weight of ``b`` is ``sigmoid(lse_b - lse_acc)``, the output moves
@@ -51,7 +54,9 @@ def merge_into_(out_acc, lse_acc, out_b, lse_b, *, empty_rows: bool = True) -> N
     torch.logaddexp(lse_acc, lse_b, out=lse_acc)
 
 
-def merge(out_a, lse_a, out_b, lse_b):
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Functional :func:`merge_into_`: new ``(out, lse)`` in the accumulation dtype."""
     acc = accumulation_dtype(torch.promote_types(lse_a.dtype, lse_b.dtype))
     out = out_a.to(acc, copy=True)

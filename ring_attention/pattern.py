@@ -31,7 +31,7 @@ class Mode(NamedEnum):
     HEAD_GROUPS = "head_groups"  # heads split into K contiguous groups, group k runs pair k
 
 
-def _int_sequence(value, name: str) -> tuple:
+def _int_sequence(value: object, name: str) -> tuple[object, ...]:
     """A tuple, list, range, 1-d integer tensor or 1-d array as a tuple of its elements.
 
     Mappings and sets are refused: their iteration order says nothing about which
@@ -73,18 +73,18 @@ class DilatedPattern:
     dilation_rates: tuple[int, ...]
     mode: Mode | str = Mode.MIXTURE
 
-    def __post_init__(self):
-        ws = _int_sequence(self.segment_lengths, "segment_lengths")
-        rs = _int_sequence(self.dilation_rates, "dilation_rates")
-        if len(ws) == 0:
+    def __post_init__(self) -> None:
+        given_ws = _int_sequence(self.segment_lengths, "segment_lengths")
+        given_rs = _int_sequence(self.dilation_rates, "dilation_rates")
+        if len(given_ws) == 0:
             raise ValueError("segment_lengths is empty: a pattern needs at least one (w, r) pair")
-        if len(ws) != len(rs):
+        if len(given_ws) != len(given_rs):
             raise ValueError(
-                f"segment_lengths has {len(ws)} entries but dilation_rates has {len(rs)}: "
+                f"segment_lengths has {len(given_ws)} entries but dilation_rates has {len(given_rs)}: "
                 "they must pair up one to one"
             )
-        ws = tuple(check_positive_int(w, f"segment_lengths[{i}]") for i, w in enumerate(ws))
-        rs = tuple(check_positive_int(r, f"dilation_rates[{i}]") for i, r in enumerate(rs))
+        ws = tuple(check_positive_int(w, f"segment_lengths[{i}]") for i, w in enumerate(given_ws))
+        rs = tuple(check_positive_int(r, f"dilation_rates[{i}]") for i, r in enumerate(given_rs))
         for i, (w, r) in enumerate(zip(ws, rs)):
             if r > w:
                 raise ValueError(f"dilation_rates[{i}] = {r} exceeds segment_lengths[{i}] = {w}")
@@ -126,7 +126,7 @@ class DilatedPattern:
         self.heads_of_pair(num_heads)
 
 
-def as_pattern(pattern) -> DilatedPattern:
+def as_pattern(pattern: object) -> DilatedPattern:
     if not isinstance(pattern, DilatedPattern):
         raise TypeError(f"pattern must be a ring_attention.DilatedPattern, got {type(pattern).__name__}")
     return pattern

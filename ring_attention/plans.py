@@ -29,7 +29,8 @@ import contextlib
 import dataclasses
 import functools
 import gc
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple, cast
 
 from . import layout as _layout
 from . import pattern as _pattern
@@ -73,7 +74,9 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
     pair = spec.units[unit].pair
     segment, rate = spec.segments[pair], spec.rates[pair]
     offset = spec.units[unit].heads.start % rate
-    ranges, runs, last_first = [], [], {}
+    ranges: list[range] = []
+    runs: list[_Run] = []
+    last_first: dict[int, int] = {}
     base = packed = 0
     for a, b in _layout.shard_intervals(spec.seq_len, spec.ring_size, rank, spec.layout):
         for s in range(a // segment, (b - 1) // segment + 1):
@@ -90,7 +93,7 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
     return _Kept(Rows(merge_ranges(ranges)), tuple(runs), last_first)
 
 
-def _batch_calls(pairs, q_rows: Rows) -> tuple[Call, ...]:
+def _batch_calls(pairs: Iterable[tuple[_Run, _Run, BlockMask]], q_rows: Rows) -> tuple[Call, ...]:
     """Group ``(q_run, k_run, block mask)`` pairs into as few kernel calls as possible.
 
     Full pairs coalesce first: a query run's key runs that follow each other in packed
@@ -109,38 +112,41 @@ def _batch_calls(pairs, q_rows: Rows) -> tuple[Call, ...]:
             spans[-1][1] += k.length
         else:
             spans.append([k.start, k.length])
-    full: list[list] = []
+    full: list[list[int]] = []  # [q start, q length, k start, k length] of full spans
     for (qs, ql), spans in by_query.items():
         for ks, kl in spans:
             prev = full[-1] if full else None
             if prev and prev[2:4] == [ks, kl] and prev[0] + prev[1] == qs:
                 prev[1] += ql
             else:
-                full.append([qs, ql, ks, kl, BlockMask.FULL])
-    calls: list[list] = []
-    for qs, ql, ks, kl, mask in diagonal + [tuple(f) for f in full]:
+                full.append([qs, ql, ks, kl])
+    calls: list[list[int]] = []  # [q start, k start, runs, q length, k length]
+    masks: list[BlockMask] = []  # the mask of each of calls
+    for qs, ql, ks, kl, mask in diagonal + [(f[0], f[1], f[2], f[3], BlockMask.FULL) for f in full]:
         if calls:
             c = calls[-1]
             if (
-                c[5] is mask and c[3] == ql and c[4] == kl
+                masks[-1] is mask and c[3] == ql and c[4] == kl
                 and qs == c[0] + c[2] * c[3] and ks == c[1] + c[2] * c[4]
             ):
                 c[2] += 1
                 continue
-        calls.append([qs, ks, 1, ql, kl, mask])
+        calls.append([qs, ks, 1, ql, kl])
+        masks.append(mask)
     return tuple(
-        Call(qs, ks, n, ql, kl, mask, q_rows.sub(qs, qs + n * ql)) for qs, ks, n, ql, kl, mask in calls
+        Call(qs, ks, n, ql, kl, mask, q_rows.sub(qs, qs + n * ql))
+        for (qs, ks, n, ql, kl), mask in zip(calls, masks)
     )
 
 
-def _block_pairs(q_runs, k_runs, mask: SequenceMask, same_rank: bool) -> list[tuple[_Run, _Run, BlockMask]]:
+def _block_pairs(q_runs: Iterable[_Run], k_runs: Iterable[_Run], mask: SequenceMask, same_rank: bool) -> list[tuple[_Run, _Run, BlockMask]]:
     """``(query run, key run, block mask)`` of every pair of runs of one segment that the
     mask lets meet; on one rank a run meets itself in a diagonal block, and runs of
     different intervals never overlap."""
     by_segment: dict[int, list[_Run]] = {}
     for k in k_runs:
         by_segment.setdefault(k.segment, []).append(k)
-    pairs = []
+    pairs: list[tuple[_Run, _Run, BlockMask]] = []
     for q in q_runs:
         for k in by_segment.get(q.segment, ()):
             block = mask.block(q.first, k.first, diagonal=same_rank and k.start == q.start)
@@ -178,8 +184,12 @@ def _kv_rows(spec: _Spec, unit: int) -> tuple[Rows, Rows, Rows]:
     return Rows.of(per_head), Rows.of(sent), Rows.of(sent.index(h) for h in per_head)
 
 
+# A message and the runs of its rows, as packed in it.
+_Sent = tuple[Message, tuple[_Run, ...]]
+
+
 @functools.lru_cache(maxsize=4096)
-def _message(spec: _Spec, unit: int, src: int, dst: int):
+def _message(spec: _Spec, unit: int, src: int, dst: int) -> _Sent | None:
     """What ``src`` sends ``dst`` for ``unit``: ``(Message, runs as packed in it)`` or None."""
     have, need = _kept(spec, src, unit), _kept(spec, dst, unit)
     sent = [
@@ -189,7 +199,9 @@ def _message(spec: _Spec, unit: int, src: int, dst: int):
     ]
     if not sent:
         return None
-    moved, start, ranges = [], 0, []
+    moved: list[_Run] = []
+    ranges: list[range] = []
+    start = 0
     for k in sent:
         moved.append(k._replace(start=start))
         ranges.extend(have.rows.sub(k.start, k.start + k.length).ranges)
@@ -247,10 +259,11 @@ def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None
     r = spec.ring_size
     dst, src = (rank + shift) % r, (rank - shift) % r
     sends, receives, blocks = [], [], []
+    # _message_groups lists only units with a message: _message gives no None for them.
     for u, count in _message_groups(spec, rank, dst) if dst in partners else ():
-        sends.append(dataclasses.replace(_message(spec, u, rank, dst)[0], offsets=count))
+        sends.append(dataclasses.replace(cast(_Sent, _message(spec, u, rank, dst))[0], offsets=count))
     for u, count in _message_groups(spec, src, rank) if src in partners else ():
-        message, moved = _message(spec, u, src, rank)
+        message, moved = cast(_Sent, _message(spec, u, src, rank))
         receives.append((len(message.rows), len(message.kv_heads), count))
         kept = _kept(spec, rank, u)
         calls = _receiver_calls(spec, rank, u, moved)
@@ -264,7 +277,7 @@ def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None
     return Step(shift, tuple(sends), tuple(receives), tuple(blocks))
 
 
-def _receiver_calls(spec: _Spec, rank: int, u: int, moved) -> tuple[Call, ...]:
+def _receiver_calls(spec: _Spec, rank: int, u: int, moved: Sequence[_Run]) -> tuple[Call, ...]:
     kept = _kept(spec, rank, u)
     pairs = _block_pairs(kept.runs, moved, spec.mask, same_rank=False)
     return _batch_calls(pairs, kept.rows) if pairs else ()
@@ -309,7 +322,7 @@ def _shifted(rows: Rows, by: int) -> tuple[range, ...]:
     return tuple(range(r.start + by, r.stop + by, r.step) for r in rows.ranges)
 
 
-def _call_shapes(calls: tuple[Call, ...]) -> list[tuple]:
+def _call_shapes(calls: tuple[Call, ...]) -> list[tuple[int, int, int, int, int, BlockMask]]:
     return [(c.q_start, c.k_start, c.runs, c.q_len, c.k_len, c.mask) for c in calls]
 
 
@@ -325,7 +338,10 @@ def _partners(spec: _Spec, rank: int) -> set[int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _spec(pattern, seq_len, num_heads, num_kv_heads, mask: SequenceMask, ring_size, layout) -> _Spec:
+def _spec(
+    pattern: DilatedPattern | None, seq_len: int, num_heads: int, num_kv_heads: int, mask: SequenceMask,
+    ring_size: int, layout: Layout,
+) -> _Spec:
     if pattern is None:
         pattern = DilatedPattern((seq_len,), (1,))
     segments = pattern.effective_segment_lengths(seq_len)
@@ -393,7 +409,7 @@ def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
     for shift in range(1, spec.ring_size):
         theirs = _kept(spec, (rank - shift) % spec.ring_size, 0)
         pairs = _block_pairs(kept.runs, theirs.runs, spec.mask, same_rank=False)
-        blocks = ()
+        blocks: tuple[Block, ...] = ()
         if pairs:
             k_rows = Rows.of(range(len(theirs.rows)))
             calls = _batch_calls(pairs, kept.rows)
@@ -409,7 +425,7 @@ def clear() -> None:
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def _gc_paused() -> Iterator[None]:
     """A build allocates many small acyclic objects; a collection would rescan every cached plan."""
     was_enabled = gc.isenabled()
     gc.disable()
@@ -420,6 +436,9 @@ def _gc_paused():
             gc.enable()
 
 
-def ring_plans(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, ranks) -> tuple[RankPlan, ...]:
+def ring_plans(
+    pattern: DilatedPattern | None, seq_len: int, num_heads: int, num_kv_heads: int, mask: SequenceMask | bool,
+    ring_size: int, layout: Layout | str, ranks: Iterable[int],
+) -> tuple[RankPlan, ...]:
     """The plans of the ranks this process runs, in the order of ``ranks``."""
     return tuple(rank_plan(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, r) for r in ranks)

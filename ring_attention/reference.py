@@ -16,13 +16,20 @@ makes the row NaN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from . import pattern as _pattern
 from ._checks import check_flag, check_qkv, check_scale, check_window
 
 
-def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None, query_rows=None, window=None):
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: _pattern.DilatedPattern | None = None,
+    causal: bool = False, scale: float | None = None, query_rows: torch.Tensor | Sequence[int] | None = None,
+    window: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Dense weighted attention ``O = sum_j W exp(s) v / sum_j W exp(s)``.
 
     Args:
@@ -60,17 +67,18 @@ def reference_attention(q, k, v, *, pattern=None, causal=False, scale=None, quer
     keep = (w > 0)[None]  # [1, H, N or len(query_rows), N]
     drop = ~keep
     has_keys = keep.any(dim=-1, keepdim=True)
-    scores = _KeptScores.apply(q.to(acc), kx, drop, scale)  # -inf where W = 0
+    scores: torch.Tensor = _KeptScores.apply(q.to(acc), kx, drop, scale)  # type: ignore[no-untyped-call]  # torch's Function.apply is unannotated
     # Rows with keys subtract their own max, even a non-finite one (inf - inf is NaN, as
     # the formula evaluated on those keys gives); rows without keys subtract 0.
     row_max = torch.where(has_keys, scores.amax(dim=-1, keepdim=True), 0.0).detach()
     p = torch.where(keep, w.to(acc) * torch.exp(scores - row_max), 0.0)
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(has_keys, denom, 1.0)
-    return _KeptProduct.apply(p, vx, drop).to(q.dtype)
+    out: torch.Tensor = _KeptProduct.apply(p, vx, drop)  # type: ignore[no-untyped-call]  # as above
+    return out.to(q.dtype)
 
 
-def _check_rows(query_rows, seq_len: int) -> torch.Tensor:
+def _check_rows(query_rows: torch.Tensor | Sequence[int], seq_len: int) -> torch.Tensor:
     """``query_rows`` as a 1-d int64 CPU tensor of positions in ``[0, seq_len)``."""
     rows = torch.as_tensor(query_rows).cpu()
     if rows.numel() == 0 and rows.dim() == 1:  # torch.as_tensor([]) is float32
@@ -94,14 +102,14 @@ class _KeptScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, drop, scale):
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(q, k, drop)
         ctx.scale = scale
         scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
         return scores.masked_fill(drop, float("-inf"))
 
     @staticmethod
-    def backward(ctx, ds):
+    def backward(ctx: Any, ds: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         q, k, drop = ctx.saved_tensors
         ds = ds * ctx.scale
         need_q, need_k = ctx.needs_input_grad[:2]
@@ -114,12 +122,12 @@ class _KeptProduct(torch.autograd.Function):
     """``o[b,i,h] = sum_{j kept} p[b,h,i,j] v[b,j,h]``: values of dropped keys never enter."""
 
     @staticmethod
-    def forward(ctx, p, v, drop):
+    def forward(ctx: Any, p: torch.Tensor, v: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(p, v, drop)
         return _kept_sum("bhij,bjhd->bihd", p, v, drop)
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         p, v, drop = ctx.saved_tensors
         # d p[i,j] = <do[i], v[j]> for kept pairs only; d v[j] = sum over rows that keep j.
         need_p, need_v = ctx.needs_input_grad[:2]
@@ -150,7 +158,7 @@ def _kept_sum(equation: str, a: torch.Tensor, b: torch.Tensor, drop: torch.Tenso
     a_fin, b_fin = a.isfinite(), b.isfinite()
     out = torch.einsum(equation, a.where(a_fin, 0.0), b.where(b_fin, 0.0))
 
-    def count(x, y):  # how many kept pairs have both indicator properties
+    def count(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # how many kept pairs have both indicator properties
         return torch.einsum(equation, x.to(out.dtype), y.to(out.dtype))
 
     kept = (~drop).expand_as(a)

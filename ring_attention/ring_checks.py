@@ -25,15 +25,15 @@ import enum
 import hashlib
 import os
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, Union, cast
 
 import torch
 import torch.distributed as dist
 
 from . import layout as _layout
 from . import pattern as _pattern
-from ._checks import check_flag, check_qkv, check_scale
-from .comm import ProcessGroupRing, SimulatedRing
+from ._checks import Shapes, check_flag, check_qkv, check_scale
+from .comm import ProcessGroupRing, Ring, SimulatedRing
 
 
 class _Signature(NamedTuple):
@@ -63,7 +63,7 @@ class Agreement(enum.Enum):
 AGREEMENT_ENV = "RING_ATTENTION_AGREEMENT"
 
 
-def agreement_policy(group) -> Agreement:
+def agreement_policy(group: dist.ProcessGroup) -> Agreement:
     """``RING_ATTENTION_AGREEMENT`` (``every_call`` or ``cached``) if set, else by backend.
 
     gloo checks every call (a CPU collective of 16 bytes per rank costs about as much as
@@ -94,29 +94,37 @@ FULL = object()  # the ``pattern`` of full attention: ring_attention passes it, 
 
 # group -> its agreed signatures (LRU). Weakly keyed: a cache must not keep a process group
 # alive past destroy_process_group, or gloo's threads are torn down at interpreter exit.
-_AGREED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_AGREED: weakref.WeakKeyDictionary[dist.ProcessGroup, collections.OrderedDict[_Signature, None]] = (
+    weakref.WeakKeyDictionary()
+)
 _MAX_AGREED = 1024  # per group; every rank evicts the same entries: they see the same calls
 
 
-def _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, sharded):
-    ring_size = _layout.check_ring_size(ring_size)
-    layout = _layout.check_layout(layout)
-    causal = check_flag(causal, "causal")
-    checkpoint = check_flag(checkpoint, "checkpoint")
-    if pattern is not FULL:
-        pattern = _pattern.as_pattern(pattern)
+# What the checks return besides the ring: global shapes, scale, causal, layout, checkpoint.
+_Checked = tuple[Shapes, float, bool, _layout.Layout, bool]
+
+
+def _local_checks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_size: object, layout: object, causal: object,
+    scale: object, pattern: object, checkpoint: object, sharded: bool,
+) -> tuple[int, Shapes, float, bool, _layout.Layout, bool]:
+    size = _layout.check_ring_size(ring_size)
+    checked_layout = _layout.check_layout(layout)
+    checked_causal = check_flag(causal, "causal")
+    checked_checkpoint = check_flag(checkpoint, "checkpoint")
+    checked_pattern = None if pattern is FULL else _pattern.as_pattern(pattern)
     shapes = check_qkv(q, k, v)
-    scale = check_scale(scale, shapes.head_dim)
-    n = shapes.seq_len * ring_size if sharded else shapes.seq_len
-    if sharded and layout is _layout.Layout.ZIGZAG and shapes.seq_len % 2:
+    checked_scale = check_scale(scale, shapes.head_dim)
+    n = shapes.seq_len * size if sharded else shapes.seq_len
+    if sharded and checked_layout is _layout.Layout.ZIGZAG and shapes.seq_len % 2:
         raise ValueError(f"zigzag shards hold two equal chunks: this rank's length {shapes.seq_len} is odd")
-    _layout.check_divisible(n, ring_size, layout)
-    if pattern is not FULL:
-        pattern.check(n, shapes.heads)
-    return ring_size, shapes._replace(seq_len=n), scale, causal, layout, checkpoint
+    _layout.check_divisible(n, size, checked_layout)
+    if checked_pattern is not None:
+        checked_pattern.check(n, shapes.heads)
+    return size, shapes._replace(seq_len=n), checked_scale, checked_causal, checked_layout, checked_checkpoint
 
 
-def _refuse_local_in_distributed_job(ring_size) -> None:
+def _refuse_local_in_distributed_job(ring_size: object) -> None:
     """``group=None`` in a multi-process job is almost always a forgotten ``group=``."""
     if ring_size is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(
@@ -126,13 +134,14 @@ def _refuse_local_in_distributed_job(ring_size) -> None:
         )
 
 
-def _describe(pattern) -> str:
+def _describe(pattern: object) -> str:
     if pattern is FULL:
         return "full"
+    pattern = cast(_pattern.DilatedPattern, pattern)  # checked by _local_checks
     return f"{pattern.mode} {tuple(zip(pattern.segment_lengths, pattern.dilation_rates))}"
 
 
-def _collective_device(group, q) -> torch.device:
+def _collective_device(group: dist.ProcessGroup, q: torch.Tensor) -> torch.device:
     if dist.get_backend(group) != "nccl":
         return torch.device("cpu")
     if isinstance(q, torch.Tensor) and q.is_cuda:
@@ -140,7 +149,7 @@ def _collective_device(group, q) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _check_nccl_device(group, q) -> None:
+def _check_nccl_device(group: dist.ProcessGroup, q: torch.Tensor) -> None:
     if dist.get_backend(group) == "nccl":
         if not q.is_cuda:
             raise ValueError(f"the process group uses NCCL, which needs CUDA tensors: q is on {q.device}")
@@ -163,7 +172,7 @@ def _digest(signature: _Signature | None) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.int64) | 1  # never all zero
 
 
-def _digests_agree(signature: _Signature | None, group, size: int, device: torch.device) -> bool:
+def _digests_agree(signature: _Signature | None, group: dist.ProcessGroup, size: int, device: torch.device) -> bool:
     """Whether every rank holds ``signature`` (one all_gather); ``False`` sends all ranks on to
     the full exchange, which names what differs (every rank sees the same digests)."""
     mine = _digest(signature).to(device)
@@ -173,26 +182,30 @@ def _digests_agree(signature: _Signature | None, group, size: int, device: torch
 
 
 def check_ring_inputs(
-    q, k, v, *, group, ring_size, causal, scale, layout, pattern=FULL, checkpoint=False
-):
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup | None, ring_size: object,
+    causal: object, scale: object, layout: object, pattern: object = FULL, checkpoint: object = False,
+) -> tuple[Ring, Shapes, float, bool, _layout.Layout, bool]:
     """Validate and return ``(ring, global shapes, scale, causal, layout, checkpoint)``."""
     if group is None:
         _refuse_local_in_distributed_job(ring_size)
-        size, *rest = _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, False)
-        return (SimulatedRing(size), *rest)
+        checked = _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, False)
+        return (SimulatedRing(checked[0]), *checked[1:])
 
     ring = ProcessGroupRing(group)
-    error, result, signature, policy = None, None, None, Agreement.EVERY_CALL
+    error: ValueError | TypeError | None = None
+    result: _Checked | None = None
+    signature: _Signature | None = None
+    policy = Agreement.EVERY_CALL
     try:
         policy = agreement_policy(group)
         if ring_size is not None:
-            ring_size = _layout.check_ring_size(ring_size)
-            if ring_size != ring.size:
+            size = _layout.check_ring_size(ring_size)
+            if size != ring.size:
                 raise ValueError(
-                    f"ring_size={ring_size} does not match the process group's size {ring.size}; "
+                    f"ring_size={size} does not match the process group's size {ring.size}; "
                     "pass one or the other"
                 )
-        _, *result = _local_checks(q, k, v, ring.size, layout, causal, scale, pattern, checkpoint, True)
+        result = _local_checks(q, k, v, ring.size, layout, causal, scale, pattern, checkpoint, True)[1:]
         _check_nccl_device(group, q)
         shapes, scale_, causal_, layout_, checkpoint_ = result
         signature = _Signature(
@@ -202,24 +215,26 @@ def check_ring_inputs(
         )
     except (ValueError, TypeError) as exc:
         error = exc
-    agreed = _AGREED.setdefault(ring.group, collections.OrderedDict())
+    agreed = _AGREED.setdefault(group, collections.OrderedDict())
     if policy is Agreement.CACHED and error is None and signature in agreed:
-        agreed.move_to_end(signature)
-        return (ring, *result)
+        agreed.move_to_end(cast(_Signature, signature))  # no error: the signature is set
+        return (ring, *cast(_Checked, result))  # no error: the checks returned
 
     device = _collective_device(group, q)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if _digests_agree(signature if error is None else None, group, ring.size, device):
-            _remember(agreed, signature)
-            return (ring, *result)
-        every = [None] * ring.size
+            _remember(agreed, cast(_Signature, signature))  # the digests agree on a signature
+            return (ring, *cast(_Checked, result))
+        every: list[tuple[str | None, _Signature | None] | None] = [None] * ring.size
         dist.all_gather_object(every, (None if error is None else f"{type(error).__name__}: {error}", signature), group)
     if error is not None:
         raise error
-    bad = [f"rank {r}: {e}" for r, (e, _) in enumerate(every) if e is not None]
+    # all_gather_object filled every slot; a rank's signature is None only beside its error.
+    gathered = cast(list[tuple[Union[str, None], _Signature]], every)
+    bad = [f"rank {r}: {e}" for r, (e, _) in enumerate(gathered) if e is not None]
     if bad:
         raise ValueError("other ranks of the ring rejected their inputs (" + "; ".join(bad) + ")")
-    signatures = [s for _, s in every]
+    signatures = [s for _, s in gathered]
     diffs = [
         f"{_LABELS.get(name, name)}: " + ", ".join(f"rank {r}={s[i]}" for r, s in enumerate(signatures))
         for i, name in enumerate(_Signature._fields)
@@ -227,11 +242,11 @@ def check_ring_inputs(
     ]
     if diffs:
         raise ValueError("the ranks' shards or arguments disagree (" + "; ".join(diffs) + ")")
-    _remember(agreed, signature)
-    return (ring, *result)
+    _remember(agreed, cast(_Signature, signature))  # no rank failed, all signatures agree
+    return (ring, *cast(_Checked, result))
 
 
-def _remember(agreed: collections.OrderedDict, signature: _Signature) -> None:
+def _remember(agreed: collections.OrderedDict[_Signature, None], signature: _Signature) -> None:
     agreed[signature] = None
     if len(agreed) > _MAX_AGREED:
         agreed.popitem(last=False)

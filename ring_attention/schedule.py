@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 
 import torch
 
-from .blocks import Block, Call, RankPlan
+from .blocks import Block, Call, RankPlan, Rows
 from .options import Options
 
 # Two half-precision gradients summed in half precision round once, as their float32 sum
@@ -55,7 +56,7 @@ class Shard:
         return self.rows * self.heads
 
 
-def blocks_in_order(plan: RankPlan):
+def blocks_in_order(plan: RankPlan) -> Iterator[Block]:
     """The rank's blocks in execution order: local first, then by shift."""
     return itertools.chain(plan.local, *(step.blocks for step in plan.steps.values()))
 
@@ -77,7 +78,7 @@ class Schedule:
     from this rank's blocks (an upper bound: a call counts over the span of its rows).
     """
 
-    writes: dict
+    writes: dict[Call, bool]
     merges: bool
     cells_before_merge: int
     adopted: Call | None
@@ -110,7 +111,7 @@ def analyse(plan: RankPlan) -> Schedule:
     """The plan's :class:`Schedule` (what an executable plan holds; built once per plan)."""
     touched_rows: dict[int, list[tuple[int, int]]] = {}  # unit -> packed query intervals
     touched_heads: dict[int, set[int]] = {}  # pair -> query heads
-    writes = {}
+    writes: dict[Call, bool] = {}
     for blk in blocks_in_order(plan):
         units = range(blk.unit, blk.unit + blk.offsets)  # one pair
         pair = plan.units[blk.unit].pair
@@ -125,17 +126,17 @@ def analyse(plan: RankPlan) -> Schedule:
         touched_heads.setdefault(pair, set()).update(heads)
     cells = 0
     calls = ((c, blk.offsets * len(plan.units[blk.unit].heads)) for blk in blocks_in_order(plan) for c in blk.calls)
-    for c, heads in calls:
+    for c, call_heads in calls:
         if not writes[c]:
             break
-        cells += c.runs * c.q_len * heads
+        cells += c.runs * c.q_len * call_heads
     return Schedule(writes, not all(writes.values()), cells, *_adoptable(plan), gradient_adds(plan))
 
 
 def gradient_adds(plan: RankPlan) -> int:
     """The most gradients any (row, head) cell of dQ, dK or dV receives, bounded above by
     taking each call's rows as the interval they span (per head offset and head)."""
-    spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    spans: dict[tuple[str | int | None, int], list[tuple[int, int]]] = {}  # ("q" or source, head)
     for blk in blocks_in_order(plan):
         heads = range(*blk.heads.indices(blk.heads.stop))
         kv_heads = blk.kv_index.values()
@@ -149,7 +150,7 @@ def gradient_adds(plan: RankPlan) -> int:
     return max((_most_overlapping(s) for s in spans.values()), default=0)
 
 
-def _span(rows) -> tuple[int, int]:
+def _span(rows: Rows) -> tuple[int, int]:
     ends = [e for r in rows.ranges for e in (r[0], r[-1])]
     return min(ends), max(ends)
 

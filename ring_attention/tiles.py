@@ -29,8 +29,10 @@ plan, or a shard that no cut divides, gives ``None``: run it whole.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import cast
 
-from .blocks import Call, RankPlan, Rows
+from .blocks import Block, Call, RankPlan, Rows
 from .masks import BlockMask
 
 
@@ -72,11 +74,15 @@ class _Progression:
         return self.first + self.step * packed + self.offsets
 
 
-def _tileable(plan: RankPlan, closed: bool):
+# A tileable block with its query rows and (closed tiles) key rows as progressions.
+_TileBlock = tuple[Block, "_Progression", "_Progression | None"]
+
+
+def _tileable(plan: RankPlan, closed: bool) -> list[_TileBlock] | None:
     """``[(block, query progression, key progression or None)]``, or ``None`` if untileable."""
     if plan.ring_size != 1 or plan.steps:
         return None
-    out = []
+    out: list[_TileBlock] = []
     for blk in plan.local:
         q = _Progression.of(blk.q_rows, blk.offsets)
         k = _Progression.of(blk.k_rows, blk.offsets) if closed else None
@@ -86,7 +92,7 @@ def _tileable(plan: RankPlan, closed: bool):
     return out
 
 
-def _next_cut(blocks, cut: int, closed: bool) -> int:
+def _next_cut(blocks: Sequence[_TileBlock], cut: int, closed: bool) -> int:
     """The first cut at or after ``cut`` that every block allows."""
     while True:
         moved = cut
@@ -140,11 +146,16 @@ def _rebased(rows: Rows, start: int, stop: int, by: int) -> Rows:
     return Rows(tuple(range(r.start - by, r.stop - by, r.step) for r in rows.sub(start, stop).ranges))
 
 
-def _tile_plan(plan: RankPlan, blocks, a: int, b: int, closed: bool) -> RankPlan | None:
+def _tile_plan(plan: RankPlan, blocks: Sequence[_TileBlock], a: int, b: int, closed: bool) -> RankPlan | None:
     local = []
     for blk, q, k in blocks:
-        qa, qb = q.below(a), q.below(b)
-        ka, kb = (k.below(a), k.below(b)) if closed else (0, len(blk.k_rows))
+        # _next_cut chose a and b where every block's head offsets agree: below() is an int there.
+        qa, qb = cast(int, q.below(a)), cast(int, q.below(b))
+        if closed:
+            kp = cast(_Progression, k)  # a closed tile's blocks have key progressions (_tileable)
+            ka, kb = cast(int, kp.below(a)), cast(int, kp.below(b))
+        else:
+            ka, kb = 0, len(blk.k_rows)
         q_rows = _rebased(blk.q_rows, qa, qb, a)
         calls = tuple(
             piece

@@ -14,11 +14,17 @@ Shapes: a shard is ``[B, n, H, ...]``; a block's packed rows are ``[B, O, M, h, 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from typing import Literal, Union
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .blocks import Block, Call, Index
+
+# A view's recipe (size, stride, storage offset from its base's), or False: no view, build it.
+Recipe = Union[tuple[tuple[int, ...], tuple[int, ...], Union[int, torch.SymInt]], Literal[False]]
 
 
 def take(x: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
@@ -52,7 +58,7 @@ def source_packed(blk: Block, t: torch.Tensor, rows: Index, heads: Index) -> tor
 
 def run_view(x: torch.Tensor, start: int, runs: int, length: int) -> torch.Tensor:
     """Packed ``[B, O, M, h, ...]`` rows ``start .. start + runs*length`` as ``[B, O, runs, h, length, ...]``."""
-    return x[:, :, start : start + runs * length].unflatten(2, (runs, length)).transpose(3, 4)
+    return torch.unflatten(x[:, :, start : start + runs * length], 2, (runs, length)).transpose(3, 4)
 
 
 def runs(x: torch.Tensor, start: int, runs: int, length: int) -> torch.Tensor:
@@ -60,13 +66,15 @@ def runs(x: torch.Tensor, start: int, runs: int, length: int) -> torch.Tensor:
     return run_view(x, start, runs, length).flatten(0, 2)
 
 
-def unpacked(x: torch.Tensor, dtype) -> torch.Tensor:
+def unpacked(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Kernel results ``[B, 1, runs, h, L, ...]`` -> ``[B, runs*L, h, ...]``: a copy in ``dtype``."""
     x = x.squeeze(1).transpose(2, 3)
     return x.to(dtype, memory_format=torch.contiguous_format).flatten(1, 2)
 
 
-def view(recipes: dict, key, x: torch.Tensor, build) -> torch.Tensor:
+def view(
+    recipes: dict[Hashable, Recipe], key: Hashable, x: torch.Tensor, build: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """``build(x)``, taken by the recipe kept in ``recipes`` under ``key`` where it is a view of ``x``.
 
     A call's kernel inputs and result cells take a dozen view ops to derive (slices,
@@ -113,13 +121,13 @@ def adopted_rows(x: torch.Tensor, batch: int) -> torch.Tensor | None:
     a view; ``None`` where its layout has no such view (one run always has one; several
     need the rows of a run and the runs to follow each other in memory, as the CPU and
     CUDA kernels lay out their results, but not the CPU op's meta kernel)."""
-    rows = x.transpose(1, 2).unflatten(0, (batch, -1))  # [B, runs, L, H, ...]
+    rows = torch.unflatten(x.transpose(1, 2), 0, (batch, -1))  # [B, runs, L, H, ...]
     if rows.shape[1] != 1 and rows.stride(1) != rows.shape[2] * rows.stride(2):
         return None
     return rows.flatten(1, 2)
 
 
-def scatter_add(acc, rows: Index, heads: Index, grad) -> None:
+def scatter_add(acc: torch.Tensor, rows: Index, heads: Index, grad: torch.Tensor) -> None:
     """``acc[:, rows, heads] += grad`` for packed ``grad [B, M, h, D]`` in ``acc``'s dtype.
 
     Rows never repeat; heads may (grouped-query heads sharing a kv head), and add up.
