@@ -9,15 +9,21 @@ sides.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
+
 import torch
 
 from . import views
 from .blocks import Message, RankPlan, index
-from .comm import Ring
+from .comm import Pending, Ring, Spec
+
+# dK/dV on their way back: the shift they belong to and the exchange in flight.
+Returning = tuple[int, Pending]
 
 
-def _message_tensors(msgs: tuple[Message, ...], k, v) -> list[torch.Tensor]:
-    out = []
+def _message_tensors(msgs: tuple[Message, ...], k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
     for m in msgs:
         rows, heads = index(m.rows, k), index(m.kv_heads, k)
         if m.offsets > 1:  # progressions: one strided [B, O, M, h, D] view each
@@ -31,27 +37,33 @@ def _sizes(msgs: tuple[Message, ...]) -> list[tuple[int, int, int]]:
     return [(len(m.rows), len(m.kv_heads), m.offsets) for m in msgs]
 
 
-def _shapes(k: torch.Tensor, sizes, dtype) -> list:
+def _shapes(
+    k: torch.Tensor, sizes: Iterable[tuple[int, int, int]], dtype: torch.dtype
+) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """What arrives for messages of ``sizes`` ``(rows, kv heads, offsets)``: K and V each."""
     b, _, _, d = k.shape
-    spec = []
+    spec: list[tuple[tuple[int, ...], torch.dtype]] = []
     for rows, kv_heads, offsets in sizes:
         shape = (b, rows, kv_heads, d) if offsets == 1 else (b, offsets, rows, kv_heads, d)
         spec += [(shape, dtype)] * 2
     return spec
 
 
-def post_kv(ring: Ring, plans: dict[int, RankPlan], shift: int, ks, vs, held=None):
+def post_kv(
+    ring: Ring, plans: Mapping[int, RankPlan], shift: int, ks: Mapping[int, torch.Tensor],
+    vs: Mapping[int, torch.Tensor], held: Mapping[int, list[torch.Tensor]] | None = None,
+) -> Pending | None:
     """Post shift ``shift``'s exchange of k/v rows for every rank this process runs.
 
     A relay plan passes on ``held[r]`` (what arrived at the shift before) from shift 2 on.
     """
     relay = plans[ring.ranks[0]].relay
-    sends, specs = {}, {}
+    sends: dict[int, Sequence[torch.Tensor]] = {}
+    specs: dict[int, Spec] = {}
     for r in ring.ranks:
         step = plans[r].step(shift)
-        if step.sends:
-            sends[r] = held[r] if relay and shift > 1 else _message_tensors(step.sends, ks[r], vs[r])
+        if step.sends:  # a relay passes on from shift 2 on: held is given then
+            sends[r] = cast(Mapping[int, list[torch.Tensor]], held)[r] if relay and shift > 1 else _message_tensors(step.sends, ks[r], vs[r])
         if step.receives:
             specs[r] = _shapes(ks[r], step.receives, ks[r].dtype)
     if not sends and not specs:
@@ -59,14 +71,17 @@ def post_kv(ring: Ring, plans: dict[int, RankPlan], shift: int, ks, vs, held=Non
     return ring.exchange(1 if relay else shift, sends, specs, ks[ring.ranks[0]].device)
 
 
-def wait(pending) -> dict:
+def wait(pending: Pending | None) -> dict[int, list[torch.Tensor]]:
     return {} if pending is None else pending.wait()
 
 
-def post_returns(ring: Ring, plans, shift: int, back: dict, ks, acc, hop: int):
+def post_returns(
+    ring: Ring, plans: Mapping[int, RankPlan], shift: int, back: Mapping[int, Sequence[torch.Tensor]],
+    ks: Mapping[int, torch.Tensor], acc: torch.dtype, hop: int,
+) -> Returning | None:
     """Send the dK/dV of rows received at ``shift`` ``hop`` ranks on: back to their owners
     (``-shift``), or to the neighbour that holds their K/V next (relay)."""
-    specs = {}
+    specs: dict[int, Spec] = {}
     for r in ring.ranks:
         step = plans[r].step(shift)
         if step.sends:  # direct: the gradients of the rows r sent; relay: of the rows r passed on
@@ -76,12 +91,14 @@ def post_returns(ring: Ring, plans, shift: int, back: dict, ks, acc, hop: int):
     return shift, ring.exchange(hop, back, specs, ks[ring.ranks[0]].device)
 
 
-def add_returned(returning, plans, grads) -> None:
+def add_returned(
+    returning: Returning | None, plans: Mapping[int, RankPlan], grads: Mapping[int, list[torch.Tensor | None]]
+) -> None:
     if returning is None:
         return
     shift, pending = returning
     for r, tensors in pending.wait().items():
-        _, dk, dv = grads[r]
+        _, dk, dv = cast(list[torch.Tensor], grads[r])  # a rank receiving dK/dV has its accumulators
         for m, dk_rows, dv_rows in zip(plans[r].step(shift).sends, tensors[0::2], tensors[1::2]):
             rows, heads = index(m.rows, dk), index(m.kv_heads, dk)
             if m.offsets > 1:  # [B, O, M, h, D]: into the strided view it was sent from

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Hashable
 
 import torch
 
 from . import blocks, plans, schedule
-from .blocks import Call, RankPlan, device_key
+from .blocks import Call, DeviceKey, RankPlan, device_key
 from .layout import Layout
 from .masks import SequenceMask
 from .merge import MERGE_LAUNCHES, accumulation_dtype
@@ -35,6 +36,7 @@ from .options import DEFAULT, Options
 from .pattern import DilatedPattern
 from .schedule import Schedule, Shard
 from .tiles import row_tiles
+from .views import Recipe
 
 # Executable plans kept: a model's layers share one per shape, so a few per training job.
 MAX_PLANS = 256
@@ -85,8 +87,8 @@ class RankExecution:
     backward_launches: dict[Call, tuple[tuple[Call, slice], ...]]
     forward_tiles: tuple[tuple[int, int, RankExecution], ...] | None = None
     backward_tiles: tuple[tuple[int, int, RankExecution], ...] | None = None
-    recipes: dict = dataclasses.field(default_factory=dict)  # see views.view
-    _empty_cells: dict = dataclasses.field(default_factory=dict)
+    recipes: dict[Hashable, Recipe] = dataclasses.field(default_factory=dict)  # see views.view
+    _empty_cells: dict[DeviceKey, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def cells_without_keys(self, q: torch.Tensor) -> torch.Tensor:
         """``[n, H]`` bool on ``q``'s device: the cells of the shard no call computes.
@@ -159,7 +161,8 @@ def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, opt
     adopts_forward = sched.covers(shard) and sched.adopted is not None and out_dtype == dtype
     in_half = schedule.exact_in_half(plan, sched)
     adopts_backward = sched.adopted_kv and kv_like_q and (in_half or acc == dtype)
-    forward, backward = {False: {}, True: {}}, {}
+    forward: dict[bool, dict[Call, tuple[tuple[Call, slice], ...]]] = {False: {}, True: {}}
+    backward: dict[Call, tuple[tuple[Call, slice], ...]] = {}
     for blk in schedule.blocks_in_order(plan):
         for c in blk.calls:
             adopted = c is sched.adopted

@@ -13,6 +13,9 @@ what arrived. What is written and what merged is the schedule's
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+from typing import Optional, cast
+
 import torch
 
 from . import kernels, views
@@ -22,6 +25,11 @@ from .exchange import post_kv, wait
 from .executable import ExecutablePlan, RankExecution
 from .masks import BlockMask
 from .merge import accumulation_dtype, merge_into_
+from .views import Recipe
+
+# A shard's running [out [B, n, H, D], lse [B, H, n]]: out is None until the adopted call's
+# results become it, lse None where nothing reads it.
+Accumulators = list[Optional[torch.Tensor]]
 
 
 class _SplitValues:
@@ -31,8 +39,8 @@ class _SplitValues:
     a received message's split dies with the step, as the message does.
     """
 
-    def __init__(self):
-        self._by_source: dict[int, tuple] = {}
+    def __init__(self) -> None:
+        self._by_source: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         hit = self._by_source.get(id(v))
@@ -41,7 +49,8 @@ class _SplitValues:
         return hit[1], hit[2]
 
 
-def _block_forward(blk: Block, rank: RankExecution, q, k_src, v_src, acc: list, scale: float, poison=None,
+def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor,
+                   acc: Accumulators, scale: float, poison: torch.Tensor | None = None,
                    split: _SplitValues | None = None) -> None:
     """Run the block's calls; each result is written into or merged with the accumulators
     ``acc = [out [B, n, H, D], lse [B, H, n] or None]`` in place, through strided views
@@ -71,7 +80,7 @@ def _block_forward(blk: Block, rank: RankExecution, q, k_src, v_src, acc: list, 
         for c, g in rank.forward_launches[acc[1] is not None][call]:
             causal = c.mask is BlockMask.CAUSAL
             o, lse = kernels.attention_forward(
-                *_kernel_inputs(rank.recipes, c, g, qb, kb, clean_vb if causal else vb),
+                *_kernel_inputs(rank.recipes, c, g, qb, kb, cast(torch.Tensor, clean_vb) if causal else vb),  # split above
                 causal=causal,
                 scale=scale,
                 mark_query_rows=False,  # marked once, at the end
@@ -84,7 +93,9 @@ def _block_forward(blk: Block, rank: RankExecution, q, k_src, v_src, acc: list, 
             del o, lse  # before the next offset's results: one block result alive at a time
 
 
-def _kernel_inputs(recipes: dict, c: Call, g: slice, qb, kb, vb) -> tuple[torch.Tensor, ...]:
+def _kernel_inputs(
+    recipes: dict[Hashable, Recipe], c: Call, g: slice, qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Call ``c``'s (head offsets ``g``) query, key and value runs of the packed ``qb``,
     ``kb``, ``vb [B, O, M, h, D]``, as the kernel takes them: ``[B*O*runs, h, L, D]``."""
     return (
@@ -94,32 +105,32 @@ def _kernel_inputs(recipes: dict, c: Call, g: slice, qb, kb, vb) -> tuple[torch.
     )
 
 
-def _put_result(recipes: dict, blk: Block, c: Call, g: slice, q, q_rows: Index, write: bool, mark, acc: list, o,
-                lse) -> None:
+def _put_result(recipes: dict[Hashable, Recipe], blk: Block, c: Call, g: slice, q: torch.Tensor, q_rows: Index,
+                write: bool, mark: torch.Tensor | None, acc: Accumulators, o: torch.Tensor, lse: torch.Tensor) -> None:
     """Write or merge the results ``o [B*O*runs, h, L, D]``, ``lse [B*O*runs, h, L]`` of
     call ``c`` (head offsets ``g``) into ``acc``; a written result marked by ``mark`` (see
     :func:`_block_forward`)."""
     if acc[0] is None:  # the adopted call: its results are the accumulators, if they can be
-        adopted = views.adopted_rows(o, q.shape[0]), views.adopted_rows(lse.unsqueeze(-1), q.shape[0])
-        if None not in adopted:
-            acc[0], acc[1] = adopted[0], adopted[1].squeeze(-1).transpose(1, 2)
+        out_rows, lse_rows = views.adopted_rows(o, q.shape[0]), views.adopted_rows(lse.unsqueeze(-1), q.shape[0])
+        if out_rows is not None and lse_rows is not None:
+            acc[0], acc[1] = out_rows, lse_rows.squeeze(-1).transpose(1, 2)
             return
         acc[:] = _accumulators(q, o.dtype, lse.dtype, covered=True)  # then written below
-    out_acc, lse_acc = acc
+    out_acc, lse_acc = cast(torch.Tensor, acc[0]), acc[1]  # out is there once adoption is settled
     by_run = (-1, g.stop - g.start, c.runs)
-    o, lse = o.unflatten(0, by_run), lse.unflatten(0, by_run)
+    o, lse = torch.unflatten(o, 0, by_run), torch.unflatten(lse, 0, by_run)
     if not isinstance(q_rows, slice):
         rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
         _scatter_result(rows, blk.heads, write, acc, o, lse, mark)
         return
 
-    def cells(x):
+    def cells(x: torch.Tensor) -> torch.Tensor:
         return views.cells(x, q_rows, blk, g, c)
 
     o_acc = views.view(recipes, (c, g.start, g.stop, "out"), out_acc, cells)
     l_acc = None if lse_acc is None else views.view(recipes, (c, g.start, g.stop, "lse"), views.rows_major(lse_acc), cells)
-    if not write:
-        merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
+    if not write:  # a merge: the LSE accumulator exists
+        merge_into_(o_acc, cast(torch.Tensor, l_acc), o, lse, empty_rows=False)  # kernel results are never empty
     elif mark is None:
         o_acc.copy_(o)
         if l_acc is not None:
@@ -131,7 +142,9 @@ def _put_result(recipes: dict, blk: Block, c: Call, g: slice, q, q_rows: Index, 
             torch.add(lse, p, alpha=0, out=l_acc)
 
 
-def _accumulators(q, out_dtype, lse_dtype, covered: bool, need_lse: bool = True) -> list:
+def _accumulators(
+    q: torch.Tensor, out_dtype: torch.dtype, lse_dtype: torch.dtype, covered: bool, need_lse: bool = True
+) -> Accumulators:
     """``[out [B, n, H, D], lse [B, H, n] or None]`` for the shard ``q``: uninitialized where
     ``covered`` (every cell is written before any merge reads it), else ``(0, -inf)``:
     cells no call writes are rows without keys."""
@@ -146,31 +159,33 @@ def _accumulators(q, out_dtype, lse_dtype, covered: bool, need_lse: bool = True)
     return [out, lse]
 
 
-def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: list, o, lse, poison) -> None:
+def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: Accumulators, o: torch.Tensor,
+                    lse: torch.Tensor, poison: torch.Tensor | None) -> None:
     """Write or merge a result ``[B, 1, runs, h, L, ...]`` at ``rows`` that are no progression
     (a dilated unit across zigzag chunks): gather, merge, scatter; marked by ``poison``
     (``[B, n, H]`` or ``None``) first."""
-    out_acc, lse_acc = acc
+    out_acc, lse_acc = cast(torch.Tensor, acc[0]), acc[1]  # out is there once adoption is settled
     o = views.unpacked(o, out_acc.dtype)  # [B, M, h, D]
-    lse = None if lse_acc is None else views.unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)
+    lse_b = None if lse_acc is None else views.unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)
     if poison is not None:
         p = poison[:, :, heads].index_select(1, rows)
         o.add_(p.unsqueeze(-1), alpha=0)
-        if lse is not None:
-            lse.add_(p, alpha=0)
+        if lse_b is not None:
+            lse_b.add_(p, alpha=0)
     o_heads = out_acc[:, :, heads]
     l_heads = None if lse_acc is None else views.rows_major(lse_acc)[:, :, heads]
-    if not write:
+    if not write:  # a merge: the LSE accumulator exists
+        l_heads = cast(torch.Tensor, l_heads)
         o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
-        merge_into_(o_acc, l_acc, o, lse, empty_rows=False)  # kernel results are never empty
-        o, lse = o_acc, l_acc
+        merge_into_(o_acc, l_acc, o, cast(torch.Tensor, lse_b), empty_rows=False)  # kernel results are never empty
+        o, lse_b = o_acc, l_acc
     o_heads.index_copy_(1, rows, o)
     if l_heads is not None:
-        l_heads.index_copy_(1, rows, lse)
+        l_heads.index_copy_(1, rows, cast(torch.Tensor, lse_b))
 
 
-def run_forward(plan: ExecutablePlan, ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
-                need_lse: bool = True):
+def run_forward(plan: ExecutablePlan, ring: Ring, qs: Mapping[int, torch.Tensor], ks: Mapping[int, torch.Tensor],
+                vs: Mapping[int, torch.Tensor], scale: float, need_lse: bool = True) -> dict[int, Accumulators]:
     """Run the plan of ``ring.ranks``; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
 
     ``out`` is in the accumulation dtype where some call merges on the whole shard, else
@@ -189,18 +204,21 @@ def run_forward(plan: ExecutablePlan, ring: Ring, qs: dict, ks: dict, vs: dict, 
     for start, stop, tile in tiles:  # one tile's float32 accumulators alive at a time
         rows = slice(start, stop)
         tile_out, tile_lse = _forward_whole({r: tile}, ring, {r: q[:, rows]}, ks, vs, scale, need_lse)[r]
-        out[:, rows].copy_(tile_out)
-        if lse is not None:
-            lse[:, :, rows].copy_(tile_lse)
+        out[:, rows].copy_(cast(torch.Tensor, tile_out))
+        if lse is not None:  # need_lse: every tile has its LSE
+            lse[:, :, rows].copy_(cast(torch.Tensor, tile_lse))
         del tile_out, tile_lse
     return {r: [out, lse]}
 
 
-def _forward_whole(ranks: dict[int, RankExecution], ring: Ring, qs: dict, ks: dict, vs: dict, scale: float,
-                   need_lse: bool):
+def _forward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[int, torch.Tensor],
+                   ks: Mapping[int, torch.Tensor], vs: Mapping[int, torch.Tensor], scale: float,
+                   need_lse: bool) -> dict[int, Accumulators]:
     """:func:`run_forward` on whole shards."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
-    state, poisons, marked_at_end = {}, {}, []
+    state: dict[int, Accumulators] = {}
+    poisons: dict[int, torch.Tensor] = {}
+    marked_at_end: list[int] = []
     for r in ring.ranks:
         schedule = ranks[r].schedule
         out_dtype = acc if schedule.merges else qs[r].dtype
@@ -229,10 +247,11 @@ def _forward_whole(ranks: dict[int, RankExecution], ring: Ring, qs: dict, ks: di
         for r in ring.ranks:
             split = _SplitValues()
             for blk in plans[r].step(shift).blocks:
-                k_msg, v_msg = received[r][2 * blk.source], received[r][2 * blk.source + 1]
+                j = 2 * cast(int, blk.source)  # a step's blocks read the messages received
+                k_msg, v_msg = received[r][j], received[r][j + 1]
                 _block_forward(blk, ranks[r], qs[r], k_msg, v_msg, state[r], scale, poisons.get(r), split)
     for r in marked_at_end:
-        _mark_query_rows(ranks[r], qs[r], *state[r])
+        _mark_query_rows(ranks[r], qs[r], cast(torch.Tensor, state[r][0]), state[r][1])  # out is there now
     return state
 
 
