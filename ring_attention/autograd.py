@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
 from . import layout as _layout
@@ -21,20 +23,22 @@ class PackedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: ExecutablePlan, ring: Ring, scale: float, need_lse: bool, *tensors):
+    def forward(
+        ctx: Any, plan: ExecutablePlan, ring: Ring, scale: float, need_lse: bool, *tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         n = len(ring.ranks)
         qs = dict(zip(ring.ranks, tensors[:n]))
         ks = dict(zip(ring.ranks, tensors[n : 2 * n]))
         vs = dict(zip(ring.ranks, tensors[2 * n :]))
         state = run_forward(plan, ring, qs, ks, vs, scale, need_lse)
-        outs = tuple(state[r][0].to(qs[r].dtype) for r in ring.ranks)
+        outs = tuple(cast(torch.Tensor, state[r][0]).to(qs[r].dtype) for r in ring.ranks)  # every rank's out
         lses = tuple(state[r][1] for r in ring.ranks)
         ctx.plan, ctx.ring, ctx.scale = plan, ring, scale
         ctx.save_for_backward(*tensors, *outs, *lses)
         return outs
 
     @staticmethod
-    def backward(ctx, *douts):
+    def backward(ctx: Any, *douts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "ring_attention does not support double backward (create_graph=True): its "
@@ -44,12 +48,12 @@ class PackedAttention(torch.autograd.Function):
         n = len(ring.ranks)
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (dict(zip(ring.ranks, saved[i * n : (i + 1) * n])) for i in range(5))
-        douts = {r: (d if d is not None else torch.zeros_like(outs[r])) for r, d in zip(ring.ranks, douts)}
-        grads = run_backward(ctx.plan, ring, qs, ks, vs, outs, lses, douts, ctx.scale)
-        results = []
+        filled = {r: (d if d is not None else torch.zeros_like(outs[r])) for r, d in zip(ring.ranks, douts)}
+        grads = run_backward(ctx.plan, ring, qs, ks, vs, outs, lses, filled, ctx.scale)
+        results: list[torch.Tensor] = []
         for i, inputs in enumerate((qs, ks, vs)):
             for r in ring.ranks:
-                results.append(grads[r][i].to(inputs[r].dtype))
+                results.append(cast(torch.Tensor, grads[r][i]).to(inputs[r].dtype))  # not yet freed
                 grads[r][i] = None  # a float32 accumulator is freed once converted
         return (None, None, None, None, *results)
 
@@ -64,7 +68,12 @@ def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.
     """
     need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # for a backward
     if len(ring.ranks) == 1:
-        return PackedAttention.apply(plan, ring, scale, need_lse, q, k, v)[0]
+        out: torch.Tensor = PackedAttention.apply(  # type: ignore[no-untyped-call]  # torch's Function.apply is unannotated
+            plan, ring, scale, need_lse, q, k, v
+        )[0]
+        return out
     shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
-    outs = PackedAttention.apply(plan, ring, scale, need_lse, *shards[0], *shards[1], *shards[2])
+    outs: tuple[torch.Tensor, ...] = PackedAttention.apply(  # type: ignore[no-untyped-call]  # as above
+        plan, ring, scale, need_lse, *shards[0], *shards[1], *shards[2]
+    )
     return _layout.join(list(outs), layout)

@@ -10,10 +10,16 @@ meet which is built in :mod:`ring_attention.plans` and run by
 
 from __future__ import annotations
 
+import torch
+
 from .entry import attend
+from .pattern import DilatedPattern
 
 
-def dilated_attention(q, k, v, pattern, *, causal=False, scale=None, checkpoint=False):
+def dilated_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: DilatedPattern, *, causal: bool = False,
+    scale: float | None = None, checkpoint: bool = False,
+) -> torch.Tensor:
     """Dilated attention: SEMANTICS.md's weighted attention with ``W`` from ``pattern``.
 
     Args:

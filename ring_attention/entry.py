@@ -17,7 +17,10 @@ in this process; one device is the ring of one). :func:`attend` then
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 
 from . import ops
@@ -38,7 +41,7 @@ def attend(
     v: torch.Tensor,
     pattern: DilatedPattern | object,
     *,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     ring_size: int | None = None,
     causal: bool = False,
     scale: float | None = None,
@@ -54,37 +57,39 @@ def attend(
     Returns this rank's output shard (with ``group``) or the whole output in natural order.
     """
     if torch.compiler.is_compiling() and group is not None:
-        return _eager(
+        eager: torch.Tensor = _eager(
             q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
             checkpoint=checkpoint, options=options,
         )
+        return eager
     ring, shapes, scale, causal, layout, checkpoint = check_ring_inputs(
         q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
         checkpoint=checkpoint, pattern=pattern,
     )
-    pattern = None if pattern is FULL else pattern  # what plans and ops call full attention
+    # what plans and ops call full attention; a pattern check_ring_inputs accepted otherwise
+    checked = None if pattern is FULL else cast(DilatedPattern, pattern)
     if torch.compiler.is_compiling():
-        def run(q, k, v):
-            return ops.attention(q, k, v, pattern, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return ops.attention(q, k, v, checked, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
                                  options=options)
     else:
         mask = SequenceMask(causal=causal)
-        key = PlanKey(pattern, shapes.seq_len, shapes.heads, shapes.kv_heads, mask, ring.size, layout, ring.ranks,
+        key = PlanKey(checked, shapes.seq_len, shapes.heads, shapes.kv_heads, mask, ring.size, layout, ring.ranks,
                       q.shape[0], q.shape[3], q.dtype, options)
         plan = executable_plan(key)
 
-        def run(q, k, v):
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return run_on_ring(plan, ring, scale, layout, q, k, v)
 
     # Only the inputs are stored; the forward runs again in backward. Under torch.compile
     # this is what keeps the custom op's outputs unsaved: a plain rerun of the op in its
     # backward formula would be merged with the forward's call as a common subexpression.
     if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False)
+        return cast(torch.Tensor, torch.utils.checkpoint.checkpoint(run, q, k, v, use_reentrant=False))
     return run(q, k, v)
 
 
-@torch.compiler.disable
-def _eager(*args, **kwargs) -> torch.Tensor:
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # unannotated in torch
+def _eager(*args: Any, **kwargs: Any) -> torch.Tensor:
     """A process group's agreement and P2P run eagerly, outside a compiled graph (a graph break)."""
     return attend(*args, **kwargs)

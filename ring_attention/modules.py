@@ -7,6 +7,8 @@ is built, not at its first forward (or never: ``checkpoint='x'`` would read as t
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
@@ -29,14 +31,17 @@ class DilatedAttention(nn.Module):
         ``scale`` or ``checkpoint``, with the messages of the functional API.
     """
 
-    def __init__(self, pattern, *, causal=False, scale=None, checkpoint=False):
+    def __init__(
+        self, pattern: _pattern.DilatedPattern, *, causal: bool = False, scale: float | None = None,
+        checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         self.pattern = _pattern.as_pattern(pattern)
         self.causal = check_flag(causal, "causal")
         self.scale = check_optional_scale(scale)
         self.checkpoint = check_flag(checkpoint, "checkpoint")
 
-    def forward(self, q, k, v):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dilated_attention(
             q, k, v, self.pattern, causal=self.causal, scale=self.scale, checkpoint=self.checkpoint
         )
@@ -45,7 +50,7 @@ class DilatedAttention(nn.Module):
         return f"pattern={self.pattern}, causal={self.causal}, checkpoint={self.checkpoint}"
 
 
-def _check_group(group, ring_size):
+def _check_group(group: dist.ProcessGroup | None, ring_size: int | None) -> dist.ProcessGroup | None:
     """``group`` must be a process group or ``None``; a given ``ring_size`` must be its size."""
     if group is None:
         return None
@@ -74,9 +79,10 @@ class RingDilatedAttention(nn.Module):
     """
 
     def __init__(
-        self, pattern, *, group=None, ring_size=None, causal=False, scale=None,
-        layout="contiguous", checkpoint=False,
-    ):
+        self, pattern: _pattern.DilatedPattern, *, group: dist.ProcessGroup | None = None,
+        ring_size: int | None = None, causal: bool = False, scale: float | None = None,
+        layout: _layout.Layout | str = "contiguous", checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         self.pattern = _pattern.as_pattern(pattern)
         self.ring_size = None if ring_size is None else _layout.check_ring_size(ring_size)
@@ -86,7 +92,7 @@ class RingDilatedAttention(nn.Module):
         self.layout = _layout.check_layout(layout)
         self.checkpoint = check_flag(checkpoint, "checkpoint")
 
-    def forward(self, q, k, v):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return ring_dilated_attention(
             q, k, v, self.pattern, group=self.group, ring_size=self.ring_size, causal=self.causal,
             scale=self.scale, layout=self.layout, checkpoint=self.checkpoint,
@@ -134,10 +140,12 @@ class MultiheadDilatedAttention(nn.Module):
     """
 
     def __init__(
-        self, embed_dim, num_heads, pattern, *, batch_first, num_kv_heads=None, bias=True,
-        causal=False, checkpoint=False, group=None, ring_size=None, layout="contiguous",
-        device=None, dtype=None,
-    ):
+        self, embed_dim: int, num_heads: int, pattern: _pattern.DilatedPattern, *, batch_first: bool,
+        num_kv_heads: int | None = None, bias: bool = True, causal: bool = False, checkpoint: bool = False,
+        group: dist.ProcessGroup | None = None, ring_size: int | None = None,
+        layout: _layout.Layout | str = "contiguous", device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         embed_dim = check_positive_int(embed_dim, "embed_dim")
         num_heads = check_positive_int(num_heads, "num_heads")
@@ -165,9 +173,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
 
     def forward(
-        self, query, key=None, value=None, key_padding_mask=None, need_weights=False,
-        attn_mask=None,
-    ):
+        self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None, need_weights: bool = False, attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
         """``(output, None)``; ``key`` defaults to ``query`` and ``value`` to ``key``.
 
         ``query``, ``key`` and ``value`` are ``[B, N, E]`` (``batch_first=True``) or
@@ -189,12 +197,12 @@ class MultiheadDilatedAttention(nn.Module):
         if self.checkpoint and torch.is_grad_enabled():
             # Checkpoint the whole layer: only its inputs are stored, and the projections
             # as well as the attention are recomputed in backward.
-            out = torch.utils.checkpoint.checkpoint(self._layer, query, key, value, use_reentrant=False)
+            out = cast(torch.Tensor, torch.utils.checkpoint.checkpoint(self._layer, query, key, value, use_reentrant=False))
         else:
             out = self._layer(query, key, value)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
-    def _check_inputs(self, query, key, value) -> None:
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Shapes against each other in the user's terms: batch, length, embed_dim."""
         dims = "[B, N, E]" if self.batch_first else "[N, B, E]"
         where = f"(batch_first={self.batch_first}: {dims})"
@@ -226,10 +234,11 @@ class MultiheadDilatedAttention(nn.Module):
                 "key/value sequence of another length is not supported)"
             )
 
-    def _layer(self, query, key, value):
+    def _layer(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         b, n, _ = query.shape
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(b, n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(b, n, self.num_kv_heads, self.head_dim)
         a = self.attention(q, k, v)
-        return self.out_proj(a.reshape(b, n, self.embed_dim))
+        out: torch.Tensor = self.out_proj(a.reshape(b, n, self.embed_dim))
+        return out

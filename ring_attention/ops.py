@@ -21,6 +21,8 @@ counters see, which a custom op would hide.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -32,10 +34,11 @@ from .forward import run_forward
 from .masks import SequenceMask
 from .merge import accumulation_dtype
 from .options import DEFAULT, Options
-from .pattern import DilatedPattern
+from .pattern import DilatedPattern, Mode
 
 
-def _plan(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout, options) -> ExecutablePlan:
+def _plan(q: torch.Tensor, k: torch.Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str,
+          causal: bool, ring_size: int, layout: str, options: Sequence[int]) -> ExecutablePlan:
     pattern = DilatedPattern(tuple(segment_lengths), tuple(dilation_rates), mode) if segment_lengths else None
     b, n, h, d = q.shape
     key = PlanKey(pattern, n, h, k.shape[2], SequenceMask(causal=causal), ring_size, _layout.Layout(layout), tuple(range(ring_size)), b, d,
@@ -64,12 +67,16 @@ def _forward(
     plan = _plan(q, k, segment_lengths, dilation_rates, mode, causal, ring_size, layout, options)
     qs, ks, vs = (_shards(t, ring_size, layout) for t in (q, k, v))
     state = run_forward(plan, SimulatedRing(ring_size), qs, ks, vs, scale)
-    out = _joined([state[r][0] for r in plan.ranks], layout, q.dtype)
-    return out, torch.stack([state[r][1] for r in plan.ranks])
+    # run_forward returns every rank's out, and its LSE (need_lse by default)
+    out = _joined([cast(torch.Tensor, state[r][0]) for r in plan.ranks], layout, q.dtype)
+    return out, torch.stack([cast(torch.Tensor, state[r][1]) for r in plan.ranks])
 
 
 @_forward.register_fake
-def _(q, k, v, segment_lengths, dilation_rates, mode, causal, ring_size, layout, scale, options):
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int],
+    mode: str, causal: bool, ring_size: int, layout: str, scale: float, options: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((ring_size, b, h, n // ring_size), dtype=accumulation_dtype(q.dtype))
 
@@ -85,21 +92,30 @@ def _backward(
     qs, ks, vs, outs, douts = (_shards(t, ring_size, layout) for t in (q, k, v, out, dout))
     lses = dict(enumerate(lse.unbind(0)))
     grads = run_backward(plan, SimulatedRing(ring_size), qs, ks, vs, outs, lses, douts, scale)
-    return tuple(_joined([grads[r][i] for r in plan.ranks], layout, t.dtype) for i, t in enumerate((q, k, v)))
+    dq, dk, dv = (
+        _joined([cast(torch.Tensor, grads[r][i]) for r in plan.ranks], layout, t.dtype) for i, t in enumerate((q, k, v))
+    )
+    return dq, dk, dv
 
 
 @_backward.register_fake
-def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, mode, causal, ring_size, layout, scale, options):
+def _(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    segment_lengths: list[int], dilation_rates: list[int], mode: str, causal: bool, ring_size: int, layout: str,
+    scale: float, options: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[object, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     ctx.plan_args = inputs[3:]
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(*inputs[:3], *output)
 
 
-def _backward_fn(ctx, dout, _dlse):
+def _backward_fn(
+    ctx: Any, dout: torch.Tensor | None, _dlse: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
@@ -110,14 +126,15 @@ def _backward_fn(ctx, dout, _dlse):
 torch.library.register_autograd("ring_attention::forward", _backward_fn, setup_context=_setup_context)
 
 
-def attention(q, k, v, pattern: DilatedPattern | None, *, causal: bool, ring_size: int,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: DilatedPattern | None, *, causal: bool, ring_size: int,
               layout: _layout.Layout | str, scale: float, options: Options = DEFAULT) -> torch.Tensor:
     """The whole sequence's output through the custom ops (inputs already validated).
 
     ``pattern=None`` is full attention; ``ring_size`` ranks are simulated in this process.
     """
     ws, rs, mode = ([], [], "mixture") if pattern is None else (
-        list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.mode.value)
+        list(pattern.segment_lengths), list(pattern.dilation_rates), cast(Mode, pattern.mode).value)  # a Mode once built
     layout = _layout.check_layout(layout).value  # the op's schema takes a plain string
     limits = list(dataclasses.astuple(options))  # and the options as integers
-    return _forward(q, k, v, ws, rs, mode, causal, ring_size, layout, scale, limits)[0]
+    out: torch.Tensor = _forward(q, k, v, ws, rs, mode, causal, ring_size, layout, scale, limits)[0]
+    return out

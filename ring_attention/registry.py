@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Optional, cast
+
+import torch
 
 from .dense import dense_attention
 from .dilated import dilated_attention
@@ -79,9 +81,9 @@ class Variant:
     layout: str = "contiguous"
     checkpoint: bool = False
     from_earlier_project: bool = False
-    large_n_devices: frozenset = frozenset()
+    large_n_devices: frozenset[str] = frozenset()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         try:
             kind = Kind(self.kind)
         except ValueError:
@@ -93,13 +95,13 @@ class Variant:
     def pattern_for(self, seq_len: int) -> Optional[DilatedPattern]:
         return self.pattern(seq_len)
 
-    def __call__(self, q, k, v):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Run the variant on the whole sequence ``[B, N, H, D]``."""
-        p = self.pattern_for(q.shape[1])
+        p = self.pattern_for(q.shape[1])  # a pattern for the dilated kinds
         if self.kind is Kind.DENSE:
             return dense_attention(q, k, v, causal=self.causal)
         if self.kind is Kind.DILATED:
-            return dilated_attention(q, k, v, p, causal=self.causal, checkpoint=self.checkpoint)
+            return dilated_attention(q, k, v, cast(DilatedPattern, p), causal=self.causal, checkpoint=self.checkpoint)
         if self.kind is Kind.RING:
             return ring_attention(
                 q, k, v, ring_size=self.ring_size, causal=self.causal, layout=self.layout,
@@ -107,13 +109,15 @@ class Variant:
             )
         if self.kind is Kind.RING_DILATED:
             return ring_dilated_attention(
-                q, k, v, p, ring_size=self.ring_size, causal=self.causal, layout=self.layout,
+                q, k, v, cast(DilatedPattern, p), ring_size=self.ring_size, causal=self.causal, layout=self.layout,
                 checkpoint=self.checkpoint,
             )
         # Only reachable by bypassing __post_init__; never fall through to some other function.
         raise ValueError(f"variant {self.name!r}: unknown kind {self.kind!r}")
 
-    def reference(self, q, k, v, *, query_rows=None):
+    def reference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, query_rows: torch.Tensor | Sequence[int] | None = None
+    ) -> torch.Tensor:
         """SEMANTICS.md's dense definition of this variant's output (small ``N``, or a few ``query_rows``)."""
         return reference_attention(q, k, v, pattern=self.pattern_for(q.shape[1]), causal=self.causal,
                                    query_rows=query_rows)

@@ -28,13 +28,18 @@ Full attention is the dilated pattern ``(N, 1)``, so the per-rank steps are the 
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 from .entry import FULL, attend
+from .layout import Layout
 
 
 def ring_attention(
-    q, k, v, *, group=None, ring_size=None, causal=False, scale=None, layout="contiguous",
-    checkpoint=False,
-):
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup | None = None,
+    ring_size: int | None = None, causal: bool = False, scale: float | None = None,
+    layout: Layout | str = "contiguous", checkpoint: bool = False,
+) -> torch.Tensor:
     """Full attention over a ring of ranks (SEMANTICS.md, section Ring).
 
     Args:

@@ -12,13 +12,19 @@ their owner. The exchange plan is built in :mod:`ring_attention.plans` and run b
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 from .entry import attend
+from .layout import Layout
+from .pattern import DilatedPattern
 
 
 def ring_dilated_attention(
-    q, k, v, pattern, *, group=None, ring_size=None, causal=False, scale=None,
-    layout="contiguous", checkpoint=False,
-):
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: DilatedPattern, *,
+    group: dist.ProcessGroup | None = None, ring_size: int | None = None, causal: bool = False,
+    scale: float | None = None, layout: Layout | str = "contiguous", checkpoint: bool = False,
+) -> torch.Tensor:
     """Dilated attention over a ring of ranks.
 
     Args:
