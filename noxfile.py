@@ -1,6 +1,6 @@
 """Sessions: ``nox -s tests`` (CPU test suite), ``nox -s perf`` (benchmarks + gate), ``nox -s history``
 (trend plots and regressions of the benchmark history), ``nox -s cuda`` (the kernels and every variant
-on a real GPU against float64), ``nox -s lint``.
+on a real GPU against float64), ``nox -s lint``, ``nox -s typecheck`` (``mypy --strict ring_attention``).
 
 torch comes from ``RING_ATTENTION_TORCH`` (default ``torch==2.13.0``):
 
@@ -126,6 +126,14 @@ def history(session):
     """
     _install(session, "perf")
     session.run("python", "-m", "perf", "history", *session.posargs, external=KEEP_TORCH)
+
+
+@nox.session(venv_backend=TORCH_BACKEND)
+def typecheck(session):
+    """``mypy --strict ring_attention`` (not a default session): mypy reads torch's annotations,
+    so it runs with the torch the other sessions use."""
+    _install(session, "typecheck")
+    session.run("mypy", "--strict", "ring_attention", *session.posargs, external=KEEP_TORCH)
 
 
 @nox.session

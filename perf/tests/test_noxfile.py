@@ -120,3 +120,26 @@ def test_history_session_runs_the_history_command_and_is_not_a_default(monkeypat
     rec = Recorder()
     nf.history(rec)
     assert rec.runs[-1] == ("python", "-m", "perf", "history", "--every")
+
+
+def test_typecheck_session_runs_mypy_strict_and_is_not_a_default(monkeypatch):
+    nf = _load_noxfile(monkeypatch, RING_ATTENTION_TORCH="skip")
+    assert "typecheck" not in nf.nox.options.sessions and nf.typecheck.venv_backend == "none"
+    _, deps = nf.install_commands("typecheck")
+    assert _names(deps) == ["mypy"]  # and no torch: the environment's is kept
+
+    class Recorder:
+        posargs: list[str] = []
+
+        def __init__(self):
+            self.runs = []
+
+        def run(self, *args, **kwargs):
+            self.runs.append(args)
+
+        def log(self, *args):  # pragma: no cover
+            pass
+
+    rec = Recorder()
+    nf.typecheck(rec)
+    assert rec.runs[-1] == ("mypy", "--strict", "ring_attention")
