@@ -17,15 +17,15 @@ def dense_attention(
 ) -> torch.Tensor:
     """Full (optionally causal) attention, ``W = 1`` or ``W = [j <= i]``.
 
-    Args:
-        q: ``[B, N, H, D]``; k, v: ``[B, N, Hkv, D]`` with ``H % Hkv == 0``.
-        causal: keep only keys at or before the query.
-        scale: score scale, ``1/sqrt(D)`` by default.
-
-    Returns:
-        ``[B, N, H, D]`` in the input dtype. Runs
+    :param q: queries ``[B, N, H, D]``.
+    :param k: keys ``[B, N, Hkv, D]`` with ``H % Hkv == 0``.
+    :param v: values, shaped as ``k``.
+    :param causal: keep only keys at or before the query.
+    :param scale: score scale, ``1/sqrt(D)`` by default.
+    :returns: ``[B, N, H, D]`` in the input dtype. Runs
         :func:`torch.nn.functional.scaled_dot_product_attention` (flash / efficient /
         CPU flash kernels) on ``[B, H, N, D]`` views; differentiable.
+    :raises TypeError, ValueError: for malformed inputs.
     """
     _, _, h, hkv, d = check_qkv(q, k, v)
     scale = check_scale(scale, d)

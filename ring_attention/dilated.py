@@ -22,20 +22,17 @@ def dilated_attention(
 ) -> torch.Tensor:
     """Dilated attention: SEMANTICS.md's weighted attention with ``W`` from ``pattern``.
 
-    Args:
-        q: ``[B, N, H, D]``; k, v: ``[B, N, Hkv, D]`` with ``H % Hkv == 0``.
-        pattern: a :class:`~ring_attention.DilatedPattern` (``mixture`` or ``head_groups``).
-        causal: keep only keys at or before the query (global positions).
-        scale: score scale, ``1/sqrt(D)`` by default.
-        checkpoint: store only the inputs for backward and recompute the forward there,
-            trading compute for activation memory.
-
-    Returns:
-        ``[B, N, H, D]`` in the input dtype; rows no pair keeps for a head are 0.
+    :param q: queries ``[B, N, H, D]``.
+    :param k: keys ``[B, N, Hkv, D]`` with ``H % Hkv == 0``.
+    :param v: values, shaped as ``k``.
+    :param pattern: a :class:`~ring_attention.DilatedPattern` (``mixture`` or ``head_groups``).
+    :param causal: keep only keys at or before the query (global positions).
+    :param scale: score scale, ``1/sqrt(D)`` by default.
+    :param checkpoint: store only the inputs for backward and recompute the forward there,
+        trading compute for activation memory.
+    :returns: ``[B, N, H, D]`` in the input dtype; rows no pair keeps for a head are 0.
         Differentiable with exact gradients (double backward is not supported).
-
-    Raises:
-        ValueError / TypeError for malformed inputs, e.g. ``N`` not divisible by an
+    :raises ValueError, TypeError: for malformed inputs, e.g. ``N`` not divisible by an
         effective segment length ``min(w, N)``.
     """
     return attend(q, k, v, pattern, ring_size=1, causal=causal, scale=scale, checkpoint=checkpoint)

@@ -53,8 +53,21 @@ def attend(
 
     Arguments as the public functions take them, unchecked: they are checked here (a
     ``pattern`` that is not a :class:`~ring_attention.DilatedPattern`, ``None`` included,
-    raises on every rank). ``options``: the executor's limits (tests force paths with them).
-    Returns this rank's output shard (with ``group``) or the whole output in natural order.
+    raises on every rank).
+
+    :param q: queries ``[B, n, H, D]``: this rank's shard with ``group``, else the whole sequence.
+    :param k: keys ``[B, n, Hkv, D]``, held as ``q``.
+    :param v: values, shaped as ``k``.
+    :param pattern: a :class:`~ring_attention.DilatedPattern`, or :data:`FULL`.
+    :param group: a ``torch.distributed`` process group, or ``None`` to simulate the ring.
+    :param ring_size: ``R`` for the simulation (``None`` means 1); with ``group``, ``None`` or its size.
+    :param causal: keep only keys at or before the query, in global positions.
+    :param scale: score scale, ``1/sqrt(D)`` by default.
+    :param layout: a :class:`~ring_attention.Layout`, or its name.
+    :param checkpoint: recompute the forward in backward instead of storing activations.
+    :param options: the executor's limits (tests force paths with them).
+    :returns: this rank's output shard (with ``group``) or the whole output in natural order.
+    :raises ValueError, TypeError: for malformed inputs, on every rank of a group.
     """
     if torch.compiler.is_compiling() and group is not None:
         eager: torch.Tensor = _eager(

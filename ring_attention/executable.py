@@ -44,8 +44,22 @@ MAX_PLANS = 256
 
 @dataclasses.dataclass(frozen=True)
 class PlanKey:
-    """What fixes an executable plan: ``pattern=None`` is full attention; ``mask`` which keys
-    each query may see (besides the pattern), as data the planner classifies blocks by."""
+    """What fixes an executable plan: a hashable description of a call.
+
+    :param pattern: the dilated pattern; ``None`` is full attention.
+    :param seq_len: ``N``, the whole sequence's length.
+    :param heads: query heads ``H``.
+    :param kv_heads: key/value heads ``Hkv``.
+    :param mask: which keys each query may see (besides the pattern), as data the planner
+        classifies blocks by.
+    :param ring_size: ``R``.
+    :param layout: how the ranks hold the sequence.
+    :param ranks: the ranks this process runs.
+    :param batch: ``B``.
+    :param head_dim: ``D``.
+    :param dtype: the inputs' dtype.
+    :param options: the executor's limits.
+    """
 
     pattern: DilatedPattern | None
     seq_len: int
@@ -113,14 +127,22 @@ class RankExecution:
 
 @dataclasses.dataclass(eq=False)
 class ExecutablePlan:
-    """The executable ranks of a ring that one process runs, by rank."""
+    """The executable ranks of a ring that one process runs, by rank.
+
+    :param key: what the plan was built for.
+    :param ranks: each run rank's :class:`RankExecution`.
+    """
 
     key: PlanKey
     ranks: dict[int, RankExecution]
 
 
 def executable_plan(key: PlanKey) -> ExecutablePlan:
-    """The cached executable plan of ``key``, built on first use."""
+    """The cached executable plan of ``key``, built on first use.
+
+    :param key: the call's description.
+    :returns: the plan, shared by every call with an equal key (at most :data:`MAX_PLANS` kept).
+    """
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)

@@ -26,8 +26,11 @@ class DilatedAttention(nn.Module):
 
     ``forward(q, k, v)`` takes ``[B, N, H, D]`` / ``[B, N, Hkv, D]`` tensors.
 
-    Raises:
-        TypeError / ValueError at construction for a bad ``pattern``, ``causal``,
+    :param pattern: the :class:`~ring_attention.DilatedPattern`.
+    :param causal: keep only keys at or before the query.
+    :param scale: score scale, ``1/sqrt(D)`` by default.
+    :param checkpoint: recompute the forward in backward instead of storing activations.
+    :raises TypeError, ValueError: at construction for a bad ``pattern``, ``causal``,
         ``scale`` or ``checkpoint``, with the messages of the functional API.
     """
 
@@ -72,8 +75,14 @@ class RingDilatedAttention(nn.Module):
     With ``group`` set, ``forward`` takes and returns this rank's shard; with
     ``ring_size`` alone it simulates the ring on the whole sequence.
 
-    Raises:
-        TypeError / ValueError at construction for a bad ``pattern``, ``group``,
+    :param pattern: the :class:`~ring_attention.DilatedPattern`.
+    :param group: a ``torch.distributed`` process group, or ``None`` to simulate the ring.
+    :param ring_size: ``R`` for the simulation; with ``group``, ``None`` or the group's size.
+    :param causal: keep only keys at or before the query, in global positions.
+    :param scale: score scale, ``1/sqrt(D)`` by default.
+    :param layout: a :class:`~ring_attention.Layout`, or its name.
+    :param checkpoint: recompute the forward in backward instead of storing activations.
+    :raises TypeError, ValueError: at construction for a bad ``pattern``, ``group``,
         ``ring_size``, ``causal``, ``scale``, ``layout`` or ``checkpoint``, with the
         messages of the functional API.
     """
@@ -117,26 +126,27 @@ class MultiheadDilatedAttention(nn.Module):
     default would silently misread the other layout whenever the shapes allow it. Say
     which one your tensors use.
 
-    Args:
-        embed_dim: model width ``E``; must be divisible by ``num_heads``.
-        num_heads: query heads ``H``.
-        pattern: the :class:`~ring_attention.DilatedPattern`; a ``head_groups`` pattern
-            needs at least as many heads as pairs.
-        batch_first: required, keyword-only. ``True``: tensors are ``[B, N, E]``;
-            ``False``: ``[N, B, E]`` (``nn.MultiheadAttention``'s default).
-        num_kv_heads: key/value heads (grouped-query attention); ``num_heads`` by default.
-        bias: projections with biases.
-        group, ring_size, layout: run as ring dilated attention (see
-            :func:`~ring_attention.ring_dilated_attention`); a plain single-device
-            dilated attention when both are ``None``, except inside a torch.distributed
-            job of several processes, where that raises (pass ``ring_size=1`` to mean it).
-        causal: as in :func:`~ring_attention.dilated_attention`.
-        checkpoint: checkpoint the whole layer (projections and attention): backward
-            recomputes it from the layer's inputs instead of storing its activations.
-        device, dtype: of the projections' parameters.
-
-    Raises:
-        TypeError / ValueError at construction for any bad argument, naming it.
+    :param embed_dim: model width ``E``; must be divisible by ``num_heads``.
+    :param num_heads: query heads ``H``.
+    :param pattern: the :class:`~ring_attention.DilatedPattern`; a ``head_groups`` pattern
+        needs at least as many heads as pairs.
+    :param batch_first: required, keyword-only. ``True``: tensors are ``[B, N, E]``;
+        ``False``: ``[N, B, E]`` (``nn.MultiheadAttention``'s default).
+    :param num_kv_heads: key/value heads (grouped-query attention); ``num_heads`` by default.
+    :param bias: projections with biases.
+    :param causal: as in :func:`~ring_attention.dilated_attention`.
+    :param checkpoint: checkpoint the whole layer (projections and attention): backward
+        recomputes it from the layer's inputs instead of storing its activations.
+    :param group: with ``ring_size`` and ``layout``, run as ring dilated attention (see
+        :func:`~ring_attention.ring_dilated_attention`); a plain single-device dilated
+        attention when ``group`` and ``ring_size`` are both ``None``, except inside a
+        torch.distributed job of several processes, where that raises (pass ``ring_size=1``
+        to mean it).
+    :param ring_size: see ``group``.
+    :param layout: see ``group``.
+    :param device: of the projections' parameters.
+    :param dtype: of the projections' parameters.
+    :raises TypeError, ValueError: at construction for any bad argument, naming it.
     """
 
     def __init__(

@@ -53,20 +53,18 @@ def _int_sequence(value: object, name: str) -> tuple[object, ...]:
 class DilatedPattern:
     """Segment lengths and dilation rates of LongNet dilated attention.
 
-    Args:
-        segment_lengths: ``w_k``, positive integers, one per pair: a tuple, list, range or
-            1-d integer tensor of Python ints, numpy integers or 0-d integer tensors
-            (stored as a tuple of ints). Mappings and sets are refused.
-        dilation_rates: ``r_k``, positive integers with ``r_k <= w_k``, one per pair, in
-            the same forms. ``r_k`` need not divide ``w_k``.
-        mode: a :class:`Mode` or its name: ``"mixture"`` (every head runs every pair; the
-            pairs' results are mixed by their softmax denominators, as in the LongNet paper)
-            or ``"head_groups"`` (heads are split into ``K`` contiguous groups and group
-            ``k`` runs pair ``k``). Stored as a :class:`Mode`.
-
-    Raises:
-        TypeError naming the offending field for a wrong type (a float or bool entry, a
-        dict, a 2-d tensor); ValueError for a wrong value (and an unknown mode).
+    :param segment_lengths: ``w_k``, positive integers, one per pair: a tuple, list, range or
+        1-d integer tensor of Python ints, numpy integers or 0-d integer tensors
+        (stored as a tuple of ints). Mappings and sets are refused.
+    :param dilation_rates: ``r_k``, positive integers with ``r_k <= w_k``, one per pair, in
+        the same forms. ``r_k`` need not divide ``w_k``.
+    :param mode: a :class:`Mode` or its name: ``"mixture"`` (every head runs every pair; the
+        pairs' results are mixed by their softmax denominators, as in the LongNet paper)
+        or ``"head_groups"`` (heads are split into ``K`` contiguous groups and group
+        ``k`` runs pair ``k``). Stored as a :class:`Mode`.
+    :raises TypeError: naming the offending field for a wrong type (a float or bool entry, a
+        dict, a 2-d tensor).
+    :raises ValueError: for a wrong value (and an unknown mode).
     """
 
     segment_lengths: tuple[int, ...]

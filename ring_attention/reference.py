@@ -32,23 +32,23 @@ def reference_attention(
 ) -> torch.Tensor:
     """Dense weighted attention ``O = sum_j W exp(s) v / sum_j W exp(s)``.
 
-    Args:
-        q: ``[B, N, H, D]``; k, v: ``[B, N, Hkv, D]`` with ``H % Hkv == 0``.
-        pattern: a :class:`~ring_attention.DilatedPattern`, or ``None`` for full attention.
-        causal: keep only keys at or before the query (global positions).
-        window: ``(left, right)``, a sliding window in flash-attn's convention: key ``j`` is
-            kept for query ``i`` when ``i - left <= j <= i + right`` (a side of ``-1`` is
-            unbounded); composed with ``causal`` and the pattern. ``None``: no window.
-        scale: score scale, ``1/sqrt(D)`` by default.
-        query_rows: compute only these query positions (a 1-d integer tensor or sequence,
-            each in ``[0, N)``, in any order, repeats allowed): the rows of the full result,
-            at ``H * len(rows) * N`` memory, so long sequences can be checked on a sample.
-
-    Returns:
-        ``[B, N, H, D]`` (``[B, len(query_rows), H, D]``) in the input dtype. Computed in
+    :param q: queries ``[B, N, H, D]``.
+    :param k: keys ``[B, N, Hkv, D]`` with ``H % Hkv == 0``.
+    :param v: values, shaped as ``k``.
+    :param pattern: a :class:`~ring_attention.DilatedPattern`, or ``None`` for full attention.
+    :param causal: keep only keys at or before the query (global positions).
+    :param window: ``(left, right)``, a sliding window in flash-attn's convention: key ``j``
+        is kept for query ``i`` when ``i - left <= j <= i + right`` (a side of ``-1`` is
+        unbounded); composed with ``causal`` and the pattern. ``None``: no window.
+    :param scale: score scale, ``1/sqrt(D)`` by default.
+    :param query_rows: compute only these query positions (a 1-d integer tensor or sequence,
+        each in ``[0, N)``, in any order, repeats allowed): the rows of the full result,
+        at ``H * len(rows) * N`` memory, so long sequences can be checked on a sample.
+    :returns: ``[B, N, H, D]`` (``[B, len(query_rows), H, D]``) in the input dtype. Computed in
         float32 (float64 for float64 inputs). Rows whose weights are all zero are exactly
         0 and pass no gradient; keys with zero weight never enter a row, even when they
         hold NaN or inf.
+    :raises TypeError, ValueError: for malformed inputs or ``query_rows``.
     """
     b, n, h, hkv, d = check_qkv(q, k, v)
     scale = check_scale(scale, d)

@@ -42,23 +42,20 @@ def ring_attention(
 ) -> torch.Tensor:
     """Full attention over a ring of ranks (SEMANTICS.md, section Ring).
 
-    Args:
-        q: ``[B, n, H, D]``; k, v: ``[B, n, Hkv, D]``. With ``group``, this rank's shard
-            (``n = N / R``) in ``layout``; without, the whole sequence in natural order.
-        group: a ``torch.distributed`` process group, or ``None`` to run every rank's
-            steps in this process (the one-device simulation).
-        ring_size: ``R`` for the simulation (``None`` means 1); with ``group`` it must be
-            ``None`` or the group's size.
-        causal: keep keys at or before the query, in global positions.
-        scale: score scale, ``1/sqrt(D)`` by default.
-        layout: a :class:`~ring_attention.Layout`, or its name: ``"contiguous"`` or ``"zigzag"``.
-        checkpoint: recompute the forward in backward instead of storing activations.
-
-    Returns:
-        This rank's output shard, or the whole output in natural order.
-
-    Raises:
-        ValueError / TypeError naming the problem, on every rank of the group.
+    :param q: queries ``[B, n, H, D]``. With ``group``, this rank's shard (``n = N / R``) in
+        ``layout``; without, the whole sequence in natural order.
+    :param k: keys ``[B, n, Hkv, D]``, held as ``q``.
+    :param v: values, shaped as ``k``.
+    :param group: a ``torch.distributed`` process group, or ``None`` to run every rank's
+        steps in this process (the one-device simulation).
+    :param ring_size: ``R`` for the simulation (``None`` means 1); with ``group`` it must be
+        ``None`` or the group's size.
+    :param causal: keep keys at or before the query, in global positions.
+    :param scale: score scale, ``1/sqrt(D)`` by default.
+    :param layout: a :class:`~ring_attention.Layout`, or its name: ``"contiguous"`` or ``"zigzag"``.
+    :param checkpoint: recompute the forward in backward instead of storing activations.
+    :returns: this rank's output shard, or the whole output in natural order.
+    :raises ValueError, TypeError: naming the problem, on every rank of the group.
     """
     return attend(
         q, k, v, FULL, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,

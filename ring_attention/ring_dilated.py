@@ -27,24 +27,22 @@ def ring_dilated_attention(
 ) -> torch.Tensor:
     """Dilated attention over a ring of ranks.
 
-    Args:
-        q: ``[B, n, H, D]``; k, v: ``[B, n, Hkv, D]``. With ``group``, this rank's shard
-            (``n = N / R``) in ``layout``; without, the whole sequence in natural order.
-        pattern: a :class:`~ring_attention.DilatedPattern`.
-        group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
-            for all ranks), or ``None`` to simulate the ring in this process.
-        ring_size: ``R`` for the simulation; with ``group`` it must be ``None`` or the
-            group's size.
-        causal, scale: as in :func:`~ring_attention.dilated_attention`, on global positions.
-        layout: a :class:`~ring_attention.Layout`, or its name: ``"contiguous"`` or ``"zigzag"``.
-        checkpoint: recompute the forward in backward instead of storing activations.
-
-    Returns:
-        This rank's output shard (with ``group``) or the whole output in natural order.
+    :param q: queries ``[B, n, H, D]``. With ``group``, this rank's shard (``n = N / R``) in
+        ``layout``; without, the whole sequence in natural order.
+    :param k: keys ``[B, n, Hkv, D]``, held as ``q``.
+    :param v: values, shaped as ``k``.
+    :param pattern: a :class:`~ring_attention.DilatedPattern`.
+    :param group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+        for all ranks), or ``None`` to simulate the ring in this process.
+    :param ring_size: ``R`` for the simulation; with ``group`` it must be ``None`` or the
+        group's size.
+    :param causal: as in :func:`~ring_attention.dilated_attention`, on global positions.
+    :param scale: as in :func:`~ring_attention.dilated_attention`.
+    :param layout: a :class:`~ring_attention.Layout`, or its name: ``"contiguous"`` or ``"zigzag"``.
+    :param checkpoint: recompute the forward in backward instead of storing activations.
+    :returns: this rank's output shard (with ``group``) or the whole output in natural order.
         The result does not depend on ``R`` or ``layout`` beyond rounding.
-
-    Raises:
-        ValueError / TypeError for malformed inputs; in a process group every rank
+    :raises ValueError, TypeError: for malformed inputs; in a process group every rank
         raises, so a bad shard on one rank never leaves the others waiting.
     """
     return attend(
