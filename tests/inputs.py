@@ -4,13 +4,22 @@ Values are drawn in float64 from a seeded ``torch.Generator`` (Hypothesis seeds 
 and numpy, never torch) and then cast, so every dtype sees the same numbers up to rounding
 and a test is reproducible from its seed alone. Distributed ranks rebuild the same global
 tensors from the same seed (tests/distributed_worker.py).
+
+It is also the one helper module the test modules share (none imports another): the plan
+cases of tiles and schedule, the check of ``entry.attend`` against the reference, a
+recorder of kernel results, and a walk over a plan's objects.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+
+import ring_attention as ra
+from ring_attention.entry import attend
+from ring_attention.options import DEFAULT
 
 
 def randn(shape, dtype=torch.float64, seed=0, scale=1.0, requires_grad=False) -> torch.Tensor:
@@ -82,3 +91,74 @@ def assert_matches(got, want, **tol):
     for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert a.dtype == b.dtype, f"{name} dtype {a.dtype} != {b.dtype}"
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --- helpers shared by several test modules ------------------------------------------------
+
+# Plans of one rank that tests of tiles and of the schedule inspect: (pattern name, N, H, Hkv, causal).
+PLAN_PATTERNS = {
+    "mixture": ra.DilatedPattern((64, 128), (1, 2)),
+    "longnet": ra.DilatedPattern((16, 32, 64), (1, 2, 4)),
+    "sparse": ra.DilatedPattern((32, 64), (2, 4)),  # some rows see no key
+    "head_groups": ra.DilatedPattern((32, 64), (1, 2), mode="head_groups"),
+}
+PLAN_CASES = [
+    (name, n, h, hkv, causal)
+    for name in PLAN_PATTERNS
+    for n, h, hkv in ((256, 4, 4), (128, 4, 2), (256, 8, 2))
+    for causal in (False, True)
+]
+
+
+def leaves(tensors, dtype):
+    """Detached copies of ``tensors`` in ``dtype`` that require grad."""
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def check_against_reference(q, k, v, leaves_, pattern, causal, g, options=DEFAULT):
+    """``entry.attend`` (one device, ``options``) against the float64 reference: output, and
+    the gradients of ``sum(out * g)`` with respect to ``leaves_``."""
+    ref_in = leaves((q, k, v), torch.float64)
+    ref = ra.reference_attention(*ref_in, pattern=pattern, causal=causal)
+    out = attend(q, k, v, pattern, causal=causal, options=options)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad((out * g).sum(), leaves_)
+    expected = torch.autograd.grad((ref * g).sum(), ref_in)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.reshape(e.shape) if a.shape == e.shape else a, e, rtol=1e-9, atol=1e-10)
+
+
+def recording(monkeypatch, name):
+    """Wrap ``kernels.<name>``: returns the list of its results' storage addresses (the
+    results are kept alive, so no later allocation can reuse an address)."""
+    from ring_attention import kernels
+
+    seen, kept, fn = [], [], getattr(kernels, name)
+
+    def recorded(*args, **kwargs):
+        results = fn(*args, **kwargs)
+        kept.append(results)
+        seen.extend(t.untyped_storage().data_ptr() for t in results)
+        return results
+
+    monkeypatch.setattr(kernels, name, recorded)
+    return seen
+
+
+def walk(obj, seen=None):
+    """Every object reachable from ``obj`` through dataclass fields, tuples, lists and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    yield obj
+    if dataclasses.is_dataclass(obj):
+        children = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, (tuple, list)):
+        children = list(obj)
+    elif isinstance(obj, dict):
+        children = [*obj.keys(), *obj.values()]
+    else:
+        children = []
+    for child in children:
+        yield from walk(child, seen)

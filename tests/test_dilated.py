@@ -7,9 +7,7 @@ from hypothesis import strategies as st
 
 import ring_attention as ra
 from ring_attention import pattern as P
-from ring_attention.entry import attend
-from ring_attention.options import DEFAULT, Options
-from tests.inputs import qkv
+from tests.inputs import check_against_reference, leaves, qkv
 from tests.strategies import cases
 
 FULL_PRECISION = dict(dtypes=(torch.float32, torch.float64))
@@ -29,17 +27,13 @@ def _empty_rows(case):
     return (w.sum(-1) == 0).T
 
 
-def _leaves(tensors, dtype):
-    return [t.detach().to(dtype).requires_grad_() for t in tensors]
-
-
 @given(cases(**FULL_PRECISION), st.sampled_from([None, 0.5]))
 def test_dilated_matches_reference_forward_and_grads(case, scale):
     q, k, v = case.qkv(requires_grad=True)
     out = ra.dilated_attention(q, k, v, case.pattern, causal=case.causal, scale=scale)
     assert out.shape == q.shape and out.dtype == case.dtype
 
-    ref_in = _leaves((q, k, v), torch.float64)
+    ref_in = leaves((q, k, v), torch.float64)
     ref = ra.reference_attention(*ref_in, pattern=case.pattern, causal=case.causal, scale=scale)
     torch.testing.assert_close(out.double(), ref, **_tol(case.dtype))
 
@@ -68,7 +62,7 @@ def test_dilated_half_precision_matches_reference(case):
     q, k, v = case.qkv(requires_grad=True)
     out = ra.dilated_attention(q, k, v, case.pattern, causal=case.causal)
     assert out.dtype == case.dtype
-    ref_in = _leaves((q, k, v), torch.float32)  # the same half values, in float32
+    ref_in = leaves((q, k, v), torch.float32)  # the same half values, in float32
     ref = ra.reference_attention(*ref_in, pattern=case.pattern, causal=case.causal)
     _half_close(out, ref, "out")
     assert bool((out[:, _empty_rows(case)] == 0).all())
@@ -160,7 +154,7 @@ def test_huge_logits_half_precision(dtype, magnitude, causal):
     assert scores.abs().max() > 6.5e4  # beyond the float16 range
     out = ra.dilated_attention(q, k, v, pattern, causal=causal)
     assert out.isfinite().all()
-    ref_in = _leaves((q, k, v), torch.float64)
+    ref_in = leaves((q, k, v), torch.float64)
     ref = ra.reference_attention(*ref_in, pattern=pattern, causal=causal)
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
     g = torch.randn(out.shape, generator=gen)
@@ -229,17 +223,6 @@ def _strided_last_dim(t):
     return view.requires_grad_(t.requires_grad)
 
 
-def _check_against_reference(q, k, v, leaves, pattern, causal, g, options=DEFAULT):
-    ref_in = _leaves((q, k, v), torch.float64)
-    ref = ra.reference_attention(*ref_in, pattern=pattern, causal=causal)
-    out = attend(q, k, v, pattern, causal=causal, options=options)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    got = torch.autograd.grad((out * g).sum(), leaves)
-    expected = torch.autograd.grad((ref * g).sum(), ref_in)
-    for a, e in zip(got, expected):
-        torch.testing.assert_close(a.reshape(e.shape) if a.shape == e.shape else a, e, rtol=1e-9, atol=1e-10)
-
-
 @pytest.mark.parametrize("mode", ["mixture", "head_groups"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_non_contiguous_inputs_and_gradients(mode, causal):
@@ -253,13 +236,13 @@ def test_non_contiguous_inputs_and_gradients(mode, causal):
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     # a transposed upstream gradient
     g = torch.randn(2, 6, 12, 8, dtype=torch.float64).transpose(1, 2)
-    _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
+    check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
     # an expanded (stride 0) upstream gradient, as out.sum() gives
     g = torch.ones(1, 1, 1, 1, dtype=torch.float64).expand(q.shape)
-    _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
+    check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
     # an upstream gradient whose last dim is not unit-stride
     g = _strided_last_dim(torch.randn(q.shape, dtype=torch.float64))
-    _check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
+    check_against_reference(q, k, v, (q, k, v), pattern, causal, g)
 
 
 @pytest.mark.parametrize("which", ["q", "k", "v"])
@@ -272,7 +255,7 @@ def test_inputs_with_non_unit_stride_head_dim(which):
     assert t[which].stride(-1) == 2
     q, k, v = (t[x].requires_grad_() for x in "qkv")
     g = torch.randn(q.shape, dtype=torch.float64)
-    _check_against_reference(q, k, v, (q, k, v), pattern, False, g)
+    check_against_reference(q, k, v, (q, k, v), pattern, False, g)
 
 
 def test_gradient_only_for_some_inputs():
@@ -396,104 +379,6 @@ def test_a_query_row_scoring_minus_inf_everywhere_is_nan_on_the_fused_cpu_op(rin
     assert torch.equal(out.isfinite(), ref.isfinite())
 
 
-@pytest.mark.parametrize(
-    "fn",
-    [
-        lambda q, k, v: ra.dilated_attention(q, k, v, ra.DilatedPattern((4,), (2,))),
-        lambda q, k, v: ra.ring_attention(q, k, v, ring_size=2, causal=True),
-    ],
-)
-def test_double_backward_is_refused_clearly(fn):
-    q, k, v = (torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    (dq,) = torch.autograd.grad(fn(q, k, v).sum(), q)  # single backward works
-    assert dq.shape == q.shape
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(fn(q, k, v).sum(), q, create_graph=True)
-
-
-@pytest.mark.parametrize("gather_limit", [0, 2**40])
-@pytest.mark.parametrize("batch, causal", [(1, False), (2, True)])
-def test_head_offsets_batched_or_one_by_one_match_the_reference(gather_limit, batch, causal):
-    """A pair's head offsets run as one launch over a strided view, or (past the gather
-    limit) one by one: the same result either way, forward and backward."""
-    pattern = ra.DilatedPattern((8, 16), (2, 4))  # segments of several runs: offsets need a gather
-    torch.manual_seed(7)
-    q, k, v = (torch.randn(batch, 32, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    g = torch.randn(batch, 32, 4, 8, dtype=torch.float64)
-    _check_against_reference(q, k, v, (q, k, v), pattern, causal, g, Options(max_gather_bytes=gather_limit))
-
-
-def _recording(monkeypatch, name):
-    """Wrap ``kernels.<name>``: returns the list of its results' storage addresses (the
-    results are kept alive, so no later allocation can reuse an address)."""
-    from ring_attention import kernels
-
-    seen, kept, fn = [], [], getattr(kernels, name)
-
-    def recorded(*args, **kwargs):
-        results = fn(*args, **kwargs)
-        kept.append(results)
-        seen.extend(t.untyped_storage().data_ptr() for t in results)
-        return results
-
-    monkeypatch.setattr(kernels, name, recorded)
-    return seen
-
-
-@pytest.mark.parametrize("layout", ["rows-major", "heads-major"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_a_first_call_of_several_runs_becomes_the_accumulators_where_its_layout_allows(monkeypatch, layout, batch):
-    """A mixture's rate-1 pair computes every row and head in one call of several runs (its
-    segments are shorter than N). Its results and gradients are the accumulators when
-    the kernel lays the runs out back to back, rows-major (``[B, L, H, D]``, as the CPU
-    and CUDA kernels do); heads-major (the CPU op's meta kernel) they are copied into
-    fresh accumulators. The result is the reference's either way."""
-    from ring_attention import kernels
-
-    if layout == "heads-major":
-        for name in ("attention_forward", "attention_backward"):
-            fn = getattr(kernels, name)
-            monkeypatch.setattr(kernels, name, lambda *a, fn=fn, **kw: tuple(t.contiguous() for t in fn(*a, **kw)))
-    forward, backward = _recording(monkeypatch, "attention_forward"), _recording(monkeypatch, "attention_backward")
-    # pair 0: 4 runs of 16 rows over all 4 heads (16 keys or more: the CPU op, not math)
-    pattern = ra.DilatedPattern((16, 64), (1, 2))
-    torch.manual_seed(3)
-    q, k, v = (torch.randn(batch, 64, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    g = torch.randn(batch, 64, 4, 8, dtype=torch.float64)
-    _check_against_reference(q, k, v, (q, k, v), pattern, False, g)
-
-    out = ra.dilated_attention(q, k, v, pattern)
-    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
-    adopted = layout == "rows-major"
-    assert (out.untyped_storage().data_ptr() in forward) == adopted
-    assert all((t.untyped_storage().data_ptr() in backward) == adopted for t in grads)
-
-
-@pytest.mark.parametrize("mode", ["mixture", "head_groups"])
-@pytest.mark.parametrize("batch, causal", [(1, False), (2, True)])
-def test_calls_split_into_launches_of_fewer_runs_match_the_reference(monkeypatch, mode, batch, causal):
-    """A call over more than 1/Options.max_call_share of the shard's cells runs as several launches
-    of fewer runs: whole calls (a share of 1) and one run per launch (a huge share) give
-    the reference's result, forward and backward, on one device and on a ring."""
-    launches = _recording(monkeypatch, "attention_forward")
-    pattern = ra.DilatedPattern((16, 32), (1, 2), mode)
-    torch.manual_seed(5)
-    q, k, v = (torch.randn(batch, 64, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    g = torch.randn(batch, 64, 4, 8, dtype=torch.float64)
-    counts = []
-    for share in (1, 10**9):
-        options = Options(max_call_share=share, min_split_bytes=0)
-        _check_against_reference(q, k, v, (q, k, v), pattern, causal, g, options)
-        out = attend(q, k, v, pattern, causal=causal, ring_size=2, options=options)
-        ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal)
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-        with torch.no_grad():
-            launches.clear()
-            attend(q, k, v, pattern, causal=causal, options=options)
-            counts.append(len(launches))
-    assert counts[1] > counts[0]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["mixture", "head_groups"])
 def test_the_output_is_laid_out_rows_major_like_the_inputs(mode, dtype):
@@ -503,18 +388,3 @@ def test_the_output_is_laid_out_rows_major_like_the_inputs(mode, dtype):
     q, k, v = (torch.randn(2, 64, 4, 8, dtype=dtype) for _ in range(3))
     out = ra.dilated_attention(q, k, v, ra.DilatedPattern((16, 32), (2, 1), mode))
     assert out.is_contiguous()
-
-
-def test_inputs_at_any_storage_offset_reuse_the_view_recipes():
-    # a query that is a slice of a longer buffer at a new offset every call: the same
-    # recipes serve (they are relative to the tensor's offset), and give the right rows
-    from ring_attention import executable
-
-    pattern = ra.DilatedPattern((8, 16), (1, 2))
-    buffer, k, v = qkv(1, 40, 4, 4, 8, dtype=torch.float32)[0], *qkv(1, 32, 4, 4, 8, seed=1, dtype=torch.float32)[1:]
-    counts = []
-    for start in range(4):
-        q = buffer[:, start : start + 32]
-        torch.testing.assert_close(ra.dilated_attention(q, k, v, pattern), ra.reference_attention(q, k, v, pattern=pattern))
-        counts.append(sum(len(rank.recipes) for plan in executable._CACHE.values() for rank in plan.ranks.values()))
-    assert counts[1:] == counts[:1] * 3
