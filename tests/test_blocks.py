@@ -64,3 +64,43 @@ def test_rows_keep_order_and_slice_when_they_can(values):
     for start in range(len(values) + 1):
         for stop in range(start, len(values) + 1):
             assert rows.sub(start, stop).values() == values[start:stop]
+
+
+_RANGES = st.lists(  # progressions of 0 to 5 values, increasing or decreasing
+    st.builds(lambda start, count, step: range(start, start + count * step, step),
+              st.integers(10, 30), st.integers(0, 5), st.integers(-3, 5).filter(bool)),
+    max_size=6,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_RANGES)
+def test_merge_ranges_keeps_the_values_in_as_few_progressions_as_it_can(ranges):
+    merged = blocks.merge_ranges(ranges)
+    assert [i for r in merged for i in r] == [i for r in ranges for i in r]
+    assert all(len(r) for r in merged)
+    for a, b in zip(merged, merged[1:]):  # no two neighbours continue one increasing progression
+        step = b[0] - a[-1]
+        assert not (step > 0 and (len(a) == 1 or a.step == step) and (len(b) == 1 or b.step == step))
+
+
+@settings(max_examples=100, deadline=None)
+@given(_RANGES, st.data())
+def test_rows_of_ranges_sub_and_as_slice_agree_with_lists(ranges, data):
+    values = [i for r in ranges for i in r]
+    rows = blocks.Rows(blocks.merge_ranges(ranges))
+    assert rows.values() == values and len(rows) == len(values)
+    start = data.draw(st.integers(0, len(values)))
+    stop = data.draw(st.integers(start, len(values)))
+    assert rows.sub(start, stop).values() == values[start:stop]
+    as_slice = rows.as_slice()
+    increasing = len(values) > 0 and len({b - a for a, b in zip(values, values[1:])}) <= 1 and values == sorted(set(values))
+    if not increasing:
+        assert as_slice is None
+    else:  # from ints, an increasing progression is one slice
+        assert blocks.Rows.of(values).as_slice() is not None
+    x = torch.arange(100)
+    if as_slice is not None:
+        assert x[as_slice].tolist() == values
+    if values:
+        assert x[blocks.index(rows, x)].tolist() == values  # a slice or an index tensor: the same rows
