@@ -111,3 +111,104 @@ def test_gradient_adds_bound_every_cell(name, n, h, hkv, causal):
     assert bound >= exact
     if name == "mixture" and h == hkv:  # two pairs, one head per kv head: two per cell
         assert bound == exact == 2
+
+
+RING_CASES = [  # (pattern, N, H, Hkv, causal, ring size, layout)
+    (ra.DilatedPattern((8, 16, 32), (1, 2, 4)), 32, 4, 2, False, 1, "contiguous"),  # mixture: pairs share heads
+    (ra.DilatedPattern((8, 16, 32), (1, 2, 4)), 32, 4, 2, True, 2, "zigzag"),
+    (ra.DilatedPattern((16, 32), (2, 3), mode="head_groups"), 32, 4, 2, False, 2, "contiguous"),
+    (ra.DilatedPattern((8, 4), (2, 1)), 16, 2, 1, False, 1, "contiguous"),  # a first pair leaves cells empty
+    (ra.DilatedPattern((64, 128), (1, 2)), 128, 4, 4, True, 1, "contiguous"),
+    (ra.DilatedPattern((16, 32), (1, 2), mode="head_groups"), 32, 4, 4, False, 1, "contiguous"),  # all rows, 2 heads
+    (ra.DilatedPattern((4,), (4,)), 4, 4, 1, False, 1, "contiguous"),  # calls of one row
+    (None, 32, 2, 2, False, 1, "contiguous"),  # one call covers the shard
+    (None, 32, 2, 1, True, 4, "zigzag"),
+]
+
+
+def _call_cells(plan):
+    """``(call, block, its (row, head) cells of the query shard)`` in execution order, by brute force."""
+    for blk in schedule.blocks_in_order(plan):
+        heads = range(blk.heads.start, blk.heads.stop, blk.heads.step)
+        for c in blk.calls:
+            rows = blk.q_rows.values()[c.q_start : c.q_start + c.runs * c.q_len]
+            yield c, blk, {(r + o, h + o) for o in range(blk.offsets) for r in rows for h in heads}
+
+
+def _plans(pattern, n, h, hkv, causal, ring_size, layout):
+    return plans.ring_plans(pattern, n, h, hkv, SequenceMask(causal), ring_size, layout, tuple(range(ring_size)))
+
+
+@pytest.mark.parametrize("case", RING_CASES)
+def test_a_call_writes_only_cells_no_call_before_it_touched(case):
+    for plan in _plans(*case):
+        sched, touched, before_merge, merged = schedule.analyse(plan), set(), 0, False
+        for c, _, cells in _call_cells(plan):
+            if sched.writes[c]:
+                assert not cells & touched, "a call writes over a cell an earlier call computed"
+            merged = merged or not sched.writes[c]
+            before_merge += 0 if merged else len(cells)
+            touched |= cells
+        assert sched.merges == merged
+        assert sched.cells_before_merge == before_merge
+        n = case[1] // case[5]
+        assert sched.covers(schedule.Shard(1, n, case[2], 8, 8)) == (before_merge == n * case[2])
+
+
+@pytest.mark.parametrize("case", RING_CASES)
+def test_the_adopted_call_alone_computes_every_cell_in_order(case):
+    n, h = case[1] // case[5], case[2]
+    for plan in _plans(*case):
+        sched = schedule.analyse(plan)
+        first_call, first_blk, cells = next(_call_cells(plan))
+        in_order = first_blk.q_rows.values()[: n] == list(range(n)) and first_blk.offsets == 1
+        alone = in_order and cells == {(r, hd) for r in range(n) for hd in range(h)}
+        assert (sched.adopted is first_call) == alone
+        if sched.adopted_kv:  # its keys and values: every row and kv head of the own shard
+            assert first_blk.source is None and first_blk.k_rows.values() == list(range(n))
+            assert first_blk.kv_index.values() == list(range(h))
+
+
+@pytest.mark.parametrize("case", RING_CASES)
+def test_gradient_adds_bound_every_cell_on_a_ring(case):
+    for plan in _plans(*case):
+        adds = Counter()
+        for blk in schedule.blocks_in_order(plan):
+            step = next((s for s, st in plan.steps.items() if blk in st.blocks), 0)
+            q_rows, k_rows, kv = blk.q_rows.values(), blk.k_rows.values(), blk.kv_index.values()
+            heads = range(blk.heads.start, blk.heads.stop, blk.heads.step)
+            for c in blk.calls:
+                for o in range(blk.offsets):
+                    for hd, g in zip(heads, kv):
+                        adds.update(("q", r + o, hd + o) for r in q_rows[c.q_start : c.q_start + c.runs * c.q_len])
+                        keys = k_rows[c.k_start : c.k_start + c.runs * c.k_len]
+                        adds.update((step, blk.source, r + o, g + o) for r in keys)
+        assert schedule.analyse(plan).gradient_adds >= max(adds.values(), default=0)
+
+
+@pytest.mark.parametrize("options", [
+    Options(), Options(max_call_share=10**9, min_split_bytes=0), Options(max_gather_bytes=0),
+    Options(max_call_share=8, min_split_bytes=0, max_gather_bytes=0),
+])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_launches_cover_each_run_of_a_call_once_per_head_offset(options, batch):
+    pattern = ra.DilatedPattern((8, 20, 40), (2, 1, 4))  # calls of 5 runs; head offsets batched in blocks
+    shard = schedule.Shard(batch, 40, 8, 16, 8)
+    plan = plans.rank_plan(pattern, 40, 8, 8, SequenceMask(False), 1, "contiguous", 0)
+    sched = schedule.analyse(plan)
+    for blk in schedule.blocks_in_order(plan):
+        for c in blk.calls:
+            adopted = c is sched.adopted
+            pieces = schedule.launches(blk, c, shard, options, adopted, 3, 2)
+            covered = Counter((piece.q_start + i * piece.q_len, piece.k_start + i * piece.k_len, o)
+                              for piece, g in pieces for i in range(piece.runs) for o in range(g.start, g.stop))
+            expected = {(c.q_start + i * c.q_len, c.k_start + i * c.k_len, o)
+                        for i in range(c.runs) for o in range(blk.offsets)}
+            assert set(covered) == expected and set(covered.values()) == {1}
+            for piece, g in pieces:
+                assert (piece.q_len, piece.k_len, piece.mask) == (c.q_len, c.k_len, c.mask)
+                rel = piece.q_start - c.q_start
+                assert piece.q_rows.values() == c.q_rows.values()[rel : rel + piece.runs * piece.q_len]
+                per_run = (g.stop - g.start) * c.q_len * len(range(*blk.heads.indices(8)))
+                if not adopted and options.min_split_bytes == 0:  # a share of the shard's cells, or one run
+                    assert piece.runs * per_run <= max(per_run, shard.cells // options.max_call_share)
