@@ -1,0 +1,63 @@
+"""ring_attention.executable: PlanKey -> ExecutablePlan, cached once, bounded, and holding
+nothing on an accelerator."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import ring_attention as ra
+from ring_attention import executable, plans
+from ring_attention.executable import PlanKey, executable_plan
+from ring_attention.layout import Layout
+from ring_attention.masks import SequenceMask
+from ring_attention.options import Options
+from tests.fake_cuda import fake_cuda
+from tests.inputs import walk
+
+PATTERN = ra.DilatedPattern((8, 16), (1, 2))
+
+
+def _key(n=16, **changes):
+    key = PlanKey(PATTERN, n, 4, 2, SequenceMask(), 1, Layout.CONTIGUOUS, (0,), 1, 8, torch.float32)
+    return dataclasses.replace(key, **changes)
+
+
+def test_a_key_gets_its_plan_once_and_other_options_another():
+    plan = executable_plan(_key())
+    assert executable_plan(_key()) is plan  # an equal key, another object
+    assert plan.key == _key() and set(plan.ranks) == {0}
+    other = executable_plan(_key(options=Options(max_call_share=1)))
+    assert other is not plan and other.key.options == Options(max_call_share=1)
+    assert executable_plan(_key(mask=SequenceMask(causal=True))) is not plan
+    executable.clear()  # and the planner's caches behind it
+    assert not executable._CACHE and plans.rank_plan.cache_info().currsize == 0
+    assert executable_plan(_key()) is not plan
+
+
+def test_the_cache_holds_the_most_recently_used_plans(monkeypatch):
+    monkeypatch.setattr(executable, "MAX_PLANS", 2)
+    executable.clear()
+    a, b = executable_plan(_key(16)), executable_plan(_key(32))
+    assert executable_plan(_key(16)) is a  # a is now the most recent
+    executable_plan(_key(48))
+    assert len(executable._CACHE) == 2 and _key(32) not in executable._CACHE
+    assert executable_plan(_key(16)) is a and executable_plan(_key(32)) is not b
+    executable.clear()
+
+
+def test_a_plan_run_on_cuda_holds_no_tensor_on_an_accelerator():
+    # the first pair leaves cells without keys and the second merges into them: on CUDA the
+    # executor marks query rows at the end, through the plan's mask of cells without keys
+    executable.clear()
+    with fake_cuda(backward=False) as fc:
+        q, k, v = fc.qkv(batch=1, seq_len=32, heads=2, kv_heads=2, head_dim=64, dtype=torch.float16)
+        ra.dilated_attention(q, k, v, ra.DilatedPattern((16, 8), (2, 1)))
+    fc.assert_clean()
+    (plan,) = executable._CACHE.values()
+    (rank,) = plan.ranks.values()
+    assert rank._empty_cells, "the run made no mask of cells without keys: nothing was tested"
+    found = [obj for obj in walk(plan) if isinstance(obj, torch.Tensor)]
+    assert found and all(t.device.type == "cpu" for t in found)
+    executable.clear()
