@@ -195,25 +195,19 @@ _VARIANTS = [
         )
         for r in (2, 4)
     ),
-    Variant(
-        "Production",
-        "Ring dilated attention, mixture mode (LongNet's softmax-denominator mixing), "
-        "segments (N/4, N/2), rates (1, 2), one rank, no checkpointing.",
-        Kind.RING_DILATED, pattern=quarter_half("mixture"), ring_size=1, from_earlier_project=True,
-        large_n_devices=EVERY_DEVICE,
-    ),
-    Variant(
-        "Production-checkpoint",
-        "Production with gradient checkpointing: the forward is recomputed in backward.",
-        Kind.RING_DILATED, pattern=quarter_half("mixture"), ring_size=1, checkpoint=True,
-        from_earlier_project=True, large_n_devices=CUDA_ONLY,
-    ),
-    Variant(
-        "Production-ring4",
-        "Production over a simulated ring of 4 ranks, with gradient checkpointing (as the "
-        "earlier project's Production_Ring4 ran).",
-        Kind.RING_DILATED, pattern=quarter_half("mixture"), ring_size=4, checkpoint=True,
-        from_earlier_project=True,
+    *(
+        Variant(name, doc, Kind.RING_DILATED, pattern=quarter_half("mixture"), ring_size=r, checkpoint=checkpoint,
+                from_earlier_project=True, large_n_devices=large)
+        for name, r, checkpoint, large, doc in (
+            ("Production", 1, False, EVERY_DEVICE,
+             "Ring dilated attention, mixture mode (LongNet's softmax-denominator mixing), "
+             "segments (N/4, N/2), rates (1, 2), one rank, no checkpointing."),
+            ("Production-checkpoint", 1, True, CUDA_ONLY,
+             "Production with gradient checkpointing: the forward is recomputed in backward."),
+            ("Production-ring4", 4, True, frozenset(),
+             "Production over a simulated ring of 4 ranks, with gradient checkpointing (as the "
+             "earlier project's Production_Ring4 ran)."),
+        )
     ),
     # --- our own ----------------------------------------------------------------------
     Variant(
