@@ -41,6 +41,9 @@ class Profile:
             thread, so on a 2-core machine one busy neighbouring process slowed a
             two-thread run 2.4x, and unevenly (many small kernels suffer more than one
             large SDPA call): even the ratio to SDPA moved by up to +400%.
+        real_ranks_n, real_ranks, real_ranks_rounds: the rows of ``python -m perf --real-ranks``
+            (:mod:`perf.real_ranks`): sequence lengths, ring sizes ``R`` (one process per rank)
+            and timed rounds.
     """
 
     device: str
@@ -55,6 +58,9 @@ class Profile:
     compiled: tuple[str, ...] = ()
     compile_mode: str = "default"
     threads: int | None = None
+    real_ranks_n: tuple[int, ...] = (4096,)
+    real_ranks: tuple[int, ...] = (2, 4)
+    real_ranks_rounds: int = 3
 
     def rounds(self, seq_len: int) -> int:
         """Timed rounds at ``seq_len``: fewer at the expensive lengths."""
@@ -87,6 +93,9 @@ CUDA_PROFILE = Profile(
     # the most launch-bound single-device and ring variants (python -m perf.counters)
     compiled=("longnet", "ring-zigzag-causal4"),
     compile_mode="reduce-overhead",
+    real_ranks_n=(16384,),
+    real_ranks=(2, 4, 8),  # NCCL: the sizes with a GPU per rank run, the others skip
+    real_ranks_rounds=5,
 )
 
 
