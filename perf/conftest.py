@@ -29,7 +29,7 @@ import torch
 
 from perf import compiled, measure
 from perf import device as _device
-from perf.options import dtypes, non_negative_int, passes, positive_int, seq_lens, variant_names
+from perf.options import dtypes, non_negative_int, passes, positive_int, rank_counts, seq_lens, variant_names
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 DEFAULT_STORAGE = "file://./.benchmarks"
@@ -59,6 +59,9 @@ def pytest_addoption(parser):
                     help="warm-up rounds (overrides the profile)")
     group.addoption("--perf-threads", type=positive_int, default=None,
                     help="torch.set_num_threads for the run (overrides the profile; the CPU profile uses 1)")
+    group.addoption("--perf-ranks", type=rank_counts, default=None,
+                    help="comma-separated ring sizes R of the real-rank rows (test_bench_real_ranks.py; "
+                         "overrides the profile)")
 
 
 def _profile(config) -> _device.Profile:
@@ -68,7 +71,11 @@ def _profile(config) -> _device.Profile:
     dev = _device.pick_device(config.getoption("--perf-device"))
     prof = _device.profile_for(dev)
     if config.getoption("--perf-n"):
-        prof = dataclasses.replace(prof, seq_lens=config.getoption("--perf-n"))
+        prof = dataclasses.replace(prof, seq_lens=config.getoption("--perf-n"), real_ranks_n=config.getoption("--perf-n"))
+    if config.getoption("--perf-ranks"):
+        prof = dataclasses.replace(prof, real_ranks=config.getoption("--perf-ranks"))
+    if config.getoption("--perf-rounds") is not None:
+        prof = dataclasses.replace(prof, real_ranks_rounds=config.getoption("--perf-rounds"))
     if config.getoption("--perf-dtype"):
         prof = dataclasses.replace(prof, dtypes=config.getoption("--perf-dtype"))
     if config.getoption("--perf-warmup") is not None:
@@ -176,7 +183,8 @@ def _differing_fields(now: dict, saved: dict, prefix: str = "") -> list[str]:
     return out
 
 
-_BENCH_ID = re.compile(r"\[(?P<variant>.+)-N(?P<n>\d+)-(?P<dtype>\w+)-(?P<pass>fwd\+bwd|fwd)\]$")
+_BENCH_ID = re.compile(r"\[(?P<variant>.+?)(?:-R(?P<ranks>\d+))?-N(?P<n>\d+)-(?P<dtype>\w+)-(?P<pass>fwd\+bwd|fwd)\]$")
+BENCH_FILES = ("test_bench_attention.py::", "test_bench_real_ranks.py::")
 
 
 # Benchmarks started and collected, and the terminal they are reported on (one session per process).
@@ -189,9 +197,13 @@ def pytest_collection_finish(session):
 
 
 def _bench_label(nodeid: str) -> str | None:
-    """``"RingDilatedV2-ring4 N=1024 float32 fwd"`` for a benchmark of the bench file."""
-    match = _BENCH_ID.search(nodeid) if "test_bench_attention.py::" in nodeid else None
-    return None if match is None else "{variant} N={n} {dtype} {pass}".format(**match.groupdict())
+    """``"RingDilatedV2-ring4 N=1024 float32 fwd"`` for a benchmark of a bench file
+    (``"RingAttention-zigzag-causal R=2 N=4096 float32 fwd"`` for a real-rank row)."""
+    match = _BENCH_ID.search(nodeid) if any(f in nodeid for f in BENCH_FILES) else None
+    if match is None:
+        return None
+    ranks = f" R={match['ranks']}" if match["ranks"] else ""
+    return f"{match['variant']}{ranks} N={match['n']} {match['dtype']} {match['pass']}"
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -253,6 +265,12 @@ def rounds(request, profile):
 
 
 def pytest_generate_tests(metafunc):
+    if "real_case" in metafunc.fixturenames:
+        from perf import real_ranks
+
+        prof = _profile(metafunc.config)
+        found = real_ranks.cases(prof, prof.real_ranks, metafunc.config.getoption("--perf-pass") or _device.PASSES)
+        metafunc.parametrize("real_case", found, ids=[c.name for c in found])
     if "case" not in metafunc.fixturenames:
         return
     from ring_attention import registry

@@ -79,6 +79,7 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 PASSES = ("fwd", "fwd+bwd")
 
 seq_lens = csv(positive_int)
+rank_counts = csv(positive_int)
 dtypes = csv(str, DTYPES)
 passes = csv(str, PASSES)
 variant_names = csv(variant_name)
