@@ -12,7 +12,9 @@ of the device's baseline:
   more than ``ratio_pct`` percent. The ratio cancels a uniformly slower machine, so its
   threshold is tighter than the raw-time one. A benchmark whose own median moved by no more
   than its rounds' spread (the larger interquartile range of the two runs) is not flagged:
-  its ratio moved because SDPA's rounds did.
+  its ratio moved because SDPA's rounds did. Real-rank rows (:mod:`perf.real_ranks`) carry
+  ``ratio_to_simulation`` (slowest rank / the in-process simulation's per-rank share, paired by
+  round) instead: the arm reads whichever anchor ratio the row has (:func:`anchor_ratio`).
 
 Cost counters (``extra_info["counters"]``, from :mod:`perf.counters`: launches, fused calls,
 live-bytes peak, bytes sent per rank, FLOPs) are deterministic, so their arm has no noise
@@ -121,6 +123,23 @@ _REQUIRED = (
 )
 
 
+# The anchor ratio of a row: real-rank rows are paired with the simulation, the others with SDPA.
+ANCHOR_RATIOS = ("ratio_to_simulation", "ratio_to_sdpa")
+
+
+def anchor_ratio(extra_info: dict) -> tuple[str, float | None]:
+    """``(key, value)`` of the row's anchor ratio: ``ratio_to_simulation`` where the row has one."""
+    key = next((k for k in ANCHOR_RATIOS if k in extra_info), ANCHOR_RATIOS[-1])
+    return key, extra_info.get(key)
+
+
+def _required(bench: dict):
+    """:data:`_REQUIRED`, with the row's own anchor ratio in place of ``ratio_to_sdpa``."""
+    info = bench.get("extra_info")
+    anchor = anchor_ratio(info)[0] if isinstance(info, dict) else "ratio_to_sdpa"
+    return [(sec, anchor if key == "ratio_to_sdpa" else key, rule) for sec, key, rule in _REQUIRED]
+
+
 def _counters_problem(counters):
     """The problem with an ``extra_info.counters`` value, as ``(key, problem)``, or ``None``."""
     if not isinstance(counters, dict):
@@ -159,7 +178,7 @@ def validate(data, path="baseline") -> dict:
             raise BaselineError(path, f"{where}.name", f"duplicate benchmark {name!r}")
         seen.add(name)
         where = f"benchmarks[{i}] ({name})"
-        for section, key, rule in _REQUIRED:
+        for section, key, rule in _required(bench):
             part = bench.get(section)
             if not isinstance(part, dict):
                 raise BaselineError(path, f"{where}.{section}", "missing or not a JSON object")
@@ -250,15 +269,16 @@ def timing_spread(now, base) -> float:
 
 
 def check_ratio(name, now, base, thr: Thresholds):
-    r_now = now["extra_info"].get("ratio_to_sdpa")
-    r_base = base["extra_info"].get("ratio_to_sdpa")
+    key, r_now = anchor_ratio(now["extra_info"])
+    r_base = base["extra_info"].get(key)
     if r_now is None or r_base is None or now["extra_info"].get("variant") == "dense":
         return None
     # Faster or slower alike: a median that moved no more than the rounds' spread is noise.
     if abs(now["stats"]["median"] - base["stats"]["median"]) <= timing_spread(now, base):
         return None
     if r_now > r_base * (1 + thr.ratio_pct / 100):
-        return Finding("ratio", name, f"ratio to SDPA {r_now:.3f} vs baseline {r_base:.3f} "
+        what = "to the simulation's share" if key == "ratio_to_simulation" else "to SDPA"
+        return Finding("ratio", name, f"ratio {what} {r_now:.3f} vs baseline {r_base:.3f} "
                                       f"(+{(r_now / r_base - 1) * 100:.0f}% > {thr.ratio_pct:g}%)")
     return None
 
