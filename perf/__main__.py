@@ -8,6 +8,7 @@
     python -m perf -- -k "dense and fwd"   # anything after -- goes to pytest
     python -m perf --profile history    # a few rows, 15 rounds each, for the history's rank test
     python -m perf history              # trend plots and the history's regression table (perf.trend)
+    python -m perf --real-ranks         # the ring variants on R real processes (perf.real_ranks), gated alike
 
 The baseline of a device is ``<baselines-dir>/<device-slug>/0001_baseline.json``. It is checked
 (schema, numbers, finiteness) before anything runs. Only this runner writes it: on the first
@@ -43,6 +44,7 @@ from perf import gate, history, options, report
 
 HERE = Path(__file__).resolve().parent
 BENCH_FILE = HERE / "test_bench_attention.py"
+REAL_RANKS_FILE = HERE / "test_bench_real_ranks.py"
 BASELINE_NAME = "0001_baseline.json"
 
 
@@ -90,6 +92,11 @@ def parse(argv):
                    help=f"the history store's folder (default ${history.ENV_DIR}, else perf/history)")
     p.add_argument("--history-note", default=None, help="a note stored with this run in the history")
     p.add_argument("--no-history", action="store_true", help="do not append this run to the history")
+    p.add_argument("--real-ranks", action="store_true",
+                   help="run the real-rank rows instead (perf/test_bench_real_ranks.py: ring variants on R "
+                        "processes, gloo on CPU); they gate against the same baseline file")
+    p.add_argument("--ranks", type=options.rank_counts, default=None,
+                   help="with --real-ranks: comma-separated ring sizes R (default: the profile's)")
     p.add_argument("--variants", type=options.variant_names, default=None,
                    help="comma-separated registry names or aliases (Production_CP, RingDilatedV2_Ring4, ...)")
     p.add_argument("--n", type=options.seq_lens, default=None, help="comma-separated sequence lengths")
@@ -120,6 +127,12 @@ def parse(argv):
                     f"(the run's JSON is <reports-dir>/<device>/latest.json; --device picks the device)")
     if args.replace and not args.save_baseline:
         p.error("--replace goes with --save-baseline")
+    if args.real_ranks and (args.variants or args.compiled or args.profile != "suite"):
+        p.error("--real-ranks runs its own rows: select them with --n, --ranks, --pass, --dtype or -- -k")
+    if args.real_ranks and args.replace:
+        p.error("--real-ranks --replace would drop the suite's rows from the baseline: save without --replace")
+    if args.ranks and not args.real_ranks:
+        p.error("--ranks goes with --real-ranks")
     if args.smoke and (args.rounds or args.warmup is not None):
         p.error("--smoke sets one round and no warm-up itself")
     if args.smoke and args.profile == "history":
@@ -133,7 +146,7 @@ def selection_args(args) -> list[str]:
     """The pytest options for the runner's ``--variants``, ``--n``, ``--pass``, ``--dtype``,
     ``--compiled``, ``--rounds``, ``--warmup`` and ``--smoke``."""
     out = []
-    for flag, value in (("--perf-variants", args.variants), ("--perf-n", args.n),
+    for flag, value in (("--perf-variants", args.variants), ("--perf-n", args.n), ("--perf-ranks", args.ranks),
                         ("--perf-pass", args.passes), ("--perf-dtype", args.dtype),
                         ("--perf-compiled", args.compiled)):
         if value:
@@ -147,6 +160,7 @@ def selection_args(args) -> list[str]:
 
 
 _SELECTING = ("-k", "-m", "--deselect", "--perf-variants", "--perf-n", "--perf-dtype", "--perf-pass", "--perf-compiled",
+              "--perf-ranks",
               "--lf", "--last-failed", "--sw", "--stepwise", "--ignore")
 
 
@@ -160,6 +174,19 @@ def is_full_run(pytest_args) -> bool:
         if a.startswith(_SELECTING) or "::" in a or a.endswith(".py"):
             return False
     return True
+
+
+def rows_of(baseline: dict | None, bench_file: Path) -> dict | None:
+    """The baseline's rows of ``bench_file``'s test (``test_attention[...]`` or ``test_real_ranks[...]``).
+
+    One file holds both kinds of rows; a run of one bench file is gated, and its coverage
+    judged, against that file's rows only. ``None`` when it has none.
+    """
+    if baseline is None:
+        return None
+    test = "test_real_ranks[" if bench_file == REAL_RANKS_FILE else "test_attention["
+    mine = [b for b in baseline["benchmarks"] if b["name"].startswith(test)]
+    return dict(baseline, benchmarks=mine) if mine else None
 
 
 def baseline_path(baselines_dir: Path, slug: str) -> Path:
@@ -192,7 +219,8 @@ def merged_baseline(old: dict | None, run: dict, *, replace: bool) -> dict:
     for name in [n for n in order if n in everything] + [n for n in new if n not in order]:
         b = json.loads(json.dumps(everything[name]))  # a copy
         b.get("stats", {}).pop("data", None)
-        b.get("extra_info", {}).pop("sdpa_round_s", None)
+        for raw in ("sdpa_round_s", "simulation_round_s", "rank_round_s"):
+            b.get("extra_info", {}).pop(raw, None)
         out["benchmarks"].append(b)
     return out
 
@@ -218,7 +246,8 @@ def _without_k(pytest_args):
     return out
 
 
-def confirm(cmd, result: gate.GateResult, baseline: dict, thresholds: gate.Thresholds, out_dir: Path):
+def confirm(cmd, result: gate.GateResult, baseline: dict, thresholds: gate.Thresholds, out_dir: Path,
+            bench_file: Path = BENCH_FILE):
     """Re-run the benchmarks flagged by the timing arms (time, ratio); see :func:`gate.confirmed`.
 
     Timing on a shared machine has bursts that slow every round of one benchmark; a real
@@ -231,7 +260,7 @@ def confirm(cmd, result: gate.GateResult, baseline: dict, thresholds: gate.Thres
     print(f"perf: confirming {len(names)} timing regression(s) with a re-run", flush=True)
     confirm_json = out_dir / "confirm.json"
     confirm_json.unlink(missing_ok=True)
-    node_ids = [f"{BENCH_FILE}::{name}" for name in names]
+    node_ids = [f"{bench_file}::{name}" for name in names]
     cmd = [c for c in cmd if not c.startswith(("--benchmark-json=", "--benchmark-compare"))]
     _pytest(cmd + [f"--benchmark-json={confirm_json}"] + node_ids)
     rerun_json = load_run(confirm_json)
@@ -296,10 +325,19 @@ def main(argv=None) -> int:
     if strays:
         print(f"perf: note: ignoring {', '.join(strays)} in {base_path.parent}/ (the baseline is {BASELINE_NAME})")
 
-    first_run = baseline is None and not args.smoke
+    bench_file = REAL_RANKS_FILE if args.real_ranks else BENCH_FILE
+    gated = rows_of(baseline, bench_file)  # the rows this run's bench file can be gated against
+    if baseline is not None and gated is None and not (args.save_baseline or args.smoke):
+        if args.require_baseline:
+            print(f"perf: the baseline {base_path} has no rows of {bench_file.name} and --require-baseline "
+                  f"given.\nperf: add them on this device with `python -m perf{' --real-ranks' * args.real_ranks} "
+                  f"--save-baseline` and commit {base_path.parent}/", file=sys.stderr)
+            return Exit.NO_BASELINE
+        print(f"perf: the baseline has no rows of {bench_file.name} yet: this run's rows will be merged into it")
+    first_run = gated is None and not args.smoke
     saving = args.save_baseline or first_run
-    gating = baseline is not None and not (args.save_baseline or args.smoke)
-    if first_run and not args.save_baseline:
+    gating = gated is not None and not (args.save_baseline or args.smoke)
+    if first_run and baseline is None and not args.save_baseline:
         print(f"perf: no baseline for device '{slug}' yet: this run will be saved as its baseline")
 
     out_dir = args.reports_dir / slug
@@ -307,7 +345,7 @@ def main(argv=None) -> int:
     run_json = out_dir / "latest.json"
     run_json.unlink(missing_ok=True)
     selection = selection_args(args)
-    cmd = [sys.executable, "-m", "pytest", str(BENCH_FILE), "-p", "no:cacheprovider", "-q",
+    cmd = [sys.executable, "-m", "pytest", str(bench_file), "-p", "no:cacheprovider", "-q",
            f"--perf-device={dev}", f"--perf-baselines={args.baselines_dir}", f"--benchmark-json={run_json}", "--benchmark-sort=name",
            "--benchmark-save-data", "--benchmark-columns=median,iqr,rounds", *selection]
     if gating:
@@ -346,9 +384,9 @@ def main(argv=None) -> int:
 
     thresholds = gate.Thresholds(time_pct=args.time_pct, ratio_pct=args.ratio_pct, memory_pct=args.memory_pct)
     full_run = is_full_run(selection + pytest_args)
-    result = gate.check(run, baseline, thresholds, full_run=full_run)
+    result = gate.check(run, gated, thresholds, full_run=full_run)
     if not args.no_confirm:
-        result = confirm(cmd + _without_k(pytest_args), result, baseline, thresholds, out_dir)
+        result = confirm(cmd + _without_k(pytest_args), result, gated, thresholds, out_dir, bench_file)
     print(f"perf: baseline {base_path}" + ("" if full_run else " (a subset was selected)"))
     print(gate.summary(result))
     if not result.ok:
