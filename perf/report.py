@@ -10,7 +10,9 @@ Shaped like the earlier project's reports, readable on GitHub:
    flagged and never ranked), and memory against the reference variant at the largest length;
 3. the cost counters of :mod:`perf.counters` (launches, fused calls, live-bytes peak, bytes
    sent per rank, FLOPs);
-4. the full table (every benchmark, with TFLOP/s and % of SDPA's TFLOP/s) and the plot.
+4. the full table (every benchmark, with TFLOP/s and % of SDPA's TFLOP/s) and the plot;
+5. real-rank rows (``python -m perf --real-ranks``), in their own section
+   (:mod:`perf.report_ranks`): the slowest rank against the simulation's per-rank share.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-from perf import gate
+from perf import gate, report_ranks
 
 REFERENCE_VARIANT = "ImprovedDilatedAttention"
 REFERENCE_SHORT = "ImprovedDilated"
@@ -42,7 +44,7 @@ def rows(run: dict, thresholds: gate.Thresholds | None = None) -> list[dict]:
     out = []
     for i, b in enumerate(run.get("benchmarks", [])):
         e = b.get("extra_info", {})
-        if "median_s" not in e:
+        if "median_s" not in e or report_ranks.is_real(b):  # real-rank rows: their own section
             continue
         err = e.get("max_error")
         out.append({
@@ -147,9 +149,10 @@ def markdown(run: dict, title: str | None = None) -> str:
         "the profile's limit, sampled query rows of the output above it); a row whose error is above "
         "its dtype's tolerance is marked **FAIL** and never ranked.",
         "",
-        "## Results by sequence length",
-        "",
     ]
+    if not data:  # a --real-ranks run: its section only
+        return "\n".join(lines[:4] + report_ranks.section(run)) + "\n"
+    lines += ["## Results by sequence length", ""]
     for (n, dtype, mode), group in by_length.items():
         lines += [f"### N = {n:,} ({dtype}, {mode})", "", *length_table(group), ""]
 
@@ -199,7 +202,7 @@ def markdown(run: dict, title: str | None = None) -> str:
             f"| {r['variant']} | {r['N']} | {r['dtype']} | {r['pass']} | {r['time_ms']:.2f} | "
             f"{r['memory_mib']:.2f} | {r['tokens_per_s']:.4g} | {r['speed_vs_sdpa']:.2f}x | "
             f"{r['tflops']:.4f} | {r['pct_sdpa']:.0f}% | {_error(r)} |")
-    lines += ["", "![time and memory against N](report.png)"]
+    lines += ["", "![time and memory against N](report.png)", "", *report_ranks.section(run)]
     return "\n".join(lines) + "\n"
 
 
