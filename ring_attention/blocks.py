@@ -28,7 +28,7 @@ from typing import Union
 
 import torch
 
-from .masks import BlockMask
+from .masks import KernelMask
 
 Index = Union[slice, torch.Tensor]
 # What tensors cached per device are keyed by: the device and the id of a fake-tensor mode.
@@ -170,7 +170,7 @@ class Call:
     runs: int
     q_len: int
     k_len: int
-    mask: BlockMask  # CAUSAL: a diagonal block, the key run is the query run itself
+    mask: KernelMask  # CAUSAL: a square diagonal block; Band: a block cut by a window
     q_rows: Rows
 
 

@@ -18,7 +18,7 @@ from .pattern import DilatedPattern
 
 def dilated_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: DilatedPattern, *, causal: bool = False,
-    scale: float | None = None, checkpoint: bool = False,
+    scale: float | None = None, checkpoint: bool = False, window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Dilated attention: SEMANTICS.md's weighted attention with ``W`` from ``pattern``.
 
@@ -30,9 +30,13 @@ def dilated_attention(
     :param scale: score scale, ``1/sqrt(D)`` by default.
     :param checkpoint: store only the inputs for backward and recompute the forward there,
         trading compute for activation memory.
+    :param window: ``(left, right)``, a sliding window in flash-attn's convention on global
+        positions: key ``j`` is kept for query ``i`` when ``i - left <= j <= i + right``
+        (a side of ``-1`` unbounded), composed with ``causal`` and the pattern. ``None``: no window.
+        Blocks wholly outside the band are never computed.
     :returns: ``[B, N, H, D]`` in the input dtype; rows no pair keeps for a head are 0.
         Differentiable with exact gradients (double backward is not supported).
     :raises ValueError, TypeError: for malformed inputs, e.g. ``N`` not divisible by an
         effective segment length ``min(w, N)``.
     """
-    return attend(q, k, v, pattern, ring_size=1, causal=causal, scale=scale, checkpoint=checkpoint)
+    return attend(q, k, v, pattern, ring_size=1, causal=causal, scale=scale, checkpoint=checkpoint, window=window)

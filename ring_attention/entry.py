@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from . import ops
+from ._checks import check_window
 from .autograd import run_on_ring
 from .executable import PlanKey, executable_plan
 from .layout import Layout
@@ -48,6 +49,7 @@ def attend(
     layout: Layout | str = "contiguous",
     checkpoint: bool = False,
     options: Options = DEFAULT,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Attention with ``pattern``'s weights (:data:`FULL`: full attention) over a ring.
 
@@ -66,9 +68,16 @@ def attend(
     :param layout: a :class:`~ring_attention.Layout`, or its name.
     :param checkpoint: recompute the forward in backward instead of storing activations.
     :param options: the executor's limits (tests force paths with them).
+    :param window: ``(left, right)``, a sliding window on global positions (SEMANTICS.md),
+        or ``None``. Not yet with ``group`` or under ``torch.compile``: a ``NotImplementedError``.
     :returns: this rank's output shard (with ``group``) or the whole output in natural order.
     :raises ValueError, TypeError: for malformed inputs, on every rank of a group.
     """
+    band = check_window(window)
+    if band is not None and group is not None:
+        raise NotImplementedError(f"window={band}: a process group (group=) does not take a window yet")
+    if band is not None and torch.compiler.is_compiling():
+        raise NotImplementedError(f"window={band}: torch.compile (the custom ops) does not take a window yet")
     if torch.compiler.is_compiling() and group is not None:
         eager: torch.Tensor = _eager(
             q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
@@ -86,7 +95,7 @@ def attend(
             return ops.attention(q, k, v, checked, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
                                  options=options)
     else:
-        mask = SequenceMask(causal=causal)
+        mask = SequenceMask(causal=causal, window=band)
         key = PlanKey(checked, shapes.seq_len, shapes.heads, shapes.kv_heads, mask, ring.size, layout, ring.ranks,
                       q.shape[0], q.shape[3], q.dtype, options)
         plan = executable_plan(key)

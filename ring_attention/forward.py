@@ -23,7 +23,7 @@ from .blocks import Block, Call, Index, index
 from .comm import Ring
 from .exchange import post_kv, wait
 from .executable import ExecutablePlan, RankExecution
-from .masks import BlockMask
+from .masks import Band, BlockMask, KernelMask
 from .merge import accumulation_dtype, merge_into_
 from .views import Recipe
 
@@ -85,12 +85,18 @@ def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torc
                 scale=scale,
                 mark_query_rows=False,  # marked once, at the end
                 quarantined=causal,
+                band=_band(c.mask),
             )
             if causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
                 bad_runs = views.run_view(bad_vb[:, g], c.k_start, c.runs, c.k_len)
                 o.add_(kernels.value_poison(bad_runs).flatten(0, 2))
             _put_result(rank.recipes, blk, c, g, q, q_rows, write, mark, acc, o, lse)
             del o, lse  # before the next offset's results: one block result alive at a time
+
+
+def _band(mask: KernelMask) -> tuple[int, int] | None:
+    """A window's band as the kernels take it, or ``None``."""
+    return (mask.lo, mask.hi) if isinstance(mask, Band) else None
 
 
 def _kernel_inputs(
@@ -121,7 +127,7 @@ def _put_result(recipes: dict[Hashable, Recipe], blk: Block, c: Call, g: slice, 
     o, lse = torch.unflatten(o, 0, by_run), torch.unflatten(lse, 0, by_run)
     if not isinstance(q_rows, slice):
         rows = q_rows[c.q_start : c.q_start + c.runs * c.q_len]
-        _scatter_result(rows, blk.heads, write, acc, o, lse, mark)
+        _scatter_result(rows, blk.heads, write, acc, o, lse, mark, isinstance(c.mask, Band))
         return
 
     def cells(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +136,8 @@ def _put_result(recipes: dict[Hashable, Recipe], blk: Block, c: Call, g: slice, 
     o_acc = views.view(recipes, (c, g.start, g.stop, "out"), out_acc, cells)
     l_acc = None if lse_acc is None else views.view(recipes, (c, g.start, g.stop, "lse"), views.rows_major(lse_acc), cells)
     if not write:  # a merge: the LSE accumulator exists
-        merge_into_(o_acc, cast(torch.Tensor, l_acc), o, lse, empty_rows=False)  # kernel results are never empty
+        # a kernel's rows all have keys, except a band's (out 0, LSE -inf at its ends)
+        merge_into_(o_acc, cast(torch.Tensor, l_acc), o, lse, empty_rows=isinstance(c.mask, Band))
     elif mark is None:
         o_acc.copy_(o)
         if l_acc is not None:
@@ -160,10 +167,10 @@ def _accumulators(
 
 
 def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: Accumulators, o: torch.Tensor,
-                    lse: torch.Tensor, poison: torch.Tensor | None) -> None:
+                    lse: torch.Tensor, poison: torch.Tensor | None, empty_rows: bool) -> None:
     """Write or merge a result ``[B, 1, runs, h, L, ...]`` at ``rows`` that are no progression
     (a dilated unit across zigzag chunks): gather, merge, scatter; marked by ``poison``
-    (``[B, n, H]`` or ``None``) first."""
+    (``[B, n, H]`` or ``None``) first; ``empty_rows``: the result may hold rows without keys."""
     out_acc, lse_acc = cast(torch.Tensor, acc[0]), acc[1]  # out is there once adoption is settled
     o = views.unpacked(o, out_acc.dtype)  # [B, M, h, D]
     lse_b = None if lse_acc is None else views.unpacked(lse.unsqueeze(-1), lse_acc.dtype).squeeze(-1)
@@ -177,7 +184,7 @@ def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: Accumula
     if not write:  # a merge: the LSE accumulator exists
         l_heads = cast(torch.Tensor, l_heads)
         o_acc, l_acc = o_heads.index_select(1, rows), l_heads.index_select(1, rows)
-        merge_into_(o_acc, l_acc, o, cast(torch.Tensor, lse_b), empty_rows=False)  # kernel results are never empty
+        merge_into_(o_acc, l_acc, o, cast(torch.Tensor, lse_b), empty_rows=empty_rows)
         o, lse_b = o_acc, l_acc
     o_heads.index_copy_(1, rows, o)
     if l_heads is not None:

@@ -5,7 +5,10 @@ and transpose (a free view) at the boundary. ``q``, ``k`` and ``v`` of a block h
 same number of heads.
 
 ``causal`` here is the block-local mask of a *square* diagonal block (``j <= i`` in block
-coordinates). Which blocks are diagonal, full or skipped is the caller's business: this
+coordinates); ``band=(lo, hi)`` keeps block-local key ``j`` for query ``i`` when
+``lo <= j - i <= hi`` (a block cut by a sliding window), and a row with no key in it gives
+out 0 and LSE ``-inf``. A band runs on the CPU op with an additive mask, or on ``math``
+(CUDA too, for now: flash's ``window_size`` is the native path to add). Which blocks are diagonal, full or skipped is the caller's business: this
 module knows nothing of global positions. Square blocks matter: the CPU op aligns a
 causal mask top-left and CUDA flash bottom-right, which agree only when ``Lq == Lk``.
 
@@ -105,7 +108,7 @@ def backend(q: torch.Tensor, kv_len: int | None = None) -> str:
 
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-    mark_query_rows: bool = True, quarantined: bool = False,
+    mark_query_rows: bool = True, quarantined: bool = False, band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one block. Returns ``(out [B,H,L,D] in q.dtype, lse [B,H,L])``.
 
@@ -122,10 +125,10 @@ def attention_forward(
     _check_block(q, k, causal)
     q, scale, _ = fold_scale(q, scale)
     if not causal or quarantined:
-        out, lse = _forward(q, k, v, causal, scale)
+        out, lse = _forward(q, k, v, causal, scale, band)
     else:
         v, poison = quarantine_values(v)
-        out, lse = _forward(q, k, v, causal, scale)
+        out, lse = _forward(q, k, v, causal, scale, band)
         if poison is not None:
             out.add_(poison)
     if mark_query_rows and marks_query_rows(q):
@@ -216,14 +219,22 @@ def known_finite(x: torch.Tensor) -> bool:
     return math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item())
 
 
+def _band_kind(kind: str, band: tuple[int, int] | None) -> str:
+    """The backend of a block: a band runs on the CPU op or on math. Flash (``window_size``)
+    and efficient take a band natively on CUDA: that is the fast path to add; until then
+    CUDA is never called with a mask it does not take."""
+    return "math" if band is not None and kind not in ("cpu", "math") else kind
+
+
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+    band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kind = backend(q, k.shape[-2])
+    kind = _band_kind(backend(q, k.shape[-2]), band)
     if kind == "cpu":
-        return _cpu_forward(q, k, v, causal, scale)
+        return _cpu_forward(q, k, v, causal, scale, band)
     if kind == "math":
-        return _math_forward(q, k, v, causal=causal, scale=scale)
+        return _math_forward(q, k, v, causal=causal, scale=scale, band=band)
     d = q.shape[-1]
     q, k, v = (_cuda_ready(x) for x in (q, k, v))
     outs, lses = [], []
@@ -245,18 +256,18 @@ def _forward(
 
 def attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, causal: bool, scale: float,
+    *, causal: bool, scale: float, band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
     _check_block(q, k, causal)
     q, scale, q_factor = fold_scale(q, scale)
-    kind = backend(q, k.shape[-2])
+    kind = _band_kind(backend(q, k.shape[-2]), band)
     if kind == "flash" and not _flash_backward_runs(q):
         kind = "efficient"
     if kind == "cpu":
-        dq, dk, dv = _cpu_backward(dout, q, k, v, out, lse, causal, scale)
+        dq, dk, dv = _cpu_backward(dout, q, k, v, out, lse, causal, scale, band)
     elif kind == "math":
-        dq, dk, dv = _math_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        dq, dk, dv = _math_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, band=band)
     else:
         d = q.shape[-1]
         dout, q, k, v = (_cuda_ready(x) for x in (dout, q, k, v))
@@ -368,25 +379,49 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def band_keeps(q_len: int, k_len: int, band: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``[q_len, k_len]`` bool: block-local key ``j`` kept for query ``i`` (``lo <= j - i <= hi``)."""
+    d = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+    return (d >= band[0]) & (d <= band[1])
+
+
+def _band_bias(q: torch.Tensor, k_len: int, band: tuple[int, int]) -> torch.Tensor:
+    """The band as the CPU op's additive ``attn_mask`` ``[Lq, Lk]`` (0 or ``-inf``, in q's
+    dtype, which the op requires)."""
+    keep = band_keeps(q.shape[-2], k_len, band, q.device)
+    return torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+
+
 def _cpu_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+    band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    bias = None if band is None else _band_bias(q, k.shape[-2], band)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
-        q, k, v, 0.0, causal, attn_mask=None, scale=scale
+        q, k, v, 0.0, causal, attn_mask=bias, scale=scale
     )
+    if band is not None:
+        # The op gives a row whose every key is masked out 0 and LSE 0: its LSE is -inf.
+        # Such rows are those before -hi and from Lk - lo on (the band leaves the block).
+        lq, lk = q.shape[-2], k.shape[-2]
+        lse[..., : min(max(-band[1], 0), lq)] = float("-inf")
+        lse[..., max(lk - band[0], 0) :] = float("-inf")
     return out, lse
 
 
 def _cpu_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    causal: bool, scale: float,
+    causal: bool, scale: float, band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dout, q, k, v, out = (_unit_stride(x) for x in (dout, q, k, v, out))
+    bias = None
+    if band is not None:  # the op's exp(s - lse) is NaN for a row without keys anywhere (-inf - -inf)
+        bias, lse = _band_bias(q, k.shape[-2], band), _finite_shift(lse)
     # The CPU kernel reads the LSE through all three of its strides (it makes its own
     # rows-major, [B, L, H] in memory): unlike CUDA's, a strided view needs no copy.
     dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
-        dout, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
     )
     return dq, dk, dv
 
@@ -403,7 +438,7 @@ def _row_chunks(q: torch.Tensor, k: torch.Tensor) -> list[tuple[int, int]]:
 
 def _math_probs(
     q: torch.Tensor, k: torch.Tensor, start: int, length: int, *, causal: bool, scale: float,
-    lse: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None, band: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Scores (or probabilities, given ``lse``) of ``length`` query rows in float32/64."""
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -412,6 +447,9 @@ def _math_probs(
         i = torch.arange(start, start + length, device=q.device).unsqueeze(1)
         j = torch.arange(k.shape[-2], device=q.device).unsqueeze(0)
         s = s.masked_fill(j > i, float("-inf"))
+    if band is not None:
+        keep = band_keeps(q.shape[-2], k.shape[-2], band, q.device).narrow(0, start, length)
+        s = s.masked_fill(~keep, float("-inf"))
     return s if lse is None else torch.exp(s - _finite_shift(lse.narrow(2, start, length)).unsqueeze(-1))
 
 
@@ -422,11 +460,12 @@ def _finite_shift(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _math_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+    band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     outs, lses = [], []
     for start, length in _row_chunks(q, k):
-        s = _math_probs(q, k, start, length, causal=causal, scale=scale)
+        s = _math_probs(q, k, start, length, causal=causal, scale=scale, band=band)
         lse = torch.logsumexp(s, dim=-1)
         outs.append(torch.matmul(torch.exp(s - _finite_shift(lse)[..., None]), v.to(s.dtype)).to(q.dtype))
         lses.append(lse)
@@ -435,14 +474,14 @@ def _math_forward(
 
 def _math_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, causal: bool, scale: float,
+    *, causal: bool, scale: float, band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = torch.promote_types(q.dtype, torch.float32)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for start, length in _row_chunks(q, k):
-        p = _math_probs(q, k, start, length, causal=causal, scale=scale, lse=lse.to(acc))
+        p = _math_probs(q, k, start, length, causal=causal, scale=scale, lse=lse.to(acc), band=band)
         do = dout.narrow(2, start, length).to(acc)
         dv += torch.matmul(p.transpose(-1, -2), do)
         dp = torch.matmul(do, v.to(acc).transpose(-1, -2))

@@ -4,11 +4,12 @@ Two levels, as ``flex_attention`` separates a ``mask_mod`` from its ``BlockMask`
 
 - the **sequence mask** (:class:`SequenceMask`) is a predicate on global positions
   ``(i, j)``, multiplied into the pattern's weights ``W`` (SEMANTICS.md). Today it is
-  full or causal (``j <= i``); a band (sliding window) and document boundaries are the
-  fields it will grow (see docs/ARCHITECTURE.md).
-- a **block mask** (:class:`BlockMask`) is what one kernel call applies inside a block of
-  packed rows: every key (``FULL``) or the block-local lower triangle of a square
-  diagonal block (``CAUSAL``). :meth:`SequenceMask.block` classifies a pair of runs: the
+  full or causal (``j <= i``), with or without a band (a sliding window); document
+  boundaries are the field it will grow (see docs/ARCHITECTURE.md).
+- a **block mask** (:class:`BlockMask`, or a :class:`Band`) is what one kernel call applies
+  inside a block of packed rows: every key (``FULL``), the block-local lower triangle of a
+  square block (``CAUSAL``), or the diagonal band a sliding window cuts (:class:`Band`,
+  on packed indices). :meth:`SequenceMask.block` classifies a pair of runs: the
   block mask it needs, or ``None`` where the sequence mask hides every key (the block is
   never computed, and on a ring its keys are never sent).
 
@@ -30,6 +31,21 @@ class BlockMask(enum.Enum):
 
     FULL = "full"  # every key of the block
     CAUSAL = "causal"  # a square diagonal block: block-local key j <= query i
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """A block cut by a sliding window: packed query ``a`` sees packed key ``b`` when
+    ``lo <= b - a <= hi`` (causal folded in). ``lo``/``hi`` are clamped to the block
+    (``-(Lq - 1) <= lo <= hi <= Lk - 1``), so equal blocks carry equal bands. Rows with no
+    key in the band (at either end of the block) give out 0 and LSE ``-inf``."""
+
+    lo: int
+    hi: int
+
+
+# What one kernel call applies inside its block.
+KernelMask = BlockMask | Band
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +84,43 @@ class SequenceMask:
                 keep &= k_pos[None, :] <= q_pos[:, None] + right
         return keep
 
-    def block(self, q_first: int, k_first: int, *, diagonal: bool) -> BlockMask | None:
+    def block(
+        self, q_first: int, q_last: int, k_first: int, k_last: int, rate: int, *, diagonal: bool
+    ) -> KernelMask | None:
         """The block mask of query run against key run, or ``None``: no key is seen.
 
-        Runs are increasing positions of one segment. ``diagonal``: the key run is the query
-        run itself (a square block); otherwise the two runs share no position, so one lies
-        wholly before the other and ``q_first``/``k_first`` say which.
+        Runs are increasing positions of one segment, ``first, first + rate, ..., last``
+        (``rate`` is the pair's dilation rate, 1 for full attention). ``diagonal``: the key
+        run is the query run itself (a square block); otherwise the two runs share no
+        position, so one lies wholly before the other. Without a window only the firsts
+        matter (a causal diagonal block may then be two joined runs, see the planner).
+
+        With a window ``(left, right)``, positions ``i = q_first + rate * a`` and
+        ``j = k_first + rate * b`` give ``j - i = k_first - q_first + rate * (b - a)``: each
+        bound of the band (and causal's ``j <= i``) is a bound on ``b - a``. Every pair kept:
+        ``FULL``; the lower triangle of a square block: ``CAUSAL``; none: ``None``; else a
+        :class:`Band`.
         """
-        if self.window is not None:
-            raise NotImplementedError("the planner does not plan sliding windows yet")
-        if diagonal:
-            return BlockMask.CAUSAL if self.causal else BlockMask.FULL
-        if not self.causal or k_first < q_first:
+        if self.window is None:
+            if diagonal:
+                return BlockMask.CAUSAL if self.causal else BlockMask.FULL
+            if not self.causal or k_first < q_first:
+                return BlockMask.FULL
+            return None
+        left, right = self.window
+        q_len, k_len = (q_last - q_first) // rate + 1, (k_last - k_first) // rate + 1
+        d = k_first - q_first
+        lo, hi = -(q_len - 1), k_len - 1  # b - a over the whole block
+        if left >= 0:  # d + rate * (b - a) >= -left
+            lo = max(lo, -((left + d) // rate))
+        if right >= 0:  # d + rate * (b - a) <= right
+            hi = min(hi, (right - d) // rate)
+        if self.causal:  # d + rate * (b - a) <= 0
+            hi = min(hi, -d // rate)
+        if lo > hi:
+            return None
+        if lo == -(q_len - 1) and hi == k_len - 1:
             return BlockMask.FULL
-        return None
+        if q_len == k_len and lo == -(q_len - 1) and hi == 0:
+            return BlockMask.CAUSAL
+        return Band(lo, hi)

@@ -36,7 +36,7 @@ from . import layout as _layout
 from . import pattern as _pattern
 from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_ranges
 from .layout import Layout
-from .masks import BlockMask, SequenceMask
+from .masks import BlockMask, KernelMask, SequenceMask
 from .pattern import DilatedPattern
 
 
@@ -93,19 +93,20 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
     return _Kept(Rows(merge_ranges(ranges)), tuple(runs), last_first)
 
 
-def _batch_calls(pairs: Iterable[tuple[_Run, _Run, BlockMask]], q_rows: Rows) -> tuple[Call, ...]:
+def _batch_calls(pairs: Iterable[tuple[_Run, _Run, KernelMask]], q_rows: Rows) -> tuple[Call, ...]:
     """Group ``(q_run, k_run, block mask)`` pairs into as few kernel calls as possible.
 
     Full pairs coalesce first: a query run's key runs that follow each other in packed
     order become one longer key span, then query runs that follow each other against
     the same key span one longer query span (a non-square block is fine without a mask).
     Then spans batch: consecutive spans of equal lengths and mask that follow each other
-    in both packed orders join one call as its runs. Diagonal (causal) blocks stay square.
+    in both packed orders join one call as its runs. Diagonal (causal) blocks stay square,
+    and blocks cut by a window keep their shape (their band is on the block's own indices).
     """
-    diagonal = [(q.start, q.length, k.start, k.length, m) for q, k, m in pairs if m is BlockMask.CAUSAL]
+    diagonal = [(q.start, q.length, k.start, k.length, m) for q, k, m in pairs if m is not BlockMask.FULL]
     by_query: dict[tuple[int, int], list[list[int]]] = {}
     for q, k, m in pairs:
-        if m is BlockMask.CAUSAL:
+        if m is not BlockMask.FULL:
             continue
         spans = by_query.setdefault((q.start, q.length), [])
         if spans and spans[-1][0] + spans[-1][1] == k.start:
@@ -121,12 +122,13 @@ def _batch_calls(pairs: Iterable[tuple[_Run, _Run, BlockMask]], q_rows: Rows) ->
             else:
                 full.append([qs, ql, ks, kl])
     calls: list[list[int]] = []  # [q start, k start, runs, q length, k length]
-    masks: list[BlockMask] = []  # the mask of each of calls
-    for qs, ql, ks, kl, mask in diagonal + [(f[0], f[1], f[2], f[3], BlockMask.FULL) for f in full]:
+    masks: list[KernelMask] = []  # the mask of each of calls
+    fulls: list[tuple[int, int, int, int, KernelMask]] = [(f[0], f[1], f[2], f[3], BlockMask.FULL) for f in full]
+    for qs, ql, ks, kl, mask in diagonal + fulls:
         if calls:
             c = calls[-1]
             if (
-                masks[-1] is mask and c[3] == ql and c[4] == kl
+                masks[-1] == mask and c[3] == ql and c[4] == kl
                 and qs == c[0] + c[2] * c[3] and ks == c[1] + c[2] * c[4]
             ):
                 c[2] += 1
@@ -139,17 +141,24 @@ def _batch_calls(pairs: Iterable[tuple[_Run, _Run, BlockMask]], q_rows: Rows) ->
     )
 
 
-def _block_pairs(q_runs: Iterable[_Run], k_runs: Iterable[_Run], mask: SequenceMask, same_rank: bool) -> list[tuple[_Run, _Run, BlockMask]]:
+def _classify(mask: SequenceMask, q: _Run, k: _Run, rate: int, diagonal: bool) -> KernelMask | None:
+    """:meth:`SequenceMask.block` of query run ``q`` against key run ``k`` (rows ``rate`` apart)."""
+    return mask.block(q.first, q.first + rate * (q.length - 1), k.first, k.first + rate * (k.length - 1), rate,
+                      diagonal=diagonal)
+
+
+def _block_pairs(q_runs: Iterable[_Run], k_runs: Iterable[_Run], mask: SequenceMask, same_rank: bool,
+                 rate: int) -> list[tuple[_Run, _Run, KernelMask]]:
     """``(query run, key run, block mask)`` of every pair of runs of one segment that the
-    mask lets meet; on one rank a run meets itself in a diagonal block, and runs of
-    different intervals never overlap."""
+    mask lets meet (runs of a pair of rate ``rate``); on one rank a run meets itself in a
+    diagonal block, and runs of different intervals never overlap."""
     by_segment: dict[int, list[_Run]] = {}
     for k in k_runs:
         by_segment.setdefault(k.segment, []).append(k)
-    pairs: list[tuple[_Run, _Run, BlockMask]] = []
+    pairs: list[tuple[_Run, _Run, KernelMask]] = []
     for q in q_runs:
         for k in by_segment.get(q.segment, ()):
-            block = mask.block(q.first, k.first, diagonal=same_rank and k.start == q.start)
+            block = _classify(mask, q, k, rate, same_rank and k.start == q.start)
             if block is not None:
                 pairs.append((q, k, block))
     return pairs
@@ -192,11 +201,21 @@ _Sent = tuple[Message, tuple[_Run, ...]]
 def _message(spec: _Spec, unit: int, src: int, dst: int) -> _Sent | None:
     """What ``src`` sends ``dst`` for ``unit``: ``(Message, runs as packed in it)`` or None."""
     have, need = _kept(spec, src, unit), _kept(spec, dst, unit)
-    sent = [
-        k for k in have.runs
-        if k.segment in need.last_first
-        and spec.mask.block(need.last_first[k.segment], k.first, diagonal=False) is not None  # seen by its last run
-    ]
+    if spec.mask.window is None:  # a key run some query run sees is seen by the segment's last run
+        sent = [
+            k for k in have.runs
+            if k.segment in need.last_first
+            and spec.mask.block(need.last_first[k.segment], -1, k.first, -1, 1, diagonal=False) is not None
+        ]
+    else:  # a band: the key runs some query run of the receiver sees, as the receiver classifies them
+        rate = _rate(spec, unit)
+        by_segment: dict[int, list[_Run]] = {}
+        for q in need.runs:
+            by_segment.setdefault(q.segment, []).append(q)
+        sent = [
+            k for k in have.runs
+            if any(_classify(spec.mask, q, k, rate, False) is not None for q in by_segment.get(k.segment, ()))
+        ]
     if not sent:
         return None
     moved: list[_Run] = []
@@ -209,6 +228,10 @@ def _message(spec: _Spec, unit: int, src: int, dst: int) -> _Sent | None:
     return Message(Rows(merge_ranges(ranges)), _kv_rows(spec, unit)[1]), tuple(moved)
 
 
+def _rate(spec: _Spec, unit: int) -> int:
+    return spec.rates[spec.units[unit].pair]
+
+
 def _head_slice(unit: Unit) -> slice:
     return slice(unit.heads.start, unit.heads.stop, unit.heads.step)
 
@@ -218,8 +241,9 @@ def _local_blocks(spec: _Spec, rank: int) -> tuple[Block, ...]:
     u = 0
     while u < len(spec.units):
         unit, kept = spec.units[u], _kept(spec, rank, u)
-        runs = _joined_runs(kept.runs) if spec.mask.causal else kept.runs
-        pairs = _block_pairs(runs, runs, spec.mask, same_rank=True)
+        # Joined runs are no progression: only the window-free classification takes them.
+        runs = _joined_runs(kept.runs) if spec.mask.causal and spec.mask.window is None else kept.runs
+        pairs = _block_pairs(runs, runs, spec.mask, same_rank=True, rate=_rate(spec, u))
         offsets = _shifted_units(spec, rank, u)
         if pairs:
             kv_index = _kv_rows(spec, u)[0]
@@ -279,7 +303,7 @@ def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None
 
 def _receiver_calls(spec: _Spec, rank: int, u: int, moved: Sequence[_Run]) -> tuple[Call, ...]:
     kept = _kept(spec, rank, u)
-    pairs = _block_pairs(kept.runs, moved, spec.mask, same_rank=False)
+    pairs = _block_pairs(kept.runs, moved, spec.mask, same_rank=False, rate=_rate(spec, u))
     return _batch_calls(pairs, kept.rows) if pairs else ()
 
 
@@ -322,7 +346,7 @@ def _shifted(rows: Rows, by: int) -> tuple[range, ...]:
     return tuple(range(r.start + by, r.stop + by, r.step) for r in rows.ranges)
 
 
-def _call_shapes(calls: tuple[Call, ...]) -> list[tuple[int, int, int, int, int, BlockMask]]:
+def _call_shapes(calls: tuple[Call, ...]) -> list[tuple[int, int, int, int, int, KernelMask]]:
     return [(c.q_start, c.k_start, c.runs, c.q_len, c.k_len, c.mask) for c in calls]
 
 
@@ -377,7 +401,8 @@ def rank_plan(
     """
     layout, mask = _layout.check_layout(layout), SequenceMask.of(mask)
     spec = _spec(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout)
-    if pattern is None and ring_size > 1 and (not mask.causal or layout is Layout.ZIGZAG):
+    # A window: direct sends, so that a rank receives only the shards its band reaches.
+    if pattern is None and ring_size > 1 and mask.window is None and (not mask.causal or layout is Layout.ZIGZAG):
         with _gc_paused():
             return _relay_plan(spec, rank)
     with _gc_paused():
@@ -408,7 +433,7 @@ def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
     steps = {}
     for shift in range(1, spec.ring_size):
         theirs = _kept(spec, (rank - shift) % spec.ring_size, 0)
-        pairs = _block_pairs(kept.runs, theirs.runs, spec.mask, same_rank=False)
+        pairs = _block_pairs(kept.runs, theirs.runs, spec.mask, same_rank=False, rate=1)
         blocks: tuple[Block, ...] = ()
         if pairs:
             k_rows = Rows.of(range(len(theirs.rows)))

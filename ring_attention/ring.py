@@ -38,7 +38,7 @@ from .layout import Layout
 def ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup | None = None,
     ring_size: int | None = None, causal: bool = False, scale: float | None = None,
-    layout: Layout | str = "contiguous", checkpoint: bool = False,
+    layout: Layout | str = "contiguous", checkpoint: bool = False, window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Full attention over a ring of ranks (SEMANTICS.md, section Ring).
 
@@ -54,10 +54,15 @@ def ring_attention(
     :param scale: score scale, ``1/sqrt(D)`` by default.
     :param layout: a :class:`~ring_attention.Layout`, or its name: ``"contiguous"`` or ``"zigzag"``.
     :param checkpoint: recompute the forward in backward instead of storing activations.
+    :param window: ``(left, right)``, a sliding window in flash-attn's convention on global
+        positions: key ``j`` is kept for query ``i`` when ``i - left <= j <= i + right``
+        (a side of ``-1`` unbounded), composed with ``causal``. ``None``: no window.
+        Blocks wholly outside the band are never computed and their keys never sent.
+        Only with ``group=None`` for now: with a process group, a ``NotImplementedError``.
     :returns: this rank's output shard, or the whole output in natural order.
     :raises ValueError, TypeError: naming the problem, on every rank of the group.
     """
     return attend(
         q, k, v, FULL, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, window=window,
     )

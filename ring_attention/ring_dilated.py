@@ -24,6 +24,7 @@ def ring_dilated_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: DilatedPattern, *,
     group: dist.ProcessGroup | None = None, ring_size: int | None = None, causal: bool = False,
     scale: float | None = None, layout: Layout | str = "contiguous", checkpoint: bool = False,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Dilated attention over a ring of ranks.
 
@@ -40,6 +41,11 @@ def ring_dilated_attention(
     :param scale: as in :func:`~ring_attention.dilated_attention`.
     :param layout: a :class:`~ring_attention.Layout`, or its name: ``"contiguous"`` or ``"zigzag"``.
     :param checkpoint: recompute the forward in backward instead of storing activations.
+    :param window: ``(left, right)``, a sliding window in flash-attn's convention on global
+        positions: key ``j`` is kept for query ``i`` when ``i - left <= j <= i + right``
+        (a side of ``-1`` unbounded), composed with ``causal`` and the pattern. ``None``: no window.
+        Blocks wholly outside the band are never computed and their keys never sent.
+        Only with ``group=None`` for now: with a process group, a ``NotImplementedError``.
     :returns: this rank's output shard (with ``group``) or the whole output in natural order.
         The result does not depend on ``R`` or ``layout`` beyond rounding.
     :raises ValueError, TypeError: for malformed inputs; in a process group every rank
@@ -47,5 +53,5 @@ def ring_dilated_attention(
     """
     return attend(
         q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, window=window,
     )

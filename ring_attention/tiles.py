@@ -11,7 +11,8 @@ A tile is a plan like any other (:class:`~ring_attention.blocks.RankPlan`), over
 ``[start, stop)`` of the shard, with row indices rebased to the tile:
 
 - a *query* tile (``closed=False``) cuts query runs anywhere, except inside a causal run
-  (a square diagonal block; cut, it would no longer be one) and where a block's head
+  (a square diagonal block; cut, it would no longer be one) or a window's band (whose
+  offsets are the block's own) and where a block's head
   offsets would keep different numbers of rows. Key rows stay those of the whole shard:
   its plan runs on ``q[:, start:stop]`` against all of ``k`` and ``v``. This suits the
   forward, whose result per query row needs only that row's keys.
@@ -98,7 +99,7 @@ def _next_cut(blocks: Sequence[_TileBlock], cut: int, closed: bool) -> int:
         moved = cut
         for blk, q, k in blocks:
             for c in blk.calls:
-                moved = max(moved, _allowed(q, c.q_start, c.runs, c.q_len, moved, c.mask is BlockMask.CAUSAL or closed))
+                moved = max(moved, _allowed(q, c.q_start, c.runs, c.q_len, moved, c.mask is not BlockMask.FULL or closed))
                 if k is not None:
                     moved = max(moved, _allowed(k, c.k_start, c.runs, c.k_len, moved, True))
         if moved == cut:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ring_attention.masks import BlockMask, SequenceMask
+from ring_attention.kernels import band_keeps
+from ring_attention.masks import Band, BlockMask, SequenceMask
 
 
 @st.composite
@@ -29,18 +29,34 @@ def run_pairs(draw):
     return q, k, diagonal
 
 
-@given(run_pairs(), st.booleans())
-def test_a_blocks_mask_is_the_predicate_on_its_cells(pair, causal):
+WINDOWS = st.one_of(st.none(), st.tuples(st.integers(-1, 12), st.integers(-1, 12)))
+
+
+def _classify(mask, q, k, rate, diagonal):
+    return mask.block(int(q[0]), int(q[-1]), int(k[0]), int(k[-1]), rate, diagonal=diagonal)
+
+
+@given(run_pairs(), st.booleans(), WINDOWS)
+def test_a_blocks_mask_is_the_predicate_on_its_cells(pair, causal, window):
+    """Cell by cell: None keeps no cell, FULL every cell, CAUSAL the lower triangle of a
+    square block, a Band exactly the packed cells ``lo <= b - a <= hi``."""
     q, k, diagonal = pair
-    mask = SequenceMask(causal=causal)
+    rate = int(q[1] - q[0]) if len(q) > 1 else int(k[1] - k[0]) if len(k) > 1 else 1
+    mask = SequenceMask(causal=causal, window=window if window != (-1, -1) else None)
     kept = mask.keeps(q, k)
-    block = mask.block(int(q[0]), int(k[0]), diagonal=diagonal)
+    block = _classify(mask, q, k, rate, diagonal)
     if block is None:
         assert not kept.any()
     elif block is BlockMask.FULL:
         assert kept.all()
-    else:  # CAUSAL: the block-local lower triangle of a square block
-        assert diagonal and kept.equal(torch.ones_like(kept).tril())
+    elif block is BlockMask.CAUSAL:  # the block-local lower triangle of a square block
+        assert len(q) == len(k) and kept.equal(torch.ones_like(kept).tril())
+        assert diagonal or mask.window is not None
+    else:
+        assert isinstance(block, Band) and mask.window is not None
+        assert kept.equal(band_keeps(len(q), len(k), (block.lo, block.hi), q.device))
+        assert kept.any() and not kept.all()  # a band is neither empty nor full
+        assert -(len(q) - 1) <= block.lo <= block.hi <= len(k) - 1  # clamped: equal blocks, equal bands
 
 
 def test_full_keeps_all_and_a_bool_is_causal_or_full():
@@ -52,9 +68,13 @@ def test_full_keeps_all_and_a_bool_is_causal_or_full():
     assert SequenceMask.of(mask) is mask
 
 
-def test_the_planner_refuses_a_window_it_cannot_plan_yet():
-    """keeps() honours a window (the oracle's); block() must not classify as if there were none."""
-    mask = SequenceMask(causal=True, window=(2, 0))
-    assert not mask.keeps_all
-    with pytest.raises(NotImplementedError, match="window"):
-        mask.block(4, 0, diagonal=False)
+def test_a_window_cuts_a_block_into_a_band_on_packed_indices():
+    """Rate 2: queries 10, 12, 14, 16 against keys 0, 2, 4, 6 under window (9, -1): query
+    ``i`` sees ``j >= i - 9``, and ``j - i = -10 + 2 (b - a)``: packed ``b - a >= 1``."""
+    mask = SequenceMask(window=(9, -1))
+    q, k = torch.arange(10, 18, 2), torch.arange(0, 8, 2)
+    block = _classify(mask, q, k, 2, False)
+    assert block == Band(1, 3)
+    assert mask.keeps(q, k).equal(band_keeps(4, 4, (1, 3), q.device))
+    assert _classify(SequenceMask(window=(3, -1)), q, k, 2, False) is None  # every key too far
+    assert _classify(SequenceMask(window=(16, -1)), q, k, 2, False) is BlockMask.FULL

@@ -1,0 +1,206 @@
+"""Sliding windows ``window=(left, right)`` on the fast paths (SEMANTICS.md, "Masks on
+positions"): dilated, ring and ring-dilated attention with ``group=None``, one device or a
+simulated ring, against the float64 reference with the same window, forward and backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ring_attention as ra
+from ring_attention import layout as _layout
+from ring_attention.masks import Band, SequenceMask
+from ring_attention.plans import ring_plans
+from tests.inputs import LAYOUTS, make_qkv
+from tests.strategies import divisors
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+GRAD_TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def _run(fn_name, q, k, v, pattern, **kwargs):
+    if fn_name == "dilated":
+        return ra.dilated_attention(q, k, v, pattern, **kwargs)
+    if pattern is None:
+        return ra.ring_attention(q, k, v, **kwargs)
+    return ra.ring_dilated_attention(q, k, v, pattern, **kwargs)
+
+
+def _check(q, k, v, g, pattern, causal, window, **kwargs):
+    """Output and gradients of the fast path against the reference, both with ``window``."""
+    fn = "dilated" if "ring_size" not in kwargs else "ring"
+    out = _run(fn, q, k, v, pattern, causal=causal, window=window, **kwargs)
+    ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal, window=window)
+    torch.testing.assert_close(out, ref, **TOL, msg=lambda m: f"output: {m}")
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
+    return out
+
+
+@st.composite
+def small_patterns(draw, n):
+    """``None`` (full attention) or a small dilated pattern whose segments divide ``n``."""
+    if draw(st.booleans()):
+        return None
+    pairs = draw(st.integers(1, 2))
+    ws = [draw(st.sampled_from(divisors(n))) for _ in range(pairs)]
+    rs = [draw(st.integers(1, min(w, 4))) for w in ws]
+    return ra.DilatedPattern(tuple(ws), tuple(rs), mode=draw(st.sampled_from(["mixture", "head_groups"])))
+
+
+@st.composite
+def window_cases(draw):
+    ring_size = draw(st.sampled_from([1, 2, 4]))
+    layout = draw(st.sampled_from(LAYOUTS))
+    parts = ring_size * _layout.chunks_per_rank(layout)
+    n = parts * draw(st.integers(1, max(1, 32 // parts)))
+    h, hkv = draw(st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2)]))
+    pattern = draw(small_patterns(n))
+    if pattern is not None and pattern.mode == "head_groups" and len(pattern.segment_lengths) > h:
+        pattern = ra.DilatedPattern(pattern.segment_lengths[:1], pattern.dilation_rates[:1])
+    side = st.integers(-1, n)
+    return dict(
+        ring_size=ring_size, layout=layout, n=n, h=h, hkv=hkv, pattern=pattern,
+        causal=draw(st.booleans()), window=(draw(side), draw(side)), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=window_cases())
+def test_window_matches_reference_on_a_simulated_ring(case):
+    q, k, v, g = make_qkv(case["seed"], 1, case["n"], case["h"], case["hkv"], 4)
+    _check(q, k, v, g, case["pattern"], case["causal"], case["window"], ring_size=case["ring_size"],
+           layout=case["layout"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=window_cases())
+def test_window_matches_reference_in_dilated_attention(case):
+    q, k, v, g = make_qkv(case["seed"], 2, case["n"], case["h"], case["hkv"], 4)
+    pattern = case["pattern"] or ra.DilatedPattern((case["n"],), (1,))
+    _check(q, k, v, g, pattern, case["causal"], case["window"])
+
+
+@pytest.mark.parametrize("window, causal", [((5, 0), True), ((0, 0), False), ((3, 7), False), ((20, -1), True),
+                                            ((-1, 2), False), ((1, 40), True)])
+@pytest.mark.parametrize("ring_size, layout", [(1, "contiguous"), (2, "zigzag"), (4, "contiguous")])
+def test_window_on_blocks_the_cpu_op_runs(window, causal, ring_size, layout):
+    """Blocks of 16 keys and more run on the fused CPU op with the band as an additive mask
+    (smaller ones on math): rows at a band's ends have no key in their block."""
+    q, k, v, g = make_qkv(7, 2, 128, 4, 2, 8)
+    _check(q, k, v, g, None, causal, window, ring_size=ring_size, layout=layout)
+    pattern = ra.DilatedPattern((32, 64), (1, 2))
+    _check(q, k, v, g, pattern, causal, window, ring_size=ring_size, layout=layout)
+
+
+def test_rows_without_a_key_in_the_window_are_exactly_zero():
+    """Window (0, -1) with causal=True keeps only ``j == i``; a rate-2 pattern (8, 2) then
+    keeps the row only for heads of its offset: every other (row, head) has no key."""
+    q, k, v, g = make_qkv(3, 1, 32, 2, 2, 4)
+    pattern = ra.DilatedPattern((8,), (2,))
+    out = _check(q, k, v, g, pattern, True, (0, -1), ring_size=2)
+    rows = torch.arange(32)
+    for h in range(2):
+        empty = rows % 2 != h
+        assert (out[0, empty, h] == 0).all()
+        assert (out[0, ~empty, h] != 0).all()
+    # right=0 without causal on the first rows of a long window: nothing empty, nothing NaN
+    out = _check(q, k, v, g, None, False, (40, 0), ring_size=4, layout="zigzag")
+    assert torch.isfinite(out).all()
+
+
+def _sent_bytes(monkeypatch, **kwargs):
+    from ring_attention import comm
+
+    sent, original = [0], comm.SimulatedRing.exchange
+
+    def exchange(self, shift, sends, specs, device):
+        sent[0] += sum(t.numel() * t.element_size() for ts in sends.values() for t in ts)
+        return original(self, shift, sends, specs, device)
+
+    monkeypatch.setattr(comm.SimulatedRing, "exchange", exchange)
+    q, k, v, g = make_qkv(0, 1, 64, 2, 2, 8, dtype=torch.float32)
+    ref = ra.reference_attention(*(t.double() for t in (q, k, v)), causal=kwargs.get("causal", False),
+                                 window=kwargs.get("window"))
+    out = ra.ring_attention(q, k, v, ring_size=4, **kwargs)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    out.backward(g)
+    monkeypatch.undo()
+    return sent[0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_narrow_window_sends_fewer_bytes(monkeypatch, layout):
+    """Keys no query's band reaches are never sent: with ``window=(4, 4)`` on 4 ranks of 16
+    rows, a rank needs only its neighbours' keys."""
+    full = _sent_bytes(monkeypatch, layout=layout)
+    narrow = _sent_bytes(monkeypatch, layout=layout, window=(4, 4))
+    assert 0 < narrow < full
+    causal = _sent_bytes(monkeypatch, layout=layout, causal=True)
+    assert _sent_bytes(monkeypatch, layout=layout, causal=True, window=(4, 0)) < causal
+    if layout == "contiguous":  # only the rank before: 1 shard of K and V, out and back
+        shard = 16 * 2 * 8 * 4
+        assert _sent_bytes(monkeypatch, layout=layout, causal=True, window=(4, 0)) == 3 * 2 * 3 * shard
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("window", [(0, 0), (3, 5), (12, -1), (-1, 0)])
+def test_a_ring_plan_computes_exactly_the_cells_in_the_band(layout, window):
+    """Every (query, key, head) cell of the band is computed once, nothing outside it (a
+    block outside the band is neither computed nor sent)."""
+    n, h, r = 32, 2, 4
+    pattern = ra.DilatedPattern((8, 16), (1, 2))
+    mask = SequenceMask(causal=False, window=window)
+    plans = ring_plans(pattern, n, h, h, mask, r, layout, range(r))
+    cells = 0
+    for plan in plans:
+        for blk in list(plan.local) + [b for s in plan.steps.values() for b in s.blocks]:
+            for c in blk.calls:
+                per_run = c.q_len * c.k_len
+                if isinstance(c.mask, Band):
+                    per_run = sum(
+                        1 for a in range(c.q_len) for b in range(c.k_len) if c.mask.lo <= b - a <= c.mask.hi
+                    )
+                    assert 0 < per_run < c.q_len * c.k_len
+                elif c.mask.value == "causal":
+                    per_run = c.q_len * (c.q_len + 1) // 2
+                cells += per_run * c.runs * blk.offsets * len(range(blk.heads.start, blk.heads.stop, blk.heads.step))
+    from ring_attention import pattern as _pattern
+
+    w = _pattern.weights(pattern, n, h, is_causal=False, window=window)
+    assert cells == int(w.sum())
+
+
+@pytest.mark.parametrize("window, error", [((-2, 0), ValueError), ((1,), TypeError), ("ab", TypeError),
+                                           ((1.5, 0), TypeError), (3, TypeError)])
+def test_bad_windows_raise_naming_window(window, error):
+    q, k, v, _ = make_qkv(0, 1, 8, 2, 2, 4)
+    for call in (
+        lambda: ra.dilated_attention(q, k, v, ra.DilatedPattern((8,), (1,)), window=window),
+        lambda: ra.ring_attention(q, k, v, ring_size=2, window=window),
+        lambda: ra.ring_dilated_attention(q, k, v, ra.DilatedPattern((4,), (2,)), ring_size=2, window=window),
+    ):
+        with pytest.raises(error, match="window"):
+            call()
+
+
+def test_no_window_is_none_or_minus_one_pair():
+    q, k, v, _ = make_qkv(0, 1, 16, 2, 2, 4, requires_grad=False)
+    plain = ra.ring_attention(q, k, v, ring_size=2, causal=True)
+    assert torch.equal(ra.ring_attention(q, k, v, ring_size=2, causal=True, window=(-1, -1)), plain)
+    assert torch.equal(ra.ring_attention(q, k, v, ring_size=2, causal=True, window=None), plain)
+
+
+def test_paths_that_do_not_take_a_window_yet_refuse_it():
+    """A process group or torch.compile: a NotImplementedError naming window, never a dropped window."""
+    q, k, v, _ = make_qkv(0, 1, 8, 2, 2, 4, requires_grad=False)
+    with pytest.raises(NotImplementedError, match="window"):
+        ra.ring_attention(q, k, v, group=object(), window=(2, 0))  # refused before the group is used
+    compiled = torch.compile(lambda q, k, v: ra.ring_attention(q, k, v, window=(2, 0)), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="window"):
+        compiled(q, k, v)
