@@ -37,7 +37,8 @@ stride is not 16-byte aligned, and batches above 65,535 split into several launc
 
 In a causal block, non-finite values are zeroed before the kernel and their NaN added
 back to the rows that attend them (:func:`quarantine_values`): kernels multiply masked
-values by 0, and 0 * NaN would reach rows before the key.
+values by 0, and 0 * NaN would reach rows before the key. A band's block does the same
+(:func:`band_values`), and runs on ``math`` where its keys are not seen to be finite.
 
 Any finite scale works: a scale the kernels cannot take as a positive float32 (zero,
 negative, subnormal) is folded into ``q``, because the fused ops scale the masked
@@ -124,7 +125,15 @@ def attention_forward(
     """
     _check_block(q, k, causal)
     q, scale, _ = fold_scale(q, scale)
-    if not causal or quarantined:
+    if band is not None:
+        v, poison = band_values(q.shape[-2], v, band)
+        if known_finite(k):
+            out, lse = _forward(q, k, v, causal, scale, band)
+        else:  # the CPU op adds the band to the scores: a masked inf score would be NaN
+            out, lse = _math_forward(q, k, v, causal=causal, scale=scale, band=band)
+        if poison is not None:
+            out.add_(poison)
+    elif not causal or quarantined:
         out, lse = _forward(q, k, v, causal, scale, band)
     else:
         v, poison = quarantine_values(v)
@@ -185,6 +194,22 @@ def quarantine_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     """
     v, bad = split_values(v)
     return v, None if bad is None else bad.cumsum_(-2)
+
+
+def band_values(
+    q_len: int, v: torch.Tensor, band: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(v with non-finite entries zeroed, poison [..., Lq, D])`` for a block with a band,
+    as :func:`quarantine_values` for a causal one: kernels multiply a masked value by a zero
+    probability, and 0 * NaN would reach rows whose band does not hold the key. ``poison``
+    is NaN at ``[i, d]`` where a key ``j`` in row ``i``'s band has a non-finite ``v[j, d]``,
+    else 0. ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`)."""
+    if known_finite(v):
+        return v, None
+    keep = band_keeps(q_len, v.shape[-2], band, v.device).to(torch.float32)
+    hits = torch.matmul(keep, (v - v).isnan().to(torch.float32))  # [..., Lq, D]: bad values in each band
+    poison = torch.zeros(hits.shape, dtype=v.dtype, device=v.device).masked_fill_(hits > 0, float("nan"))
+    return v.nan_to_num(0.0, 0.0, 0.0), poison
 
 
 def split_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -10,7 +10,7 @@ dense block; attention then only pairs runs of the same segment:
 - runs on another rank arrive at the ring step whose shift joins the two ranks: the
   sender sends only its kept rows, of the segments the receiver also holds, that the
   mask lets one of the receiver's runs see. Runs held by different ranks never overlap,
-  so such a block is either full or skipped.
+  so such a block is either full or skipped, unless a window cuts it to a band.
 
 What the mask makes of a pair of runs is :meth:`ring_attention.masks.SequenceMask.block`'s
 to say: the planner never tests ``causal`` itself, except to join a rank's adjacent runs

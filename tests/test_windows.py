@@ -204,3 +204,79 @@ def test_paths_that_do_not_take_a_window_yet_refuse_it():
     compiled = torch.compile(lambda q, k, v: ra.ring_attention(q, k, v, window=(2, 0)), backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="window"):
         compiled(q, k, v)
+
+
+@pytest.mark.parametrize("k_len", [8, 24])  # math, and the fused CPU op (16 keys and more)
+@pytest.mark.parametrize("band", [(2, 5), (-30, -20), (-3, 0), (10, 40)])
+def test_a_band_block_on_the_kernels(k_len, band):
+    """One block with a band, forward and backward, against a dense masked softmax: rows
+    with no key in the band give out 0 and LSE -inf, and their gradients are 0, not NaN,
+    also when their final LSE is -inf (a row that no block gives a key)."""
+    from ring_attention import kernels
+
+    q, k, v, _ = make_qkv(5, 2, 24, 3, 3, 8)
+    q = q.detach()[:, :20].transpose(1, 2).requires_grad_()
+    k, v = (t.detach()[:, :k_len].transpose(1, 2).requires_grad_() for t in (k, v))
+    keep = kernels.band_keeps(20, k_len, band, q.device)
+    s = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~keep, float("-inf"))
+    lse_ref = torch.logsumexp(s, -1)
+    out_ref = torch.softmax(s, -1).nan_to_num(0.0) @ v
+    out, lse = kernels.attention_forward(q, k, v, causal=False, scale=0.5, band=band)
+    empty = ~keep.any(-1)
+    assert (lse[..., empty] == float("-inf")).all() and (out[..., empty, :] == 0).all()
+    torch.testing.assert_close(out, out_ref, **TOL)
+    torch.testing.assert_close(lse[..., ~empty], lse_ref[..., ~empty], **TOL)
+    dout = torch.randn_like(out)
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, causal=False, scale=0.5, band=band)
+    want = torch.autograd.grad(out_ref, (q, k, v), dout)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("causal, window", [(False, (5, 9)), (True, (20, 0))])
+def test_a_window_in_half_precision_row_tiles(monkeypatch, causal, window):
+    """One-rank half precision runs in row tiles (forced small here): a band's runs are
+    never cut (its offsets are the block's own), so the result is the reference's."""
+    from ring_attention import executable
+    from ring_attention.entry import attend
+    from ring_attention.options import Options
+    from tests.inputs import qkv
+
+    used = []
+    real = executable.row_tiles
+
+    def recording(*args, **kwargs):
+        found = real(*args, **kwargs)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(executable, "row_tiles", recording)
+    executable.clear()
+    pattern = ra.DilatedPattern((16, 32, 64), (1, 2, 4))
+    q, k, v, g = qkv(2, 256, 4, 2, 16, seed=3, dtype=torch.float16, grad_out=True)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attend(*ins, pattern, causal=causal, window=window, options=Options(min_tile_bytes=1, min_tiled_bytes=0))
+    got = (out, *torch.autograd.grad(out, ins, g))
+    assert any(used), "the plan ran whole: nothing tested the tiles"
+    r64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = ra.reference_attention(*r64, pattern=pattern, causal=causal, window=window)
+    want = (ref, *torch.autograd.grad(ref, r64, g.double()))
+    for label, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), e, rtol=2e-2, atol=4e-3, msg=lambda m, x=label: f"{x}: {m}")
+
+
+@pytest.mark.parametrize("ring_size, layout", [(1, "contiguous"), (2, "zigzag"), (4, "contiguous")])
+@pytest.mark.parametrize("causal, window", [(True, (2, 0)), (False, (3, 3)), (False, (0, 9))])
+@pytest.mark.parametrize("pattern", [None, ra.DilatedPattern((16, 32), (1, 2))])
+def test_non_finite_inputs_reach_the_outputs_the_reference_says(ring_size, layout, causal, window, pattern):
+    """A NaN value, an inf key and a NaN query row make exactly the reference's outputs
+    non-finite: a key or value outside a row's band never reaches it (no 0 * NaN, no
+    inf - inf through the band's additive mask)."""
+    q, k, v, _ = make_qkv(11, 1, 64, 2, 2, 8, requires_grad=False)
+    v[0, 40, 0, 1] = float("nan")
+    k[0, 20, 1, 0] = float("inf")
+    q[0, 10, 1, 0] = float("nan")
+    out = _run("ring", q, k, v, pattern, ring_size=ring_size, layout=layout, causal=causal, window=window)
+    ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal, window=window)
+    assert ref.isnan().any()
+    torch.testing.assert_close(out, ref, **TOL, equal_nan=True)
