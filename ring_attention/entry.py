@@ -24,7 +24,6 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from . import ops
-from ._checks import check_window
 from .autograd import run_on_ring
 from .executable import PlanKey, executable_plan
 from .layout import Layout
@@ -69,28 +68,29 @@ def attend(
     :param checkpoint: recompute the forward in backward instead of storing activations.
     :param options: the executor's limits (tests force paths with them).
     :param window: ``(left, right)``, a sliding window on global positions (SEMANTICS.md),
-        or ``None``. Not yet with ``group`` or under ``torch.compile``: a ``NotImplementedError``.
+        or ``None``; checked with the rest, on every rank of a group (the ranks agree on it).
+        Not yet under ``torch.compile`` without a group (the custom ops): tracing raises a
+        ``NotImplementedError`` naming it (Dynamo then runs the call eagerly, or with
+        ``fullgraph=True`` fails with it).
     :returns: this rank's output shard (with ``group``) or the whole output in natural order.
     :raises ValueError, TypeError: for malformed inputs, on every rank of a group.
     """
-    band = check_window(window)
-    if band is not None and group is not None:
-        raise NotImplementedError(f"window={band}: a process group (group=) does not take a window yet")
-    if band is not None and torch.compiler.is_compiling():
-        raise NotImplementedError(f"window={band}: torch.compile (the custom ops) does not take a window yet")
     if torch.compiler.is_compiling() and group is not None:
         eager: torch.Tensor = _eager(
             q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-            checkpoint=checkpoint, options=options,
+            checkpoint=checkpoint, options=options, window=window,
         )
         return eager
-    ring, shapes, scale, causal, layout, checkpoint = check_ring_inputs(
+    ring, shapes, scale, causal, layout, checkpoint, band = check_ring_inputs(
         q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-        checkpoint=checkpoint, pattern=pattern,
+        checkpoint=checkpoint, pattern=pattern, window=window,
     )
     # what plans and ops call full attention; a pattern check_ring_inputs accepted otherwise
     checked = None if pattern is FULL else cast(DilatedPattern, pattern)
     if torch.compiler.is_compiling():
+        if band is not None:  # the custom ops take no window yet: never drop one
+            raise NotImplementedError(f"window={band}: torch.compile (the custom ops) does not take a window yet")
+
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return ops.attention(q, k, v, checked, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
                                  options=options)

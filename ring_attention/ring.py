@@ -58,7 +58,8 @@ def ring_attention(
         positions: key ``j`` is kept for query ``i`` when ``i - left <= j <= i + right``
         (a side of ``-1`` unbounded), composed with ``causal``. ``None``: no window.
         Blocks wholly outside the band are never computed and their keys never sent.
-        Only with ``group=None`` for now: with a process group, a ``NotImplementedError``.
+        With ``group``, every rank passes the same window (the ranks agree on it). Not yet
+        under ``torch.compile`` without a group: an error naming ``window``.
     :returns: this rank's output shard, or the whole output in natural order.
     :raises ValueError, TypeError: naming the problem, on every rank of the group.
     """

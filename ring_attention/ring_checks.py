@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from . import layout as _layout
 from . import pattern as _pattern
-from ._checks import Shapes, check_flag, check_qkv, check_scale
+from ._checks import Shapes, check_flag, check_qkv, check_scale, check_window
 from .comm import ProcessGroupRing, Ring, SimulatedRing
 
 
@@ -51,6 +51,7 @@ class _Signature(NamedTuple):
     pattern: str
     scale: float
     checkpoint: bool
+    window: tuple[int, int] | None
 
 
 class Agreement(enum.Enum):
@@ -100,18 +101,19 @@ _AGREED: weakref.WeakKeyDictionary[dist.ProcessGroup, collections.OrderedDict[_S
 _MAX_AGREED = 1024  # per group; every rank evicts the same entries: they see the same calls
 
 
-# What the checks return besides the ring: global shapes, scale, causal, layout, checkpoint.
-_Checked = tuple[Shapes, float, bool, _layout.Layout, bool]
+# What the checks return besides the ring: global shapes, scale, causal, layout, checkpoint, window.
+_Checked = tuple[Shapes, float, bool, _layout.Layout, bool, tuple[int, int] | None]
 
 
 def _local_checks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_size: object, layout: object, causal: object,
-    scale: object, pattern: object, checkpoint: object, sharded: bool,
-) -> tuple[int, Shapes, float, bool, _layout.Layout, bool]:
+    scale: object, pattern: object, checkpoint: object, sharded: bool, window: object = None,
+) -> tuple[int, Shapes, float, bool, _layout.Layout, bool, tuple[int, int] | None]:
     size = _layout.check_ring_size(ring_size)
     checked_layout = _layout.check_layout(layout)
     checked_causal = check_flag(causal, "causal")
     checked_checkpoint = check_flag(checkpoint, "checkpoint")
+    checked_window = check_window(window)
     checked_pattern = None if pattern is FULL else _pattern.as_pattern(pattern)
     shapes = check_qkv(q, k, v)
     checked_scale = check_scale(scale, shapes.head_dim)
@@ -121,7 +123,8 @@ def _local_checks(
     _layout.check_divisible(n, size, checked_layout)
     if checked_pattern is not None:
         checked_pattern.check(n, shapes.heads)
-    return size, shapes._replace(seq_len=n), checked_scale, checked_causal, checked_layout, checked_checkpoint
+    return (size, shapes._replace(seq_len=n), checked_scale, checked_causal, checked_layout, checked_checkpoint,
+            checked_window)
 
 
 def _refuse_local_in_distributed_job(ring_size: object) -> None:
@@ -184,11 +187,13 @@ def _digests_agree(signature: _Signature | None, group: dist.ProcessGroup, size:
 def check_ring_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup | None, ring_size: object,
     causal: object, scale: object, layout: object, pattern: object = FULL, checkpoint: object = False,
-) -> tuple[Ring, Shapes, float, bool, _layout.Layout, bool]:
-    """Validate and return ``(ring, global shapes, scale, causal, layout, checkpoint)``."""
+    window: object = None,
+) -> tuple[Ring, Shapes, float, bool, _layout.Layout, bool, tuple[int, int] | None]:
+    """Validate and return ``(ring, global shapes, scale, causal, layout, checkpoint, window)``
+    (``window``: ``None`` for no window, ``(-1, -1)`` included)."""
     if group is None:
         _refuse_local_in_distributed_job(ring_size)
-        checked = _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, False)
+        checked = _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, False, window)
         return (SimulatedRing(checked[0]), *checked[1:])
 
     ring = ProcessGroupRing(group)
@@ -205,13 +210,13 @@ def check_ring_inputs(
                     f"ring_size={size} does not match the process group's size {ring.size}; "
                     "pass one or the other"
                 )
-        result = _local_checks(q, k, v, ring.size, layout, causal, scale, pattern, checkpoint, True)[1:]
+        result = _local_checks(q, k, v, ring.size, layout, causal, scale, pattern, checkpoint, True, window)[1:]
         _check_nccl_device(group, q)
-        shapes, scale_, causal_, layout_, checkpoint_ = result
+        shapes, scale_, causal_, layout_, checkpoint_, window_ = result
         signature = _Signature(
             shapes.seq_len, shapes.batch, shapes.heads, shapes.kv_heads, shapes.head_dim,
             str(q.dtype).removeprefix("torch."), q.device.type, causal_, layout_, _describe(pattern),
-            scale_, checkpoint_,
+            scale_, checkpoint_, window_,
         )
     except (ValueError, TypeError) as exc:
         error = exc

@@ -45,7 +45,8 @@ def ring_dilated_attention(
         positions: key ``j`` is kept for query ``i`` when ``i - left <= j <= i + right``
         (a side of ``-1`` unbounded), composed with ``causal`` and the pattern. ``None``: no window.
         Blocks wholly outside the band are never computed and their keys never sent.
-        Only with ``group=None`` for now: with a process group, a ``NotImplementedError``.
+        With ``group``, every rank passes the same window (the ranks agree on it). Not yet
+        under ``torch.compile`` without a group: an error naming ``window``.
     :returns: this rank's output shard (with ``group``) or the whole output in natural order.
         The result does not depend on ``R`` or ``layout`` beyond rounding.
     :raises ValueError, TypeError: for malformed inputs; in a process group every rank

@@ -80,7 +80,8 @@ def run_ok(case, group, rank, world):
     # (rounded) half-precision inputs, whose own rounding is then measured separately.
     half = q.dtype in HALF
     full = [(t.double() if half else t.clone()).requires_grad_() for t in (q, k, v)]
-    ref = ra.reference_attention(*full, pattern=pattern, causal=causal, scale=scale)
+    window = None if case.get("window") is None else tuple(case["window"])
+    ref = ra.reference_attention(*full, pattern=pattern, causal=causal, scale=scale, window=window)
     ref_grads = torch.autograd.grad(ref, full, g.double() if half else g)
 
     def mine(t):
@@ -88,6 +89,8 @@ def run_ok(case, group, rank, world):
 
     shard = [mine(t).requires_grad_() for t in (q, k, v)]
     kwargs = dict(group=group, causal=causal, scale=scale, layout=layout)
+    if window is not None:
+        kwargs["window"] = window
     if case.get("checkpoint"):
         kwargs["checkpoint"] = True
     if case.get("pass_ring_size"):
@@ -161,6 +164,10 @@ def run_bad(case, group, rank, world):
         kwargs["ring_size"] = case["ring_size_on_rank1"]
     if odd and "checkpoint_on_rank1" in case:
         kwargs["checkpoint"] = case["checkpoint_on_rank1"]
+    if "window" in case:
+        kwargs["window"] = case["window"]
+    if odd and "window_on_rank1" in case:
+        kwargs["window"] = case["window_on_rank1"]
     if case.get("group_none"):
         del kwargs["group"]
     pattern = _pattern(case.get("pattern"))

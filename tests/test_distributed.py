@@ -110,6 +110,13 @@ def _ring_cases(world: int) -> list[dict]:
              layout="zigzag", causal=True, dtype="bfloat16"),
         dict(name="ring-float16-contiguous", kind="ok", seed=17, shape=[2, 4 * N, 4, 2, 16],
              layout="contiguous", causal=False, dtype="float16", scale=0.3),
+        # Sliding windows: only the shards a band reaches are sent.
+        dict(name="ring-window-contiguous-causal", kind="ok", seed=19, shape=[2, N, 4, 2, 8],
+             layout="contiguous", causal=True, window=[5, 0]),
+        dict(name="ring-window-zigzag", kind="ok", seed=20, shape=[1, N, 2, 2, 8],
+             layout="zigzag", causal=False, window=[3, 7]),
+        dict(name="ring-window-dilated-zigzag-causal", kind="ok", seed=21, shape=[1, N, 4, 2, 8],
+             layout="zigzag", causal=True, window=[9, -1], pattern=[[8, N], [1, 2], "mixture"]),
     ]
     return cases
 
@@ -184,6 +191,8 @@ def _bad_cases(world: int) -> list[tuple[dict, str]]:
         (dict(name="bad-rank1-float32", kind="bad", n_local=6, dtype_on_rank1="float32"), "disagree"),
         (dict(name="bad-rank1-bfloat16-dilated", kind="bad", n_local=6, dtype_on_rank1="bfloat16",
               pattern=[[6], [2], "mixture"]), "disagree"),
+        (dict(name="bad-window-side", kind="bad", n_local=6, window=[-2, 0]), "window"),
+        (dict(name="bad-rank1-window-only", kind="bad", n_local=6, window_on_rank1=[-3, 0]), "window"),
     ]
 
 
@@ -204,6 +213,8 @@ def _agreement_cases(world: int) -> list[tuple[dict, list[str]]]:
         (dict(name="bad-rank1-pattern-named", kind="bad", n_local=8, pattern=[[16], [1], "mixture"],
               pattern_on_rank1=[[16], [2], "mixture"]),
          [r"pattern: rank 0=mixture \(\(16, 1\),\), rank 1=mixture \(\(16, 2\),\)"]),
+        (dict(name="bad-rank1-window-named", kind="bad", n_local=6, window_on_rank1=[3, 0]),
+         [r"window: rank 0=None, rank 1=\(3, 0\)"]),
         (dict(name="bad-group-none-in-a-distributed-job", kind="bad", n_local=6, group_none=True),
          [r"group=None inside a distributed job of \d processes"]),
     ]
