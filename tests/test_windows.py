@@ -283,3 +283,22 @@ def test_non_finite_inputs_reach_the_outputs_the_reference_says(ring_size, layou
     ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal, window=window)
     assert ref.isnan().any()
     torch.testing.assert_close(out, ref, **TOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_band_on_cuda_runs_on_math_never_on_a_fused_kernel(dtype):
+    """On (fake) CUDA a band's block runs on the math backend for now: flash and efficient
+    are never called with a mask they do not take (flash's window_size is the native path
+    to add, which will make this test's unfused calls go away)."""
+    from ring_attention import kernels
+    from tests.fake_cuda import fake_cuda
+
+    with fake_cuda() as fc:
+        q, k, v = (fc.empty(2, 3, 64, 16, dtype=dtype) for _ in range(3))
+        out, lse = kernels.attention_forward(q, k, v, causal=False, scale=0.25, band=(-3, 5))
+        grads = kernels.attention_backward(torch.ones_like(out), q, k, v, out, lse, causal=False, scale=0.25,
+                                           band=(-3, 5))
+    # The math path is the checker's "unfused attention path" on CUDA: the one thing it flags.
+    assert fc.checker.violations and all("unfused attention path" in v.reason for v in fc.checker.violations)
+    assert not fc.checker.fused_calls, "a band reached a fused CUDA kernel"
+    assert out.shape == q.shape and out.device.type == "cuda" and all(g.shape == q.shape for g in grads)
