@@ -117,6 +117,8 @@ def _ring_cases(world: int) -> list[dict]:
              layout="zigzag", causal=False, window=[3, 7]),
         dict(name="ring-window-dilated-zigzag-causal", kind="ok", seed=21, shape=[1, N, 4, 2, 8],
              layout="zigzag", causal=True, window=[9, -1], pattern=[[8, N], [1, 2], "mixture"]),
+        dict(name="ring-window-compiled-contiguous", kind="ok", seed=22, shape=[1, N, 2, 2, 8],
+             layout="contiguous", causal=False, window=[2, 4], compile=True),
     ]
     return cases
 
