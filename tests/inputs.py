@@ -162,3 +162,22 @@ def walk(obj, seen=None):
         children = []
     for child in children:
         yield from walk(child, seen)
+
+
+def record_row_tiles(monkeypatch) -> list[bool]:
+    """Record, for every plan built from here on, whether it found row tiles (the executable
+    plans are cleared first, so the next call builds its plan and its tiles)."""
+    from ring_attention import executable
+
+    used: list[bool] = []
+    real = executable.row_tiles
+
+    def recording(*args, **kwargs):
+        found = real(*args, **kwargs)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(executable, "row_tiles", recording)
+    executable.clear()
+    return used
+

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import ring_attention as ra
-from ring_attention import executable, tiles
 from ring_attention import pattern as _pattern
+from ring_attention import tiles
 from ring_attention.entry import attend
 from ring_attention.masks import BlockMask
 from ring_attention.options import Options
 from ring_attention.plans import rank_plan
-from tests.inputs import PLAN_CASES, PLAN_PATTERNS, qkv
+from tests.inputs import PLAN_CASES, PLAN_PATTERNS, qkv, record_row_tiles
 
 
 def _cells(plan, q_base: int = 0, k_base: int = 0) -> Counter:
@@ -76,16 +76,7 @@ TOL = {torch.float16: dict(rtol=2e-2, atol=4e-3), torch.bfloat16: dict(rtol=5e-2
 def test_tiled_half_precision_matches_the_reference(monkeypatch, name, causal, dtype):
     """Tiles forced at a small size; rows without keys are exactly 0, and NaN in a query row
     and a value row shows in the output where the reference has it."""
-    used = []
-    real = executable.row_tiles
-
-    def recording(*args, **kwargs):
-        found = real(*args, **kwargs)
-        used.append(found is not None)
-        return found
-
-    monkeypatch.setattr(executable, "row_tiles", recording)
-    executable.clear()  # the plan is built here, with its tiles
+    used = record_row_tiles(monkeypatch)  # the plan is built here, with its tiles
     pattern, n = PLAN_PATTERNS[name], 256
     q, k, v, g = qkv(2, n, 4, 2, 16, seed=3, dtype=dtype, grad_out=True)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]

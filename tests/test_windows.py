@@ -240,21 +240,11 @@ def test_a_band_block_on_the_kernels(k_len, band):
 def test_a_window_in_half_precision_row_tiles(monkeypatch, causal, window):
     """One-rank half precision runs in row tiles (forced small here): a band's runs are
     never cut (its offsets are the block's own), so the result is the reference's."""
-    from ring_attention import executable
     from ring_attention.entry import attend
     from ring_attention.options import Options
-    from tests.inputs import qkv
+    from tests.inputs import qkv, record_row_tiles
 
-    used = []
-    real = executable.row_tiles
-
-    def recording(*args, **kwargs):
-        found = real(*args, **kwargs)
-        used.append(found is not None)
-        return found
-
-    monkeypatch.setattr(executable, "row_tiles", recording)
-    executable.clear()
+    used = record_row_tiles(monkeypatch)
     pattern = ra.DilatedPattern((16, 32, 64), (1, 2, 4))
     q, k, v, g = qkv(2, 256, 4, 2, 16, seed=3, dtype=torch.float16, grad_out=True)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
