@@ -31,6 +31,27 @@ def _load_noxfile(monkeypatch, **env):
     return module
 
 
+class _Session:
+    """A nox session that records what it is asked to run: ``("run" | "install", args, external)``."""
+
+    def __init__(self, posargs: list[str] | tuple[str, ...] = ()):
+        self.posargs = list(posargs)
+        self.calls: list[tuple] = []
+
+    @property
+    def runs(self) -> list[tuple]:
+        return [args for kind, args, _ in self.calls if kind == "run"]
+
+    def run(self, *args, **kwargs):
+        self.calls.append(("run", args, kwargs.get("external")))
+
+    def install(self, *args, **kwargs):  # pragma: no cover - must not be called
+        self.calls.append(("install", args, None))
+
+    def log(self, *args):  # pragma: no cover
+        pass
+
+
 def _names(requirements):
     return [r.split(">")[0].split("=")[0].split("[")[0] for r in requirements]
 
@@ -64,20 +85,7 @@ def test_skip_keeps_the_environment_torch(monkeypatch):
 def test_skip_session_installs_run_in_the_calling_interpreter(monkeypatch):
     nf = _load_noxfile(monkeypatch, RING_ATTENTION_TORCH="skip")
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
-
-        def run(self, *args, **kwargs):
-            self.calls.append(("run", args, kwargs.get("external")))
-
-        def install(self, *args, **kwargs):  # pragma: no cover - must not be called
-            self.calls.append(("install", args, None))
-
-        def log(self, *args):  # pragma: no cover
-            pass
-
-    rec = Recorder()
+    rec = _Session()
     nf._install(rec, "perf")
     assert [c[0] for c in rec.calls] == ["run", "run"]
     assert all(c[1][:4] == ("python", "-m", "pip", "install") and c[2] for c in rec.calls)
@@ -105,19 +113,7 @@ def test_history_session_runs_the_history_command_and_is_not_a_default(monkeypat
     nf = _load_noxfile(monkeypatch, RING_ATTENTION_TORCH="skip")
     assert "history" not in nf.nox.options.sessions and nf.history.venv_backend == "none"
 
-    class Recorder:
-        posargs = ["--every"]
-
-        def __init__(self):
-            self.runs = []
-
-        def run(self, *args, **kwargs):
-            self.runs.append(args)
-
-        def log(self, *args):  # pragma: no cover
-            pass
-
-    rec = Recorder()
+    rec = _Session(posargs=["--every"])
     nf.history(rec)
     assert rec.runs[-1] == ("python", "-m", "perf", "history", "--every")
 
@@ -128,18 +124,6 @@ def test_typecheck_session_runs_mypy_strict_and_is_not_a_default(monkeypatch):
     _, deps = nf.install_commands("typecheck")
     assert _names(deps) == ["mypy"]  # and no torch: the environment's is kept
 
-    class Recorder:
-        posargs: list[str] = []
-
-        def __init__(self):
-            self.runs = []
-
-        def run(self, *args, **kwargs):
-            self.runs.append(args)
-
-        def log(self, *args):  # pragma: no cover
-            pass
-
-    rec = Recorder()
+    rec = _Session()
     nf.typecheck(rec)
     assert rec.runs[-1] == ("mypy", "--strict", "ring_attention")
