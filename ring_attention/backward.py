@@ -20,7 +20,7 @@ from .blocks import Block, Call, Index, Step, index
 from .comm import Ring
 from .exchange import Returning, add_returned, post_kv, post_returns, wait
 from .executable import ExecutablePlan, RankExecution
-from .masks import Band, BlockMask
+from .masks import BlockMask, band_bounds
 from .merge import accumulation_dtype
 
 # [dq, dk, dv] of a block's query shard and key source: None until the adopted call's gradients
@@ -52,7 +52,7 @@ def _block_backward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: tor
             views.runs(lb[:, g].unsqueeze(-1), c.q_start, c.runs, c.q_len).squeeze(-1),
             causal=c.mask is BlockMask.CAUSAL,
             scale=scale,
-            band=(c.mask.lo, c.mask.hi) if isinstance(c.mask, Band) else None,
+            band=band_bounds(c.mask),
         )
         _add_gradients(blk, c, g, q, (q_rows, k_rows, kv_index), accs, dq, dk, dv)
         del dq, dk, dv  # before the next call's: one block's gradients alive at a time

@@ -23,7 +23,7 @@ from .blocks import Block, Call, Index, index
 from .comm import Ring
 from .exchange import post_kv, wait
 from .executable import ExecutablePlan, RankExecution
-from .masks import Band, BlockMask, KernelMask
+from .masks import Band, BlockMask, band_bounds
 from .merge import accumulation_dtype, merge_into_
 from .views import Recipe
 
@@ -85,18 +85,13 @@ def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torc
                 scale=scale,
                 mark_query_rows=False,  # marked once, at the end
                 quarantined=causal,
-                band=_band(c.mask),
+                band=band_bounds(c.mask),
             )
             if causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
                 bad_runs = views.run_view(bad_vb[:, g], c.k_start, c.runs, c.k_len)
                 o.add_(kernels.value_poison(bad_runs).flatten(0, 2))
             _put_result(rank.recipes, blk, c, g, q, q_rows, write, mark, acc, o, lse)
             del o, lse  # before the next offset's results: one block result alive at a time
-
-
-def _band(mask: KernelMask) -> tuple[int, int] | None:
-    """A window's band as the kernels take it, or ``None``."""
-    return (mask.lo, mask.hi) if isinstance(mask, Band) else None
 
 
 def _kernel_inputs(

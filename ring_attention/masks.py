@@ -48,6 +48,11 @@ class Band:
 KernelMask = BlockMask | Band
 
 
+def band_bounds(mask: KernelMask) -> tuple[int, int] | None:
+    """A block mask's band as the kernels take it (``band=(lo, hi)``), or ``None``."""
+    return (mask.lo, mask.hi) if isinstance(mask, Band) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceMask:
     """Which keys each query may see, on global positions (before the pattern's weights).
