@@ -146,3 +146,46 @@ def check_window(window: object) -> tuple[int, int] | None:
     if left < -1 or right < -1:
         raise ValueError(f"window sides must be -1 (unbounded) or >= 0, got window=({left}, {right})")
     return None if (left, right) == (-1, -1) else (left, right)
+
+
+def check_documents(cu_seqlens: object, seq_len: int) -> tuple[int, ...] | None:
+    """``cu_seqlens``, the cumulative document starts ``0 = c_0 < c_1 < ... < c_D = N``
+    (flash-attn's varlen convention; global positions), as a tuple of ints.
+
+    Takes a 1-d integer tensor (int32 as flash-attn passes it, or int64; on any device: it
+    is read once on the host) or a sequence of integers. Returns ``None`` for no documents
+    (``None``, or one document ``(0, N)``: the same call).
+
+    Raises:
+        TypeError or ValueError naming ``cu_seqlens`` for anything else.
+    """
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex \
+                or cu_seqlens.dtype == torch.bool:
+            raise TypeError(
+                f"cu_seqlens must be a 1-d integer tensor (int32) or a sequence of ints, got a "
+                f"{cu_seqlens.dim()}-d {cu_seqlens.dtype} tensor"
+            )
+        bounds = tuple(int(c) for c in cu_seqlens.tolist())
+    elif isinstance(cu_seqlens, (tuple, list, range)):
+        bounds = tuple(check_int(c, "cu_seqlens") for c in cu_seqlens)
+    else:
+        raise TypeError(f"cu_seqlens must be a 1-d integer tensor or a sequence of ints, got {type(cu_seqlens).__name__}")
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq_len:
+        raise ValueError(
+            f"cu_seqlens must run from 0 to the sequence length N={seq_len} (at least two entries), "
+            f"got {_short(bounds)}"
+        )
+    for d, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if b <= a:
+            raise ValueError(
+                f"cu_seqlens must be strictly increasing (every document non-empty): "
+                f"cu_seqlens[{d}]={a}, cu_seqlens[{d + 1}]={b}"
+            )
+    return None if len(bounds) == 2 else bounds
+
+
+def _short(values: tuple[int, ...]) -> str:
+    return repr(values) if len(values) <= 8 else f"({', '.join(map(str, values[:4]))}, ..., {values[-1]})"

@@ -58,6 +58,10 @@ class PackedAttention(torch.autograd.Function):
         return (None, None, None, None, *results)
 
 
+# Never traced: under torch.compile the custom ops run plans (ops.py). This runs only
+# eagerly, also where Dynamo fell back to eager around a call it refused (a window or
+# documents, not taken by the ops yet), whose per-block frames it must not compile.
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # unannotated in torch
 def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.Layout | str, q: torch.Tensor,
                 k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Run the plan of ``ring.ranks``: one rank's shard, or every rank's in turn.

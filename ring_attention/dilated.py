@@ -10,6 +10,8 @@ meet which is built in :mod:`ring_attention.plans` and run by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .entry import attend
@@ -19,6 +21,7 @@ from .pattern import DilatedPattern
 def dilated_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: DilatedPattern, *, causal: bool = False,
     scale: float | None = None, checkpoint: bool = False, window: tuple[int, int] | None = None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Dilated attention: SEMANTICS.md's weighted attention with ``W`` from ``pattern``.
 
@@ -34,9 +37,14 @@ def dilated_attention(
         positions: key ``j`` is kept for query ``i`` when ``i - left <= j <= i + right``
         (a side of ``-1`` unbounded), composed with ``causal`` and the pattern. ``None``: no window.
         Blocks wholly outside the band are never computed.
+    :param cu_seqlens: packed documents: the cumulative document starts ``0 = c_0 < ... < c_D = N``
+        (a 1-d int32 tensor, flash-attn's varlen convention, or a sequence of ints). A query
+        sees only keys of its own document and the pattern restarts at every document start:
+        the result equals running each document on its own. ``None``: one document.
     :returns: ``[B, N, H, D]`` in the input dtype; rows no pair keeps for a head are 0.
         Differentiable with exact gradients (double backward is not supported).
     :raises ValueError, TypeError: for malformed inputs, e.g. ``N`` not divisible by an
         effective segment length ``min(w, N)``.
     """
-    return attend(q, k, v, pattern, ring_size=1, causal=causal, scale=scale, checkpoint=checkpoint, window=window)
+    return attend(q, k, v, pattern, ring_size=1, causal=causal, scale=scale, checkpoint=checkpoint, window=window,
+                  cu_seqlens=cu_seqlens)

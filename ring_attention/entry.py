@@ -17,6 +17,7 @@ in this process; one device is the ring of one). :func:`attend` then
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -49,6 +50,7 @@ def attend(
     checkpoint: bool = False,
     options: Options = DEFAULT,
     window: tuple[int, int] | None = None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Attention with ``pattern``'s weights (:data:`FULL`: full attention) over a ring.
 
@@ -72,36 +74,43 @@ def attend(
         Not yet under ``torch.compile`` without a group (the custom ops): tracing raises a
         ``NotImplementedError`` naming it (Dynamo then runs the call eagerly, or with
         ``fullgraph=True`` fails with it).
+    :param cu_seqlens: packed documents: their cumulative starts in global positions
+        (SEMANTICS.md), or ``None``; checked and agreed on as ``window``, and likewise not yet
+        taken by the custom ops.
     :returns: this rank's output shard (with ``group``) or the whole output in natural order.
     :raises ValueError, TypeError: for malformed inputs, on every rank of a group.
     """
     if torch.compiler.is_compiling() and group is not None:
         eager: torch.Tensor = _eager(
             q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-            checkpoint=checkpoint, options=options, window=window,
+            checkpoint=checkpoint, options=options, window=window, cu_seqlens=cu_seqlens,
         )
         return eager
-    ring, shapes, scale, causal, layout, checkpoint, band = check_ring_inputs(
+    ring, checked_args = check_ring_inputs(
         q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-        checkpoint=checkpoint, pattern=pattern, window=window,
+        checkpoint=checkpoint, pattern=pattern, window=window, cu_seqlens=cu_seqlens,
     )
+    shapes, scale, causal, layout, checkpoint, band, documents = checked_args
     # what plans and ops call full attention; a pattern check_ring_inputs accepted otherwise
     checked = None if pattern is FULL else cast(DilatedPattern, pattern)
     if torch.compiler.is_compiling():
         if band is not None:  # the custom ops take no window yet: never drop one
             raise NotImplementedError(f"window={band}: torch.compile (the custom ops) does not take a window yet")
+        if documents is not None:
+            raise NotImplementedError("cu_seqlens: torch.compile (the custom ops) does not take documents yet")
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return ops.attention(q, k, v, checked, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
                                  options=options)
     else:
-        mask = SequenceMask(causal=causal, window=band)
+        mask = SequenceMask(causal=causal, window=band, documents=documents)
         key = PlanKey(checked, shapes.seq_len, shapes.heads, shapes.kv_heads, mask, ring.size, layout, ring.ranks,
                       q.shape[0], q.shape[3], q.dtype, options)
         plan = executable_plan(key)
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return run_on_ring(plan, ring, scale, layout, q, k, v)
+            out: torch.Tensor = run_on_ring(plan, ring, scale, layout, q, k, v)
+            return out
 
     # Only the inputs are stored; the forward runs again in backward. Under torch.compile
     # this is what keeps the custom op's outputs unsaved: a plain rerun of the op in its

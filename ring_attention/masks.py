@@ -4,8 +4,8 @@ Two levels, as ``flex_attention`` separates a ``mask_mod`` from its ``BlockMask`
 
 - the **sequence mask** (:class:`SequenceMask`) is a predicate on global positions
   ``(i, j)``, multiplied into the pattern's weights ``W`` (SEMANTICS.md). Today it is
-  full or causal (``j <= i``), with or without a band (a sliding window); document
-  boundaries are the field it will grow (see docs/ARCHITECTURE.md).
+  full or causal (``j <= i``), with or without a band (a sliding window), within packed
+  documents or not (a query sees only keys of its own document).
 - a **block mask** (:class:`BlockMask`, or a :class:`Band`) is what one kernel call applies
   inside a block of packed rows: every key (``FULL``), the block-local lower triangle of a
   square block (``CAUSAL``), or the diagonal band a sliding window cuts (:class:`Band`,
@@ -20,6 +20,7 @@ one change here, checked against the oracle by the same tests.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 
@@ -60,11 +61,16 @@ class SequenceMask:
     :param causal: keep only keys at or before the query (``j <= i``).
     :param window: ``(left, right)``, flash-attn's sliding window: keep key ``j`` for query
         ``i`` when ``i - left <= j <= i + right``, a side of ``-1`` unbounded; ``None``: no
-        window. The oracle honours it; the planner does not yet (:meth:`block` refuses it).
+        window.
+    :param documents: ``cu_seqlens``, the document starts ``0 = c_0 < ... < c_D = N``: keep
+        key ``j`` for query ``i`` only in the same document; ``None``: one document. (A
+        dilated pattern also restarts at every start: the planner's segments and the oracle's
+        weights take that from here, :meth:`DilatedPattern.segment_bounds`.)
     """
 
     causal: bool = False
     window: tuple[int, int] | None = None
+    documents: tuple[int, ...] | None = None
 
     @staticmethod
     def of(mask: SequenceMask | bool) -> SequenceMask:
@@ -74,7 +80,11 @@ class SequenceMask:
     @property
     def keeps_all(self) -> bool:
         """Whether every query sees every key (the mask changes nothing)."""
-        return not self.causal and self.window is None
+        return not self.causal and self.window is None and self.documents is None
+
+    def document(self, position: int) -> int:
+        """The index ``d`` of the document holding ``position`` (``c_d <= position < c_{d+1}``)."""
+        return 0 if self.documents is None else bisect.bisect_right(self.documents, position) - 1
 
     def keeps(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """``[len(q_pos), len(k_pos)]`` bool: whether query position ``i`` may see key ``j``."""
@@ -87,6 +97,10 @@ class SequenceMask:
                 keep &= k_pos[None, :] >= q_pos[:, None] - left
             if right >= 0:
                 keep &= k_pos[None, :] <= q_pos[:, None] + right
+        if self.documents is not None:
+            starts = torch.tensor(self.documents, device=q_pos.device)
+            q_doc = torch.searchsorted(starts, q_pos, right=True)
+            keep &= q_doc[:, None] == torch.searchsorted(starts, k_pos, right=True)[None, :]
         return keep
 
     def block(
@@ -99,6 +113,8 @@ class SequenceMask:
         run is the query run itself (a square block); otherwise the two runs share no
         position, so one lies wholly before the other. Without a window only the firsts
         matter (a causal diagonal block may then be two joined runs, see the planner).
+        Runs of different documents never meet (``None``); the planner's segments never
+        cross a document start, so each run lies in one document.
 
         With a window ``(left, right)``, positions ``i = q_first + rate * a`` and
         ``j = k_first + rate * b`` give ``j - i = k_first - q_first + rate * (b - a)``: each
@@ -106,6 +122,8 @@ class SequenceMask:
         ``FULL``; the lower triangle of a square block: ``CAUSAL``; none: ``None``; else a
         :class:`Band`.
         """
+        if self.documents is not None and self.document(q_first) != self.document(k_first):
+            return None
         if self.window is None:
             if diagonal:
                 return BlockMask.CAUSAL if self.causal else BlockMask.FULL

@@ -107,6 +107,36 @@ class DilatedPattern:
             out.append(w_eff)
         return tuple(out)
 
+    def segment_bounds(self, seq_len: int, documents: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], ...]:
+        """Per pair, where its segments start, followed by ``N``: segment ``m`` of pair ``k`` is
+        ``[bounds[k][m], bounds[k][m + 1])``.
+
+        Without documents the segments are ``w'_k = min(w_k, N)`` long. With ``documents``
+        (``cu_seqlens``, SEMANTICS.md) the pattern restarts at every document start: document
+        ``d`` of length ``L_d`` is cut into segments of ``min(w_k, L_d)``.
+
+        :raises ValueError: unless every effective segment length divides its sequence
+            (``N``, or the document it cuts, which is then named).
+        """
+        if documents is None:
+            return tuple(tuple(range(0, seq_len + 1, w)) for w in self.effective_segment_lengths(seq_len))
+        out = []
+        for w in self.segment_lengths:
+            bounds: list[int] = []
+            for d, (start, stop) in enumerate(zip(documents, documents[1:])):
+                length = stop - start
+                w_eff = min(w, length)
+                if length % w_eff:
+                    raise ValueError(
+                        f"document {d} (positions [{start}, {stop}) of cu_seqlens, length {length}) is not "
+                        f"divisible by segment length w={w}: the pattern restarts at every document, so "
+                        "min(w, document length) must divide each document's length"
+                    )
+                bounds.extend(range(start, stop, w_eff))
+            bounds.append(seq_len)
+            out.append(tuple(bounds))
+        return tuple(out)
+
     def heads_of_pair(self, num_heads: int) -> tuple[range, ...]:
         """The query heads that run each pair: all of them (mixture) or pair ``k``'s group."""
         if self.mode is Mode.MIXTURE:
@@ -118,9 +148,10 @@ class DilatedPattern:
             )
         return tuple(range(i * num_heads // k, (i + 1) * num_heads // k) for i in range(k))
 
-    def check(self, seq_len: int, num_heads: int) -> None:
-        """Validate this pattern against a sequence length and a head count."""
-        self.effective_segment_lengths(seq_len)
+    def check(self, seq_len: int, num_heads: int, documents: tuple[int, ...] | None = None) -> None:
+        """Validate this pattern against a sequence length, a head count and documents."""
+        # With documents, segments restart per document and the per-document rule replaces N % w.
+        self.segment_bounds(seq_len, documents)
         self.heads_of_pair(num_heads)
 
 
@@ -143,13 +174,14 @@ def selected(positions: torch.Tensor, segment: int, rate: int, offset: int) -> t
     return (positions % segment) % rate == offset
 
 
-def kept_positions(segment_index: int, segment: int, rate: int, offset: int, start: int, stop: int) -> range:
-    """The positions of segment ``segment_index`` within ``[start, stop)`` that :func:`selected`
-    keeps for a head with this offset, as the progression the planner packs."""
-    first = segment_index * segment + offset
+def kept_positions(segment_start: int, segment_stop: int, rate: int, offset: int, start: int, stop: int) -> range:
+    """The positions of the segment ``[segment_start, segment_stop)`` within ``[start, stop)``
+    that a head with this offset keeps (:func:`selected`, on positions local to the segment),
+    as the progression the planner packs."""
+    first = segment_start + offset
     if first < start:
         first += -(-(start - first) // rate) * rate
-    end = min((segment_index + 1) * segment, stop)
+    end = min(segment_stop, stop)
     return range(first, max(first, end), rate)
 
 
@@ -174,12 +206,14 @@ def weights(
     is_causal: bool = False,
     rows: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
+    documents: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """The explicit integer weights ``W[h, i, j]`` of SEMANTICS.md, shape ``[H, N, N]``.
 
     ``is_causal`` and ``window`` (``(left, right)``, see
     :class:`~ring_attention.masks.SequenceMask`) restrict the pattern's weights to the keys
-    they keep.
+    they keep. ``documents`` (``cu_seqlens``): built literally as the contract says, each
+    document's weights those of the pattern on that document alone, zero across documents.
 
     ``rows``: the query positions ``i`` to build (a 1-d integer tensor), giving
     ``[H, len(rows), N]``: a sample of rows of a long sequence costs ``H * len(rows) * N``.
@@ -188,6 +222,14 @@ def weights(
     """
     pos = torch.arange(seq_len)
     q_pos = pos if rows is None else rows.to(pos.device)
+    if documents is not None:
+        w = torch.zeros(num_heads, len(q_pos), seq_len, dtype=torch.int64)
+        for start, stop in zip(documents, documents[1:]):
+            inside = ((q_pos >= start) & (q_pos < stop)).nonzero().flatten()
+            # a window or causality is on differences of positions: the same on local ones
+            w[:, inside, start:stop] = weights(pattern, stop - start, num_heads, is_causal=is_causal,
+                                               rows=q_pos[inside] - start, window=window)
+        return w
     if pattern is None:
         w = torch.ones(num_heads, len(q_pos), seq_len, dtype=torch.int64)
     else:

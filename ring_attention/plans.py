@@ -25,6 +25,7 @@ shares a segment with, so a process builds what it runs and nothing more.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -64,7 +65,7 @@ class _Spec:
     layout: Layout
     mask: SequenceMask
     group: int  # query heads per kv head
-    segments: tuple[int, ...]  # effective segment length of each pair
+    bounds: tuple[tuple[int, ...], ...]  # per pair: its segments' starts, then N (DilatedPattern.segment_bounds)
     rates: tuple[int, ...]
     units: tuple[Unit, ...]
 
@@ -72,15 +73,15 @@ class _Spec:
 @functools.lru_cache(maxsize=4096)
 def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
     pair = spec.units[unit].pair
-    segment, rate = spec.segments[pair], spec.rates[pair]
+    bounds, rate = spec.bounds[pair], spec.rates[pair]
     offset = spec.units[unit].heads.start % rate
     ranges: list[range] = []
     runs: list[_Run] = []
     last_first: dict[int, int] = {}
     base = packed = 0
     for a, b in _layout.shard_intervals(spec.seq_len, spec.ring_size, rank, spec.layout):
-        for s in range(a // segment, (b - 1) // segment + 1):
-            kept = _pattern.kept_positions(s, segment, rate, offset, a, b)
+        for s in range(bisect.bisect_right(bounds, a) - 1, bisect.bisect_right(bounds, b - 1)):
+            kept = _pattern.kept_positions(bounds[s], bounds[s + 1], rate, offset, a, b)
             if not kept:
                 continue
             first, count = kept.start, len(kept)
@@ -354,9 +355,9 @@ def _partners(spec: _Spec, rank: int) -> set[int]:
     """The other ranks holding a segment this rank holds, for any unit."""
     out: set[int] = set()
     for u in range(len(spec.units)):
-        segment = spec.segments[spec.units[u].pair]
+        bounds = spec.bounds[spec.units[u].pair]
         for s in _kept(spec, rank, u).last_first:
-            out |= _layout.holders(spec.seq_len, spec.ring_size, spec.layout, s * segment, (s + 1) * segment)
+            out |= _layout.holders(spec.seq_len, spec.ring_size, spec.layout, bounds[s], bounds[s + 1])
     out.discard(rank)
     return out
 
@@ -368,7 +369,7 @@ def _spec(
 ) -> _Spec:
     if pattern is None:
         pattern = DilatedPattern((seq_len,), (1,))
-    segments = pattern.effective_segment_lengths(seq_len)
+    bounds = pattern.segment_bounds(seq_len, mask.documents)
     units = []
     for pair, (rate, heads) in enumerate(zip(pattern.dilation_rates, pattern.heads_of_pair(num_heads))):
         for offset in range(rate):
@@ -376,7 +377,7 @@ def _spec(
             if first < heads.stop:
                 units.append(Unit(pair, range(first, heads.stop, rate)))
     return _Spec(
-        seq_len, ring_size, layout, mask, num_heads // num_kv_heads, segments,
+        seq_len, ring_size, layout, mask, num_heads // num_kv_heads, bounds,
         pattern.dilation_rates, tuple(units),
     )
 
@@ -401,8 +402,9 @@ def rank_plan(
     """
     layout, mask = _layout.check_layout(layout), SequenceMask.of(mask)
     spec = _spec(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout)
-    # A window: direct sends, so that a rank receives only the shards its band reaches.
-    if pattern is None and ring_size > 1 and mask.window is None and (not mask.causal or layout is Layout.ZIGZAG):
+    # A window or documents: direct sends, so that a rank receives only the shards it attends.
+    if (pattern is None and ring_size > 1 and mask.window is None and mask.documents is None
+            and (not mask.causal or layout is Layout.ZIGZAG)):
         with _gc_paused():
             return _relay_plan(spec, rank)
     with _gc_paused():

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from . import pattern as _pattern
-from ._checks import check_flag, check_qkv, check_scale, check_window
+from ._checks import check_documents, check_flag, check_qkv, check_scale, check_window
 
 
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pattern: _pattern.DilatedPattern | None = None,
     causal: bool = False, scale: float | None = None, query_rows: torch.Tensor | Sequence[int] | None = None,
-    window: tuple[int, int] | None = None,
+    window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Dense weighted attention ``O = sum_j W exp(s) v / sum_j W exp(s)``.
 
@@ -40,6 +40,10 @@ def reference_attention(
     :param window: ``(left, right)``, a sliding window in flash-attn's convention: key ``j``
         is kept for query ``i`` when ``i - left <= j <= i + right`` (a side of ``-1`` is
         unbounded); composed with ``causal`` and the pattern. ``None``: no window.
+    :param cu_seqlens: packed documents, their cumulative starts ``0 = c_0 < ... < c_D = N``
+        (a 1-d int32 tensor as flash-attn takes it, or a sequence of ints): a query sees only
+        keys of its own document, and a pattern restarts at every document start, as if each
+        document ran on its own. ``None``: one document.
     :param scale: score scale, ``1/sqrt(D)`` by default.
     :param query_rows: compute only these query positions (a 1-d integer tensor or sequence,
         each in ``[0, N)``, in any order, repeats allowed): the rows of the full result,
@@ -54,10 +58,12 @@ def reference_attention(
     scale = check_scale(scale, d)
     causal = check_flag(causal, "causal")
     window = check_window(window)
+    documents = check_documents(cu_seqlens, n)
     if pattern is not None:
-        _pattern.as_pattern(pattern).check(n, h)
+        _pattern.as_pattern(pattern).check(n, h, documents)
     rows = None if query_rows is None else _check_rows(query_rows, n)
-    w = _pattern.weights(pattern, n, h, is_causal=causal, rows=rows, window=window).to(q.device)
+    w = _pattern.weights(pattern, n, h, is_causal=causal, rows=rows, window=window, documents=documents)
+    w = w.to(q.device)
     if rows is not None:
         q = q[:, rows.to(q.device)]
     acc = torch.promote_types(q.dtype, torch.float32)

@@ -28,6 +28,8 @@ Full attention is the dilated pattern ``(N, 1)``, so the per-rank steps are the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -39,6 +41,7 @@ def ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup | None = None,
     ring_size: int | None = None, causal: bool = False, scale: float | None = None,
     layout: Layout | str = "contiguous", checkpoint: bool = False, window: tuple[int, int] | None = None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Full attention over a ring of ranks (SEMANTICS.md, section Ring).
 
@@ -60,10 +63,15 @@ def ring_attention(
         Blocks wholly outside the band are never computed and their keys never sent.
         With ``group``, every rank passes the same window (the ranks agree on it). Not yet
         under ``torch.compile`` without a group: an error naming ``window``.
+    :param cu_seqlens: packed documents: the cumulative document starts ``0 = c_0 < ... < c_D = N``
+        in global positions (a 1-d int32 tensor, flash-attn's varlen convention, or a sequence
+        of ints; with ``group``, every rank passes the same global offsets). A query sees only
+        keys of its own document; blocks across documents are never computed and their
+        keys never sent. ``None``: one document. Not yet under ``torch.compile`` without a group.
     :returns: this rank's output shard, or the whole output in natural order.
     :raises ValueError, TypeError: naming the problem, on every rank of the group.
     """
     return attend(
         q, k, v, FULL, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-        checkpoint=checkpoint, window=window,
+        checkpoint=checkpoint, window=window, cu_seqlens=cu_seqlens,
     )

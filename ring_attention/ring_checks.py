@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from . import layout as _layout
 from . import pattern as _pattern
-from ._checks import Shapes, check_flag, check_qkv, check_scale, check_window
+from ._checks import Shapes, check_documents, check_flag, check_qkv, check_scale, check_window
 from .comm import ProcessGroupRing, Ring, SimulatedRing
 
 
@@ -52,6 +52,7 @@ class _Signature(NamedTuple):
     scale: float
     checkpoint: bool
     window: tuple[int, int] | None
+    documents: tuple[int, ...] | None
 
 
 class Agreement(enum.Enum):
@@ -89,6 +90,7 @@ _LABELS = {
     "H": "query heads (q.shape[2])",
     "Hkv": "kv heads (k.shape[2])",
     "D": "head dim (q.shape[3])",
+    "documents": "cu_seqlens",
 }
 
 FULL = object()  # the ``pattern`` of full attention: ring_attention passes it, users never do
@@ -101,14 +103,23 @@ _AGREED: weakref.WeakKeyDictionary[dist.ProcessGroup, collections.OrderedDict[_S
 _MAX_AGREED = 1024  # per group; every rank evicts the same entries: they see the same calls
 
 
-# What the checks return besides the ring: global shapes, scale, causal, layout, checkpoint, window.
-_Checked = tuple[Shapes, float, bool, _layout.Layout, bool, tuple[int, int] | None]
+class Checked(NamedTuple):
+    """The checked arguments of a call, as every rank of its ring agreed on them."""
+
+    shapes: Shapes  # global: seq_len is the whole sequence's N
+    scale: float
+    causal: bool
+    layout: _layout.Layout
+    checkpoint: bool
+    window: tuple[int, int] | None  # None: no window, (-1, -1) included
+    documents: tuple[int, ...] | None  # cu_seqlens; None: one document
 
 
 def _local_checks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_size: object, layout: object, causal: object,
     scale: object, pattern: object, checkpoint: object, sharded: bool, window: object = None,
-) -> tuple[int, Shapes, float, bool, _layout.Layout, bool, tuple[int, int] | None]:
+    cu_seqlens: object = None,
+) -> tuple[int, Checked]:
     size = _layout.check_ring_size(ring_size)
     checked_layout = _layout.check_layout(layout)
     checked_causal = check_flag(causal, "causal")
@@ -121,10 +132,11 @@ def _local_checks(
     if sharded and checked_layout is _layout.Layout.ZIGZAG and shapes.seq_len % 2:
         raise ValueError(f"zigzag shards hold two equal chunks: this rank's length {shapes.seq_len} is odd")
     _layout.check_divisible(n, size, checked_layout)
+    documents = check_documents(cu_seqlens, n)
     if checked_pattern is not None:
-        checked_pattern.check(n, shapes.heads)
-    return (size, shapes._replace(seq_len=n), checked_scale, checked_causal, checked_layout, checked_checkpoint,
-            checked_window)
+        checked_pattern.check(n, shapes.heads, documents)
+    return size, Checked(shapes._replace(seq_len=n), checked_scale, checked_causal, checked_layout,
+                         checked_checkpoint, checked_window, documents)
 
 
 def _refuse_local_in_distributed_job(ring_size: object) -> None:
@@ -187,18 +199,18 @@ def _digests_agree(signature: _Signature | None, group: dist.ProcessGroup, size:
 def check_ring_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup | None, ring_size: object,
     causal: object, scale: object, layout: object, pattern: object = FULL, checkpoint: object = False,
-    window: object = None,
-) -> tuple[Ring, Shapes, float, bool, _layout.Layout, bool, tuple[int, int] | None]:
-    """Validate and return ``(ring, global shapes, scale, causal, layout, checkpoint, window)``
-    (``window``: ``None`` for no window, ``(-1, -1)`` included)."""
+    window: object = None, cu_seqlens: object = None,
+) -> tuple[Ring, Checked]:
+    """Validate and return ``(ring, checked arguments)``."""
     if group is None:
         _refuse_local_in_distributed_job(ring_size)
-        checked = _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, False, window)
-        return (SimulatedRing(checked[0]), *checked[1:])
+        size, checked = _local_checks(q, k, v, ring_size, layout, causal, scale, pattern, checkpoint, False, window,
+                                      cu_seqlens)
+        return SimulatedRing(size), checked
 
     ring = ProcessGroupRing(group)
     error: ValueError | TypeError | None = None
-    result: _Checked | None = None
+    result: Checked | None = None
     signature: _Signature | None = None
     policy = Agreement.EVERY_CALL
     try:
@@ -210,26 +222,27 @@ def check_ring_inputs(
                     f"ring_size={size} does not match the process group's size {ring.size}; "
                     "pass one or the other"
                 )
-        result = _local_checks(q, k, v, ring.size, layout, causal, scale, pattern, checkpoint, True, window)[1:]
+        result = _local_checks(q, k, v, ring.size, layout, causal, scale, pattern, checkpoint, True, window,
+                               cu_seqlens)[1]
         _check_nccl_device(group, q)
-        shapes, scale_, causal_, layout_, checkpoint_, window_ = result
+        shapes = result.shapes
         signature = _Signature(
             shapes.seq_len, shapes.batch, shapes.heads, shapes.kv_heads, shapes.head_dim,
-            str(q.dtype).removeprefix("torch."), q.device.type, causal_, layout_, _describe(pattern),
-            scale_, checkpoint_, window_,
+            str(q.dtype).removeprefix("torch."), q.device.type, result.causal, result.layout, _describe(pattern),
+            result.scale, result.checkpoint, result.window, result.documents,
         )
     except (ValueError, TypeError) as exc:
         error = exc
     agreed = _AGREED.setdefault(group, collections.OrderedDict())
     if policy is Agreement.CACHED and error is None and signature in agreed:
         agreed.move_to_end(cast(_Signature, signature))  # no error: the signature is set
-        return (ring, *cast(_Checked, result))  # no error: the checks returned
+        return ring, cast(Checked, result)  # no error: the checks returned
 
     device = _collective_device(group, q)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if _digests_agree(signature if error is None else None, group, ring.size, device):
             _remember(agreed, cast(_Signature, signature))  # the digests agree on a signature
-            return (ring, *cast(_Checked, result))
+            return ring, cast(Checked, result)
         every: list[tuple[str | None, _Signature | None] | None] = [None] * ring.size
         dist.all_gather_object(every, (None if error is None else f"{type(error).__name__}: {error}", signature), group)
     if error is not None:
@@ -248,7 +261,7 @@ def check_ring_inputs(
     if diffs:
         raise ValueError("the ranks' shards or arguments disagree (" + "; ".join(diffs) + ")")
     _remember(agreed, cast(_Signature, signature))  # no rank failed, all signatures agree
-    return (ring, *cast(_Checked, result))
+    return ring, cast(Checked, result)
 
 
 def _remember(agreed: collections.OrderedDict[_Signature, None], signature: _Signature) -> None:

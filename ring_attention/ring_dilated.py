@@ -12,6 +12,8 @@ their owner. The exchange plan is built in :mod:`ring_attention.plans` and run b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -25,6 +27,7 @@ def ring_dilated_attention(
     group: dist.ProcessGroup | None = None, ring_size: int | None = None, causal: bool = False,
     scale: float | None = None, layout: Layout | str = "contiguous", checkpoint: bool = False,
     window: tuple[int, int] | None = None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Dilated attention over a ring of ranks.
 
@@ -47,6 +50,11 @@ def ring_dilated_attention(
         Blocks wholly outside the band are never computed and their keys never sent.
         With ``group``, every rank passes the same window (the ranks agree on it). Not yet
         under ``torch.compile`` without a group: an error naming ``window``.
+    :param cu_seqlens: packed documents: the cumulative document starts ``0 = c_0 < ... < c_D = N``
+        in global positions (a 1-d int32 tensor, flash-attn's varlen convention, or a sequence
+        of ints; with ``group``, every rank passes the same global offsets). A query sees only
+        keys of its own document, and the pattern restarts at every document start (as if each document ran on its own); blocks across documents are never computed and their
+        keys never sent. ``None``: one document. Not yet under ``torch.compile`` without a group.
     :returns: this rank's output shard (with ``group``) or the whole output in natural order.
         The result does not depend on ``R`` or ``layout`` beyond rounding.
     :raises ValueError, TypeError: for malformed inputs; in a process group every rank
@@ -54,5 +62,5 @@ def ring_dilated_attention(
     """
     return attend(
         q, k, v, pattern, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-        checkpoint=checkpoint, window=window,
+        checkpoint=checkpoint, window=window, cu_seqlens=cu_seqlens,
     )

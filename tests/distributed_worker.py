@@ -81,7 +81,9 @@ def run_ok(case, group, rank, world):
     half = q.dtype in HALF
     full = [(t.double() if half else t.clone()).requires_grad_() for t in (q, k, v)]
     window = None if case.get("window") is None else tuple(case["window"])
-    ref = ra.reference_attention(*full, pattern=pattern, causal=causal, scale=scale, window=window)
+    cu_seqlens = None if case.get("cu_seqlens") is None else torch.tensor(case["cu_seqlens"], dtype=torch.int32)
+    ref = ra.reference_attention(*full, pattern=pattern, causal=causal, scale=scale, window=window,
+                                 cu_seqlens=cu_seqlens)
     ref_grads = torch.autograd.grad(ref, full, g.double() if half else g)
 
     def mine(t):
@@ -91,6 +93,8 @@ def run_ok(case, group, rank, world):
     kwargs = dict(group=group, causal=causal, scale=scale, layout=layout)
     if window is not None:
         kwargs["window"] = window
+    if cu_seqlens is not None:
+        kwargs["cu_seqlens"] = cu_seqlens
     if case.get("checkpoint"):
         kwargs["checkpoint"] = True
     if case.get("pass_ring_size"):
@@ -168,6 +172,8 @@ def run_bad(case, group, rank, world):
         kwargs["window"] = case["window"]
     if odd and "window_on_rank1" in case:
         kwargs["window"] = case["window_on_rank1"]
+    if odd and "cu_seqlens_on_rank1" in case:
+        kwargs["cu_seqlens"] = torch.tensor(case["cu_seqlens_on_rank1"], dtype=torch.int32)
     if case.get("group_none"):
         del kwargs["group"]
     pattern = _pattern(case.get("pattern"))

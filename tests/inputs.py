@@ -181,3 +181,18 @@ def record_row_tiles(monkeypatch) -> list[bool]:
     executable.clear()
     return used
 
+
+
+def record_sent_bytes(monkeypatch) -> list[int]:
+    """Count the bytes a simulated ring sends from here on: a one-element list, updated on
+    every exchange."""
+    from ring_attention import comm
+
+    sent, real = [0], comm.SimulatedRing.exchange
+
+    def exchange(self, shift, sends, specs, device):
+        sent[0] += sum(t.numel() * t.element_size() for ts in sends.values() for t in ts)
+        return real(self, shift, sends, specs, device)
+
+    monkeypatch.setattr(comm.SimulatedRing, "exchange", exchange)
+    return sent

@@ -119,6 +119,13 @@ def _ring_cases(world: int) -> list[dict]:
              layout="zigzag", causal=True, window=[9, -1], pattern=[[8, N], [1, 2], "mixture"]),
         dict(name="ring-window-compiled-contiguous", kind="ok", seed=22, shape=[1, N, 2, 2, 8],
              layout="contiguous", causal=False, window=[2, 4], compile=True),
+        # Packed documents: a query sees its own document only; shards no document shares are not sent.
+        dict(name="ring-documents-contiguous-causal", kind="ok", seed=23, shape=[2, N, 4, 2, 8],
+             layout="contiguous", causal=True, cu_seqlens=[0, 1, 7, 20, N]),
+        dict(name="ring-documents-dilated-zigzag", kind="ok", seed=24, shape=[1, N, 4, 2, 8],
+             layout="zigzag", causal=False, cu_seqlens=[0, 8, 12, N], pattern=[[4, N], [2, 2], "mixture"]),
+        dict(name="ring-documents-window-compiled-zigzag-causal", kind="ok", seed=25, shape=[1, N, 2, 2, 8],
+             layout="zigzag", causal=True, window=[3, 0], cu_seqlens=[0, 13, N], compile=True),
     ]
     return cases
 
@@ -195,6 +202,8 @@ def _bad_cases(world: int) -> list[tuple[dict, str]]:
               pattern=[[6], [2], "mixture"]), "disagree"),
         (dict(name="bad-window-side", kind="bad", n_local=6, window=[-2, 0]), "window"),
         (dict(name="bad-rank1-window-only", kind="bad", n_local=6, window_on_rank1=[-3, 0]), "window"),
+        (dict(name="bad-rank1-documents-only", kind="bad", n_local=6, cu_seqlens_on_rank1=[0, 5, 3, 6 * world]),
+         "cu_seqlens"),
     ]
 
 
@@ -217,6 +226,8 @@ def _agreement_cases(world: int) -> list[tuple[dict, list[str]]]:
          [r"pattern: rank 0=mixture \(\(16, 1\),\), rank 1=mixture \(\(16, 2\),\)"]),
         (dict(name="bad-rank1-window-named", kind="bad", n_local=6, window_on_rank1=[3, 0]),
          [r"window: rank 0=None, rank 1=\(3, 0\)"]),
+        (dict(name="bad-rank1-documents-named", kind="bad", n_local=6, cu_seqlens_on_rank1=[0, 4, 6 * world]),
+         [rf"cu_seqlens: rank 0=None, rank 1=\(0, 4, {6 * world}\)"]),
         (dict(name="bad-group-none-in-a-distributed-job", kind="bad", n_local=6, group_none=True),
          [r"group=None inside a distributed job of \d processes"]),
     ]

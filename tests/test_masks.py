@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from ring_attention.kernels import band_keeps
 from ring_attention.masks import Band, BlockMask, SequenceMask
+from ring_attention.pattern import weights
 
 
 @st.composite
@@ -36,13 +37,16 @@ def _classify(mask, q, k, rate, diagonal):
     return mask.block(int(q[0]), int(q[-1]), int(k[0]), int(k[-1]), rate, diagonal=diagonal)
 
 
-@given(run_pairs(), st.booleans(), WINDOWS)
-def test_a_blocks_mask_is_the_predicate_on_its_cells(pair, causal, window):
+@given(run_pairs(), st.booleans(), WINDOWS, st.sets(st.integers(1, 79), max_size=4))
+def test_a_blocks_mask_is_the_predicate_on_its_cells(pair, causal, window, starts):
     """Cell by cell: None keeps no cell, FULL every cell, CAUSAL the lower triangle of a
-    square block, a Band exactly the packed cells ``lo <= b - a <= hi``."""
+    square block, a Band exactly the packed cells ``lo <= b - a <= hi``; with documents
+    starting anywhere but inside a run (the planner cuts segments at every start)."""
     q, k, diagonal = pair
     rate = int(q[1] - q[0]) if len(q) > 1 else int(k[1] - k[0]) if len(k) > 1 else 1
-    mask = SequenceMask(causal=causal, window=window if window != (-1, -1) else None)
+    starts = sorted(c for c in starts if not any(run[0] < c <= run[-1] for run in (q, k)))
+    documents = (0, *starts, 80) if starts else None
+    mask = SequenceMask(causal=causal, window=window if window != (-1, -1) else None, documents=documents)
     kept = mask.keeps(q, k)
     block = _classify(mask, q, k, rate, diagonal)
     if block is None:
@@ -57,6 +61,17 @@ def test_a_blocks_mask_is_the_predicate_on_its_cells(pair, causal, window):
         assert kept.equal(band_keeps(len(q), len(k), (block.lo, block.hi), q.device))
         assert kept.any() and not kept.all()  # a band is neither empty nor full
         assert -(len(q) - 1) <= block.lo <= block.hi <= len(k) - 1  # clamped: equal blocks, equal bands
+
+
+@given(st.sets(st.integers(1, 23), max_size=5), st.booleans(), WINDOWS)
+def test_the_predicate_with_documents_is_the_contracts_weights(starts, causal, window):
+    """``keeps`` with documents against ``W`` built literally per document (pattern.weights)."""
+    documents = (0, *sorted(starts), 24) if starts else None
+    window = window if window != (-1, -1) else None
+    pos = torch.arange(24)
+    kept = SequenceMask(causal=causal, window=window, documents=documents).keeps(pos, pos)
+    w = weights(None, 24, 1, is_causal=causal, window=window, documents=documents)
+    assert kept.equal(w[0] > 0)
 
 
 def test_full_keeps_all_and_a_bool_is_causal_or_full():

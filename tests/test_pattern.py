@@ -339,11 +339,12 @@ def test_a_mode_is_an_enum_inside_and_its_name_at_the_boundary():
     segment=st.integers(1, 24), rate=st.integers(1, 6), data=st.data(),
 )
 def test_kept_positions_are_the_positions_selected_keeps(segment, rate, data):
-    """The planner's progression form of ``sel(h, p)`` against the predicate the oracle uses."""
+    """The planner's progression form of ``sel(h, p)`` against the predicate the oracle uses,
+    on a segment starting anywhere (a document start need not be a multiple of ``w``)."""
     offset = data.draw(st.integers(0, rate - 1))
-    index = data.draw(st.integers(0, 3))
+    first = data.draw(st.integers(0, 3 * segment))
     start = data.draw(st.integers(0, 5 * segment))
     stop = data.draw(st.integers(start, 5 * segment + 1))
-    pos = torch.arange(index * segment, (index + 1) * segment)
-    keep = P.selected(pos, segment, rate, offset) & (pos >= start) & (pos < stop)
-    assert list(P.kept_positions(index, segment, rate, offset, start, stop)) == pos[keep].tolist()
+    pos = torch.arange(first, first + segment)
+    keep = P.selected(pos - first, segment, rate, offset) & (pos >= start) & (pos < stop)
+    assert list(P.kept_positions(first, first + segment, rate, offset, start, stop)) == pos[keep].tolist()

@@ -14,7 +14,7 @@ import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention.masks import Band, SequenceMask
 from ring_attention.plans import ring_plans
-from tests.inputs import LAYOUTS, make_qkv
+from tests.inputs import LAYOUTS, make_qkv, record_sent_bytes
 from tests.strategies import divisors
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -115,15 +115,7 @@ def test_rows_without_a_key_in_the_window_are_exactly_zero():
 
 
 def _sent_bytes(monkeypatch, **kwargs):
-    from ring_attention import comm
-
-    sent, original = [0], comm.SimulatedRing.exchange
-
-    def exchange(self, shift, sends, specs, device):
-        sent[0] += sum(t.numel() * t.element_size() for ts in sends.values() for t in ts)
-        return original(self, shift, sends, specs, device)
-
-    monkeypatch.setattr(comm.SimulatedRing, "exchange", exchange)
+    sent = record_sent_bytes(monkeypatch)
     q, k, v, g = make_qkv(0, 1, 64, 2, 2, 8, dtype=torch.float32)
     ref = ra.reference_attention(*(t.double() for t in (q, k, v)), causal=kwargs.get("causal", False),
                                  window=kwargs.get("window"))
