@@ -3,7 +3,9 @@
     python -m perf.plan_times            # N = 128K, H = 8, D = 64
 
 Prints, for every registry variant, the time to build the plans of all its ranks from
-empty caches; for rings of 256, the build of one rank (what each process of a job builds)
+empty caches; for a new packing of 64 documents on a ring of 8 (what every batch of
+packed documents may cost), the build of the executable plan of one rank and of all 8;
+for rings of 256, the build of one rank (what each process of a job builds)
 and of all 256 (a one-process simulation); and the first and a repeated call on meta
 tensors, where no arithmetic runs and what remains is the library's own host time plus
 torch's per-op meta kernels. Times are the best of a few runs on this machine.
@@ -19,6 +21,11 @@ import torch
 
 import ring_attention as ra
 from ring_attention import executable, plans, registry
+from ring_attention.executable import PlanKey
+from ring_attention.layout import Layout
+from ring_attention.masks import SequenceMask
+from ring_attention.options import DEFAULT
+from ring_attention.registry import packed_documents
 
 
 def build_seconds(pattern, n, heads, causal, ring_size, layout, ranks, repeats=3) -> float:
@@ -29,6 +36,21 @@ def build_seconds(pattern, n, heads, causal, ring_size, layout, ranks, repeats=3
         gc.collect()
         start = time.perf_counter()
         plans.ring_plans(pattern, n, heads, heads, causal, ring_size, layout, tuple(ranks))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def document_seconds(n, heads, dim, causal, layout, ranks, repeats=3) -> float:
+    """Best time to build the executable plan (plans, schedule, tiles, views) of ``ranks``
+    on a ring of 8 for 64 packed documents, from empty caches."""
+    mask = SequenceMask(causal=causal, documents=packed_documents(n, 64))
+    key = PlanKey(None, n, heads, heads, mask, 8, layout, tuple(ranks), 1, dim, torch.bfloat16, DEFAULT)
+    best = float("inf")
+    for _ in range(repeats):
+        executable.clear()
+        gc.collect()
+        start = time.perf_counter()
+        executable.executable_plan(key)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -62,6 +84,13 @@ def main(argv=None) -> int:
         r = v.ring_size or 1
         t = build_seconds(v.pattern_for(n), n, h, v.causal, r, v.layout, range(r))
         print(f"{v.name:30s} R={r}  {t * 1e3:8.1f} ms")
+    print(f"# executable plans for a new packing of 64 documents, N={n} H={h}, R=8: one rank, all 8")
+    for layout in Layout:
+        for causal in (True, False):
+            one = document_seconds(n, h, args.dim, causal, layout, (3,))
+            every = document_seconds(n, h, args.dim, causal, layout, range(8))
+            name = f"{layout.value}{' causal' if causal else ''}"
+            print(f"{name:30s} one {one * 1e3:8.1f} ms   all 8 {every * 1e3:9.1f} ms")
     longnet = ra.DilatedPattern((256, 512, 1024), (1, 2, 4))
     rings = (("zigzag causal", None, True, "zigzag"), ("full", None, False, "contiguous"),
              ("LongNet", longnet, False, "contiguous"),

@@ -1,12 +1,15 @@
 """``torch.nn.Module`` wrappers around the functional API.
 
 Every constructor validates its arguments with the functional API's own checks and
-messages, so a bad ``causal``, ``layout``, ``ring_size`` or pattern fails where the module
-is built, not at its first forward (or never: ``checkpoint='x'`` would read as true).
+messages, so a bad ``causal``, ``layout``, ``ring_size``, ``window`` or pattern fails where
+the module is built, not at its first forward (or never: ``checkpoint='x'`` would read as
+true). What a layer fixes (its pattern, causality, sliding window) is held; what changes
+with every batch, the packed documents ``cu_seqlens``, is an argument of ``forward``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 
 from . import layout as _layout
 from . import pattern as _pattern
-from ._checks import check_flag, check_optional_scale, check_positive_int
+from ._checks import check_flag, check_optional_scale, check_positive_int, check_window
 from .dilated import dilated_attention
 from .ring_dilated import ring_dilated_attention
 
@@ -24,33 +27,42 @@ from .ring_dilated import ring_dilated_attention
 class DilatedAttention(nn.Module):
     """:func:`~ring_attention.dilated_attention` with its pattern and options held.
 
-    ``forward(q, k, v)`` takes ``[B, N, H, D]`` / ``[B, N, Hkv, D]`` tensors.
+    ``forward(q, k, v, *, cu_seqlens=None)`` takes ``[B, N, H, D]`` / ``[B, N, Hkv, D]``
+    tensors and, for packed documents, their ``cu_seqlens`` (SEMANTICS.md).
 
     :param pattern: the :class:`~ring_attention.DilatedPattern`.
     :param causal: keep only keys at or before the query.
     :param scale: score scale, ``1/sqrt(D)`` by default.
     :param checkpoint: recompute the forward in backward instead of storing activations.
+    :param window: ``(left, right)``, a sliding window as in
+        :func:`~ring_attention.dilated_attention`; ``None``: none.
     :raises TypeError, ValueError: at construction for a bad ``pattern``, ``causal``,
-        ``scale`` or ``checkpoint``, with the messages of the functional API.
+        ``scale``, ``checkpoint`` or ``window``, with the messages of the functional API.
     """
 
     def __init__(
         self, pattern: _pattern.DilatedPattern, *, causal: bool = False, scale: float | None = None,
-        checkpoint: bool = False,
+        checkpoint: bool = False, window: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.pattern = _pattern.as_pattern(pattern)
         self.causal = check_flag(causal, "causal")
         self.scale = check_optional_scale(scale)
         self.checkpoint = check_flag(checkpoint, "checkpoint")
+        self.window = check_window(window)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
         return dilated_attention(
-            q, k, v, self.pattern, causal=self.causal, scale=self.scale, checkpoint=self.checkpoint
+            q, k, v, self.pattern, causal=self.causal, scale=self.scale, checkpoint=self.checkpoint,
+            window=self.window, cu_seqlens=cu_seqlens,
         )
 
     def extra_repr(self) -> str:
-        return f"pattern={self.pattern}, causal={self.causal}, checkpoint={self.checkpoint}"
+        window = "" if self.window is None else f", window={self.window}"
+        return f"pattern={self.pattern}, causal={self.causal}{window}, checkpoint={self.checkpoint}"
 
 
 def _check_group(group: dist.ProcessGroup | None, ring_size: int | None) -> dist.ProcessGroup | None:
@@ -73,7 +85,8 @@ class RingDilatedAttention(nn.Module):
     """:func:`~ring_attention.ring_dilated_attention` holding its process group or ring size.
 
     With ``group`` set, ``forward`` takes and returns this rank's shard; with
-    ``ring_size`` alone it simulates the ring on the whole sequence.
+    ``ring_size`` alone it simulates the ring on the whole sequence. ``forward(q, k, v, *,
+    cu_seqlens=None)`` takes packed documents' ``cu_seqlens`` in global positions.
 
     :param pattern: the :class:`~ring_attention.DilatedPattern`.
     :param group: a ``torch.distributed`` process group, or ``None`` to simulate the ring.
@@ -82,15 +95,17 @@ class RingDilatedAttention(nn.Module):
     :param scale: score scale, ``1/sqrt(D)`` by default.
     :param layout: a :class:`~ring_attention.Layout`, or its name.
     :param checkpoint: recompute the forward in backward instead of storing activations.
+    :param window: ``(left, right)``, a sliding window; ``None``: none.
     :raises TypeError, ValueError: at construction for a bad ``pattern``, ``group``,
-        ``ring_size``, ``causal``, ``scale``, ``layout`` or ``checkpoint``, with the
-        messages of the functional API.
+        ``ring_size``, ``causal``, ``scale``, ``layout``, ``checkpoint`` or ``window``, with
+        the messages of the functional API.
     """
 
     def __init__(
         self, pattern: _pattern.DilatedPattern, *, group: dist.ProcessGroup | None = None,
         ring_size: int | None = None, causal: bool = False, scale: float | None = None,
         layout: _layout.Layout | str = "contiguous", checkpoint: bool = False,
+        window: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.pattern = _pattern.as_pattern(pattern)
@@ -100,16 +115,22 @@ class RingDilatedAttention(nn.Module):
         self.scale = check_optional_scale(scale)
         self.layout = _layout.check_layout(layout)
         self.checkpoint = check_flag(checkpoint, "checkpoint")
+        self.window = check_window(window)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
         return ring_dilated_attention(
             q, k, v, self.pattern, group=self.group, ring_size=self.ring_size, causal=self.causal,
-            scale=self.scale, layout=self.layout, checkpoint=self.checkpoint,
+            scale=self.scale, layout=self.layout, checkpoint=self.checkpoint, window=self.window,
+            cu_seqlens=cu_seqlens,
         )
 
     def extra_repr(self) -> str:
         size = "group" if self.group is not None else f"ring_size={self.ring_size}"
-        return f"pattern={self.pattern}, {size}, layout={self.layout.value!r}, causal={self.causal}"
+        window = "" if self.window is None else f", window={self.window}"
+        return f"pattern={self.pattern}, {size}, layout={self.layout.value!r}, causal={self.causal}{window}"
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -135,6 +156,9 @@ class MultiheadDilatedAttention(nn.Module):
     :param num_kv_heads: key/value heads (grouped-query attention); ``num_heads`` by default.
     :param bias: projections with biases.
     :param causal: as in :func:`~ring_attention.dilated_attention`.
+    :param window: ``(left, right)``, a sliding window, as in
+        :func:`~ring_attention.dilated_attention` (transformers' ``sliding_window=S`` is
+        ``window=(S - 1, 0)`` with ``causal=True``).
     :param checkpoint: checkpoint the whole layer (projections and attention): backward
         recomputes it from the layer's inputs instead of storing its activations.
     :param group: with ``ring_size`` and ``layout``, run as ring dilated attention (see
@@ -152,7 +176,7 @@ class MultiheadDilatedAttention(nn.Module):
     def __init__(
         self, embed_dim: int, num_heads: int, pattern: _pattern.DilatedPattern, *, batch_first: bool,
         num_kv_heads: int | None = None, bias: bool = True, causal: bool = False, checkpoint: bool = False,
-        group: dist.ProcessGroup | None = None, ring_size: int | None = None,
+        window: tuple[int, int] | None = None, group: dist.ProcessGroup | None = None, ring_size: int | None = None,
         layout: _layout.Layout | str = "contiguous", device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -171,7 +195,7 @@ class MultiheadDilatedAttention(nn.Module):
         # heads fails now rather than at the first forward.
         _pattern.as_pattern(pattern).heads_of_pair(num_heads)
         self.attention = RingDilatedAttention(
-            pattern, group=group, ring_size=ring_size, causal=causal, layout=layout
+            pattern, group=group, ring_size=ring_size, causal=causal, layout=layout, window=window
         )
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
@@ -185,8 +209,12 @@ class MultiheadDilatedAttention(nn.Module):
     def forward(
         self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None, need_weights: bool = False, attn_mask: torch.Tensor | None = None,
+        *, cu_seqlens: torch.Tensor | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, None]:
         """``(output, None)``; ``key`` defaults to ``query`` and ``value`` to ``key``.
+
+        ``cu_seqlens``: packed documents along the sequence dimension (SEMANTICS.md), or
+        ``None``; with a ring, in global positions.
 
         ``query``, ``key`` and ``value`` are ``[B, N, E]`` (``batch_first=True``) or
         ``[N, B, E]``, with one batch size and one length: dilated attention selects keys
@@ -207,9 +235,10 @@ class MultiheadDilatedAttention(nn.Module):
         if self.checkpoint and torch.is_grad_enabled():
             # Checkpoint the whole layer: only its inputs are stored, and the projections
             # as well as the attention are recomputed in backward.
-            out = cast(torch.Tensor, torch.utils.checkpoint.checkpoint(self._layer, query, key, value, use_reentrant=False))
+            out = cast(torch.Tensor, torch.utils.checkpoint.checkpoint(
+                self._layer, query, key, value, cu_seqlens, use_reentrant=False))
         else:
-            out = self._layer(query, key, value)
+            out = self._layer(query, key, value, cu_seqlens)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
     def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -244,11 +273,14 @@ class MultiheadDilatedAttention(nn.Module):
                 "key/value sequence of another length is not supported)"
             )
 
-    def _layer(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _layer(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        cu_seqlens: torch.Tensor | Sequence[int] | None,
+    ) -> torch.Tensor:
         b, n, _ = query.shape
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(b, n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(b, n, self.num_kv_heads, self.head_dim)
-        a = self.attention(q, k, v)
+        a = self.attention(q, k, v, cu_seqlens=cu_seqlens)
         out: torch.Tensor = self.out_proj(a.reshape(b, n, self.embed_dim))
         return out

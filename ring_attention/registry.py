@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import random
 from collections.abc import Callable, Sequence
 from typing import Optional, cast
 
@@ -140,6 +142,29 @@ class Variant:
         pairs = computed_pairs(self.pattern_for(seq_len), seq_len, num_heads, is_causal=self.causal)
         fwd = 4.0 * head_dim * batch * pairs
         return fwd * (1 + BACKWARD_FLOP_FACTOR) if backward else fwd
+
+
+# Pretraining packs documents whose lengths are long-tailed: many short ones and a few that
+# fill much of the sequence. A log-normal draw scaled to N gives that shape, from Python's
+# own generator (not torch's), so the benchmarks' documents never change with torch.
+def packed_documents(n: int, count: int, seed: int = 0, sigma: float = 1.5) -> tuple[int, ...]:
+    """``cu_seqlens`` of ``count`` documents packed into ``N = n`` positions.
+
+    Lengths are log-normal (``sigma`` sets the tail; 1.5 puts the longest of 64 documents
+    at about a fifth of ``N``), each at least 1, summing to exactly ``n``.
+    """
+    if not 1 <= count <= n:
+        raise ValueError(f"count must be between 1 and n={n}, got {count}")
+    rng = random.Random(seed)
+    draws = [math.exp(rng.gauss(0.0, sigma)) for _ in range(count)]
+    total = sum(draws)
+    lengths = [1 + int((n - count) * d / total) for d in draws]
+    for i in range(n - sum(lengths)):  # the rounding's remainder, one position each
+        lengths[i % count] += 1
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    return tuple(bounds)
 
 
 def quarter_half(mode: str) -> PatternFn:

@@ -30,12 +30,12 @@ def test_ring_dilated_attention_module(layout):
     torch.testing.assert_close(mod(q, k, v), ra.reference_attention(q, k, v, pattern=PATTERN, causal=True))
 
 
-def _manual_mha(mod, x, causal):
+def _manual_mha(mod, x, causal, **masks):
     b, n, e = x.shape
     q = mod.q_proj(x).view(b, n, mod.num_heads, mod.head_dim)
     k = mod.k_proj(x).view(b, n, mod.num_kv_heads, mod.head_dim)
     v = mod.v_proj(x).view(b, n, mod.num_kv_heads, mod.head_dim)
-    a = ra.reference_attention(q, k, v, pattern=PATTERN, causal=causal)
+    a = ra.reference_attention(q, k, v, pattern=PATTERN, causal=causal, **masks)
     return mod.out_proj(a.reshape(b, n, e))
 
 
@@ -55,6 +55,44 @@ def test_multihead_dilated_attention_matches_projections_and_reference(num_kv_he
     (gx,) = torch.autograd.grad(out, x, g)
     (wx,) = torch.autograd.grad(want, x, g)
     torch.testing.assert_close(gx, wx)
+
+
+CU_SEQLENS = [0, 8, 24, 32]  # documents of 8, 16 and 8: PATTERN's segments fit each
+
+
+@pytest.mark.parametrize("window", [None, (5, 0), (2, 3)])
+def test_modules_hold_a_window_and_take_documents_per_call(window):
+    """The window is the layer's (checked at construction); ``cu_seqlens`` comes with each
+    batch, as a tensor or a list: outputs and gradients as the reference's with both."""
+    q, k, v = _qkv()
+    want = ra.reference_attention(q, k, v, pattern=PATTERN, causal=True, window=window, cu_seqlens=CU_SEQLENS)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for mod in (ra.DilatedAttention(PATTERN, causal=True, window=window),
+                ra.RingDilatedAttention(PATTERN, ring_size=2, layout="zigzag", causal=True, window=window),
+                ra.RingDilatedAttention(PATTERN, ring_size=4, causal=True, window=window, checkpoint=True)):
+        for cu in (CU_SEQLENS, torch.tensor(CU_SEQLENS, dtype=torch.int32)):
+            out = mod(q, k, v, cu_seqlens=cu)
+            torch.testing.assert_close(out, want)
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), g), want_grads):
+                torch.testing.assert_close(a, b)
+        assert (f"window={window}" in repr(mod)) == (window is not None)
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            mod(q, k, v, cu_seqlens=[0, 8, 4, 32])
+
+
+@pytest.mark.parametrize("checkpoint, batch_first", [(False, True), (True, False)])
+def test_multihead_holds_a_window_and_takes_documents_per_call(checkpoint, batch_first):
+    torch.manual_seed(0)
+    mod = ra.MultiheadDilatedAttention(32, 4, PATTERN, batch_first=batch_first, num_kv_heads=2, causal=True,
+                                       window=(6, 0), checkpoint=checkpoint, ring_size=2, dtype=torch.float64)
+    x = torch.randn(2, 32, 32, dtype=torch.float64, requires_grad=True)
+    out, _ = mod(x if batch_first else x.transpose(0, 1), cu_seqlens=torch.tensor(CU_SEQLENS))
+    out = out if batch_first else out.transpose(0, 1)
+    want = _manual_mha(mod, x, True, window=(6, 0), cu_seqlens=CU_SEQLENS)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(want, x, g)[0])
 
 
 def test_multihead_batch_first_false_and_ring():
@@ -140,16 +178,20 @@ BAD_OPTIONS = [
     dict(ring_size=0),
     dict(ring_size=2.0),
     dict(ring_size=True),
+    dict(window=(-2, 0)),
+    dict(window=(1.5, 0)),
+    dict(window=3),
 ]
 
 
 # (module, constructor, the options it takes)
 BUILDERS = [
-    ("DilatedAttention", lambda **kw: ra.DilatedAttention(PATTERN, **kw), {"causal", "checkpoint", "scale"}),
+    ("DilatedAttention", lambda **kw: ra.DilatedAttention(PATTERN, **kw),
+     {"causal", "checkpoint", "scale", "window"}),
     ("RingDilatedAttention", lambda **kw: ra.RingDilatedAttention(PATTERN, **kw),
-     {"causal", "checkpoint", "scale", "layout", "ring_size"}),
+     {"causal", "checkpoint", "scale", "layout", "ring_size", "window"}),
     ("MultiheadDilatedAttention", lambda **kw: ra.MultiheadDilatedAttention(16, 4, PATTERN, batch_first=True, **kw),
-     {"causal", "checkpoint", "layout", "ring_size"}),
+     {"causal", "checkpoint", "layout", "ring_size", "window"}),
 ]
 
 

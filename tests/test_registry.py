@@ -6,6 +6,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from ring_attention import registry
+from ring_attention._checks import check_documents
 
 SEED_NAMES = [
     "StandardRingAttention",
@@ -188,3 +189,18 @@ def test_unknown_name_lists_the_known_ones():
     with pytest.raises(KeyError, match="StandardRingAttention") as info:
         registry.get("NoSuchAttention")
     assert "Production_CP" in str(info.value)  # and the aliases
+
+
+def test_packed_documents_are_valid_deterministic_and_long_tailed():
+    cu = registry.packed_documents(128 * 1024, 64)
+    assert check_documents(cu, 128 * 1024) == cu and len(cu) == 65
+    assert registry.packed_documents(128 * 1024, 64) == cu and registry.packed_documents(128 * 1024, 64, seed=1) != cu
+    lengths = sorted(b - a for a, b in zip(cu, cu[1:]))
+    assert lengths[-1] > 10 * lengths[len(lengths) // 2]  # the longest far above the median
+    assert lengths[0] >= 1
+    assert registry.packed_documents(10, 10) == tuple(range(11))  # every document of length 1
+
+
+def test_packed_documents_refuse_a_bad_count():
+    with pytest.raises(ValueError, match="count"):
+        registry.packed_documents(8, 9)

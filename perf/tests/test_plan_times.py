@@ -10,4 +10,4 @@ def test_the_command_prints_every_line(capsys):
     for v in registry.VARIANTS.values():
         if v.kind is not registry.Kind.DENSE:
             assert f"\n{v.name} " in out
-    assert out.count(" all 256 ") == 4 and out.count(" repeated ") == 4
+    assert out.count(" all 256 ") == 4 and out.count(" repeated ") == 4 and out.count(" all 8 ") == 4
