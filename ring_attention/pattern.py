@@ -243,14 +243,21 @@ def weights(
 
 
 def computed_pairs(
-    pattern: DilatedPattern | None, seq_len: int, num_heads: int, *, is_causal: bool = False
+    pattern: DilatedPattern | None, seq_len: int, num_heads: int, *, is_causal: bool = False,
+    window: tuple[int, int] | None = None, documents: tuple[int, ...] | None = None,
 ) -> int:
     """How many (head, query, key) score entries a kernel computes, summed over pairs.
 
     This is the effective work of the fast path (a key covered by two pairs is computed
     twice in mixture mode), counted in closed form without building ``W``. Causal
-    blocks count their lower triangle including the diagonal.
+    blocks count their lower triangle including the diagonal. Full attention (``pattern``
+    ``None``) with a ``window`` or ``documents`` counts the pairs they keep; a pattern with
+    them is not counted yet (``NotImplementedError``).
     """
+    if pattern is None and (window is not None or documents is not None):
+        return num_heads * _kept_pairs(seq_len, is_causal, window, documents)
+    if window is not None or documents is not None:
+        raise NotImplementedError("computed_pairs: a dilated pattern with a window or documents is not counted yet")
     if pattern is None:
         per = seq_len * (seq_len + 1) // 2 if is_causal else seq_len * seq_len
         return num_heads * per
@@ -262,4 +269,23 @@ def computed_pairs(
             m = len(range(o, seg, rate))  # rows kept per segment
             per = m * (m + 1) // 2 if is_causal else m * m
             total += (seq_len // seg) * per
+    return total
+
+
+def _kept_pairs(seq_len: int, causal: bool, window: tuple[int, int] | None, documents: tuple[int, ...] | None) -> int:
+    """The (query, key) pairs full attention keeps under causality, a window and documents,
+    row by row: keys ``[max(start, i - left), min(stop - 1, i + right, i if causal)]`` of the
+    query's document ``[start, stop)``."""
+    bounds = documents or (0, seq_len)
+    left, right = window or (-1, -1)
+    total = 0
+    for start, stop in zip(bounds, bounds[1:]):
+        i = torch.arange(start, stop, dtype=torch.int64)
+        lo = torch.full_like(i, start) if left < 0 else (i - left).clamp(min=start)
+        hi = torch.full_like(i, stop - 1)
+        if right >= 0:
+            hi = torch.minimum(hi, i + right)
+        if causal:
+            hi = torch.minimum(hi, i)
+        total += int((hi - lo + 1).clamp(min=0).sum())
     return total

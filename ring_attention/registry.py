@@ -42,6 +42,8 @@ from .ring import ring_attention
 from .ring_dilated import ring_dilated_attention
 
 PatternFn = Callable[[int], Optional[DilatedPattern]]
+WindowFn = Callable[[int], Optional[tuple[int, int]]]
+DocumentsFn = Callable[[int], Optional[tuple[int, ...]]]
 
 # Backward of fused attention costs about 2.5x its forward (recompute P, dP, dQ, dK, dV).
 BACKWARD_FLOP_FACTOR = 2.5
@@ -68,6 +70,8 @@ class Variant:
         pattern: ``N -> DilatedPattern`` (``None`` for full attention).
         ring_size: simulated ring size (``None`` for single-device functions).
         causal, layout, checkpoint: passed through.
+        window: ``N -> (left, right)`` (``None``: no window), as the functions' ``window``.
+        documents: ``N -> cu_seqlens`` (``None``: one document), packed documents.
         from_earlier_project: the earlier project's reports had this configuration.
         large_n_devices: devices (``"cpu"``, ``"cuda"``) whose benchmark profile keeps this
             variant at the lengths where running the whole registry would take too long.
@@ -82,6 +86,8 @@ class Variant:
     causal: bool = False
     layout: str = "contiguous"
     checkpoint: bool = False
+    window: WindowFn = lambda n: None
+    documents: DocumentsFn = lambda n: None
     from_earlier_project: bool = False
     large_n_devices: frozenset[str] = frozenset()
 
@@ -93,26 +99,36 @@ class Variant:
             raise ValueError(f"variant {self.name!r}: unknown kind {self.kind!r}; known: {known}") from None
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "large_n_devices", frozenset(self.large_n_devices))
+        if kind is Kind.DENSE and (self.window(8) is not None or self.documents(8) is not None):
+            raise ValueError(f"variant {self.name!r}: dense (torch SDPA) takes no window or documents")
+
+    @property
+    def masked(self) -> bool:
+        """Whether a window or documents restrict the keys (not taken under torch.compile yet)."""
+        return self.window(1024) is not None or self.documents(1024) is not None
 
     def pattern_for(self, seq_len: int) -> Optional[DilatedPattern]:
         return self.pattern(seq_len)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Run the variant on the whole sequence ``[B, N, H, D]``."""
-        p = self.pattern_for(q.shape[1])  # a pattern for the dilated kinds
+        n = q.shape[1]
+        p = self.pattern_for(n)  # a pattern for the dilated kinds
         if self.kind is Kind.DENSE:
             return dense_attention(q, k, v, causal=self.causal)
+        window, documents = self.window(n), self.documents(n)
         if self.kind is Kind.DILATED:
-            return dilated_attention(q, k, v, cast(DilatedPattern, p), causal=self.causal, checkpoint=self.checkpoint)
+            return dilated_attention(q, k, v, cast(DilatedPattern, p), causal=self.causal, checkpoint=self.checkpoint,
+                                     window=window, cu_seqlens=documents)
         if self.kind is Kind.RING:
             return ring_attention(
                 q, k, v, ring_size=self.ring_size, causal=self.causal, layout=self.layout,
-                checkpoint=self.checkpoint,
+                checkpoint=self.checkpoint, window=window, cu_seqlens=documents,
             )
         if self.kind is Kind.RING_DILATED:
             return ring_dilated_attention(
                 q, k, v, cast(DilatedPattern, p), ring_size=self.ring_size, causal=self.causal, layout=self.layout,
-                checkpoint=self.checkpoint,
+                checkpoint=self.checkpoint, window=window, cu_seqlens=documents,
             )
         # Only reachable by bypassing __post_init__; never fall through to some other function.
         raise ValueError(f"variant {self.name!r}: unknown kind {self.kind!r}")
@@ -121,8 +137,9 @@ class Variant:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, query_rows: torch.Tensor | Sequence[int] | None = None
     ) -> torch.Tensor:
         """SEMANTICS.md's dense definition of this variant's output (small ``N``, or a few ``query_rows``)."""
-        return reference_attention(q, k, v, pattern=self.pattern_for(q.shape[1]), causal=self.causal,
-                                   query_rows=query_rows)
+        n = q.shape[1]
+        return reference_attention(q, k, v, pattern=self.pattern_for(n), causal=self.causal,
+                                   query_rows=query_rows, window=self.window(n), cu_seqlens=self.documents(n))
 
     def supports(self, seq_len: int, num_heads: int) -> bool:
         """Whether ``N`` and ``H`` fit the variant's pattern and ring."""
@@ -132,14 +149,15 @@ class Variant:
         try:
             p = self.pattern_for(seq_len)
             if p is not None:
-                p.check(seq_len, num_heads)
+                p.check(seq_len, num_heads, self.documents(seq_len))
         except ValueError:
             return False
         return True
 
     def flops(self, batch: int, seq_len: int, num_heads: int, head_dim: int, *, backward: bool = False) -> float:
         """Effective FLOPs: ``4 D`` per score actually computed (QK^T and PV), x3.5 with backward."""
-        pairs = computed_pairs(self.pattern_for(seq_len), seq_len, num_heads, is_causal=self.causal)
+        pairs = computed_pairs(self.pattern_for(seq_len), seq_len, num_heads, is_causal=self.causal,
+                               window=self.window(seq_len), documents=self.documents(seq_len))
         fwd = 4.0 * head_dim * batch * pairs
         return fwd * (1 + BACKWARD_FLOP_FACTOR) if backward else fwd
 
@@ -251,6 +269,20 @@ _VARIANTS = [
         "Causal LongNet (256, 512, 1024) / (1, 2, 4) over 4 simulated ranks, zigzag layout.",
         Kind.RING_DILATED, pattern=longnet(), ring_size=4, causal=True, layout="zigzag",
         large_n_devices=EVERY_DEVICE,
+    ),
+    # --- what long-context training masks: sliding windows, packed documents -------------
+    Variant(
+        "ring4-window-causal",
+        "Mistral-style sliding window: causal, keys i - N/8 .. i (window (N/8, 0)), over 4 "
+        "simulated ranks, contiguous shards (keys no band reaches are never sent).",
+        Kind.RING, ring_size=4, causal=True, window=lambda n: (n // 8, 0),
+    ),
+    Variant(
+        "ring4-documents-causal",
+        "Causal attention within 64 packed documents of long-tailed lengths (packed_documents, "
+        "seed 0), over 4 simulated ranks, zigzag layout.",
+        Kind.RING, ring_size=4, causal=True, layout="zigzag",
+        documents=lambda n: packed_documents(n, min(64, n)),
     ),
 ]
 

@@ -49,7 +49,9 @@ def _check_compiled_equals_eager(fn, inputs, g, reference=None, backend="aot_eag
     return counter
 
 
-@pytest.mark.parametrize("name", list(registry.VARIANTS))
+# The custom ops take no window or documents yet; their refusal under torch.compile is
+# tested in tests/test_windows.py and tests/test_documents.py.
+@pytest.mark.parametrize("name", [name for name, v in registry.VARIANTS.items() if not v.masked])
 def test_every_variant_compiles_to_one_graph(name):
     variant = registry.VARIANTS[name]
     q, k, v, g = qkv(1, N, H, 2, D, seed=1, requires_grad=True, grad_out=True)

@@ -316,6 +316,16 @@ def test_computed_pairs_full(causal):
     assert P.computed_pairs(None, n, h, is_causal=causal) == expected
 
 
+@given(st.integers(1, 40), st.sets(st.integers(1, 39), max_size=5), st.booleans(),
+       st.one_of(st.none(), st.tuples(st.integers(-1, 41), st.integers(-1, 41))))
+def test_computed_pairs_of_full_attention_counts_what_a_window_and_documents_keep(n, starts, causal, window):
+    starts = sorted(c for c in starts if c < n)
+    documents = (0, *starts, n) if starts else None
+    window = None if window == (-1, -1) else window
+    expected = int(P.weights(None, n, 2, is_causal=causal, window=window, documents=documents).sum())
+    assert P.computed_pairs(None, n, 2, is_causal=causal, window=window, documents=documents) == expected
+
+
 def test_as_pattern():
     p = ra.DilatedPattern((4,), (1,))
     assert P.as_pattern(p) is p

@@ -92,7 +92,7 @@ def test_no_two_variants_compute_the_same_thing_by_the_same_route():
     def signature(v):
         p = v.pattern_for(1024)
         pat = None if p is None else (p.mode, tuple(p.segment_lengths), tuple(p.dilation_rates))
-        return v.kind, v.ring_size or 1, v.causal, v.layout, v.checkpoint, pat
+        return v.kind, v.ring_size or 1, v.causal, v.layout, v.checkpoint, pat, v.window(1024), v.documents(1024)
 
     # ring_dilated on one rank computes what dilated computes (the twins the registry had):
     # count them as one route.

@@ -45,7 +45,8 @@ def test_counters_are_the_same_twice(name):
     assert _counts(name, 512) == _counts(name, 512)
 
 
-@pytest.mark.parametrize("name", list(registry.VARIANTS))
+# A packing's launches follow its documents, which are drawn anew for every N.
+@pytest.mark.parametrize("name", [name for name, v in registry.VARIANTS.items() if v.documents(1024) is None])
 def test_launches_and_fused_calls_do_not_depend_on_n(name):
     small, large = TWO_LENGTHS.get(name, (512, 1024))
     a, b = _counts(name, small), _counts(name, large)
