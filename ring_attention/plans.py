@@ -75,6 +75,7 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
     pair = spec.units[unit].pair
     bounds, rate = spec.bounds[pair], spec.rates[pair]
     offset = spec.units[unit].heads.start % rate
+    tile = _window_tile(spec.mask, rate)
     ranges: list[range] = []
     runs: list[_Run] = []
     last_first: dict[int, int] = {}
@@ -87,11 +88,34 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
             first, count = kept.start, len(kept)
             local = first - a + base
             ranges.append(range(local, local + count * rate, rate))
-            runs.append(_Run(s, first, packed, count))
-            last_first[s] = first
+            for piece in range(0, count, tile or count):  # a window's runs in tiles
+                length = min(tile or count, count - piece)
+                runs.append(_Run(s, first + piece * rate, packed + piece, length))
+                last_first[s] = first + piece * rate
             packed += count
         base += b - a
     return _Kept(Rows(merge_ranges(ranges)), tuple(runs), last_first)
+
+
+# The fewest rows a window's tile holds: smaller tiles would cost more launches than the
+# scores they skip.
+MIN_WINDOW_TILE = 64
+
+
+def _window_tile(mask: SequenceMask, rate: int) -> int | None:
+    """Rows per run under a window whose band is finite (both sides bounded, or causal with
+    a left side): a quarter of the band's width in kept rows, at least
+    :data:`MIN_WINDOW_TILE`. A block of two whole shards cut by a narrow band computes
+    mostly scores outside it, and sends keys no query reaches; in tiles, the pairs
+    outside the band are neither computed nor sent, and the rest is within about a
+    quarter of the band's. ``None``: runs stay whole."""
+    if mask.window is None:
+        return None
+    left, right = mask.window
+    right = 0 if mask.causal else right  # causal caps the right side at the query
+    if left < 0 or right < 0:
+        return None
+    return max(MIN_WINDOW_TILE, -(-(left + right + 1) // (4 * rate)))
 
 
 def _batch_calls(pairs: Iterable[tuple[_Run, _Run, KernelMask]], q_rows: Rows) -> tuple[Call, ...]:
