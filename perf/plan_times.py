@@ -5,7 +5,8 @@
 Prints, for every registry variant, the time to build the plans of all its ranks from
 empty caches; for a new packing of 64 documents on a ring of 8 (what every batch of
 packed documents may cost), the build of the executable plan of one rank and of all 8;
-for rings of 256, the build of one rank (what each process of a job builds)
+the balance of a causal ring of 4 over them (the busiest rank's attended pairs over
+the idlest's); for rings of 256, the build of one rank (what each process of a job builds)
 and of all 256 (a one-process simulation); and the first and a repeated call on meta
 tensors, where no arithmetic runs and what remains is the library's own host time plus
 torch's per-op meta kernels. Times are the best of a few runs on this machine.
@@ -55,6 +56,12 @@ def document_seconds(n, heads, dim, causal, layout, ranks, repeats=3) -> float:
     return best
 
 
+def balance(n, layout, ring_size=4) -> list[int]:
+    """Each rank's attended pairs (one head), causal, over 64 packed documents."""
+    mask = SequenceMask(causal=True, documents=packed_documents(n, 64))
+    return [p.attended_pairs() for p in plans.ring_plans(None, n, 1, 1, mask, ring_size, layout, range(ring_size))]
+
+
 def meta_seconds(fn, n, heads, dim, repeats=3) -> tuple[float, float]:
     """(first call, best repeated call) of ``fn(q, k, v)`` on meta tensors ``[1, n, heads, dim]``."""
     q, k, v = (torch.empty(1, n, heads, dim, device="meta") for _ in range(3))
@@ -91,6 +98,10 @@ def main(argv=None) -> int:
             every = document_seconds(n, h, args.dim, causal, layout, range(8))
             name = f"{layout.value}{' causal' if causal else ''}"
             print(f"{name:30s} one {one * 1e3:8.1f} ms   all 8 {every * 1e3:9.1f} ms")
+    print(f"# per-rank attended pairs, causal, N={n}, R=4, 64 packed documents: busiest / idlest rank")
+    for layout in Layout:
+        pairs = balance(n, layout)
+        print(f"{layout.value:30s} max/min {max(pairs) / min(pairs):6.3f}   max {max(pairs):.4g}   min {min(pairs):.4g}")
     longnet = ra.DilatedPattern((256, 512, 1024), (1, 2, 4))
     rings = (("zigzag causal", None, True, "zigzag"), ("full", None, False, "contiguous"),
              ("LongNet", longnet, False, "contiguous"),

@@ -28,7 +28,7 @@ from typing import Union
 
 import torch
 
-from .masks import KernelMask
+from .masks import KernelMask, kept_cells
 
 Index = Union[slice, torch.Tensor]
 # What tensors cached per device are keyed by: the device and the id of a fake-tensor mode.
@@ -245,3 +245,13 @@ class RankPlan:
 
     def step(self, shift: int) -> Step:
         return self.steps.get(shift, EMPTY_STEP)
+
+    def attended_pairs(self) -> int:
+        """The (query head, query, key) pairs this rank's calls attend, forward: the rank's
+        share of the work (a call's kept cells, times its runs, offsets and heads)."""
+        total = 0
+        for blk in (*self.local, *(b for s in self.steps.values() for b in s.blocks)):
+            heads = len(range(blk.heads.start, blk.heads.stop, blk.heads.step or 1))
+            for c in blk.calls:
+                total += kept_cells(c.mask, c.q_len, c.k_len) * c.runs * blk.offsets * heads
+        return total

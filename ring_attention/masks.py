@@ -49,6 +49,18 @@ class Band:
 KernelMask = BlockMask | Band
 
 
+def kept_cells(mask: KernelMask, q_len: int, k_len: int) -> int:
+    """How many (query, key) cells of a ``q_len x k_len`` block ``mask`` keeps: all of them
+    (``FULL``), the lower triangle of a square block (``CAUSAL``), a band's diagonal stripe."""
+    if mask is BlockMask.FULL:
+        return q_len * k_len
+    if mask is BlockMask.CAUSAL:
+        return q_len * (q_len + 1) // 2
+    assert isinstance(mask, Band)
+    # row a keeps keys max(0, a + lo) .. min(k_len - 1, a + hi)
+    return sum(max(0, min(k_len - 1, a + mask.hi) - max(0, a + mask.lo) + 1) for a in range(q_len))
+
+
 def band_bounds(mask: KernelMask) -> tuple[int, int] | None:
     """A block mask's band as the kernels take it (``band=(lo, hi)``), or ``None``."""
     return (mask.lo, mask.hi) if isinstance(mask, Band) else None

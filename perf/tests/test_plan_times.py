@@ -11,3 +11,4 @@ def test_the_command_prints_every_line(capsys):
         if v.kind is not registry.Kind.DENSE:
             assert f"\n{v.name} " in out
     assert out.count(" all 256 ") == 4 and out.count(" repeated ") == 4 and out.count(" all 8 ") == 4
+    assert out.count(" max/min ") == 2
