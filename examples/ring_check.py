@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 import ring_attention as ra
-from ring_attention.layout import split
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Tolerance on max |ring - reference|, relative to max |reference| (at least 1).
@@ -101,7 +100,7 @@ def main() -> int:
         ref_grads = torch.autograd.grad(ref, full, g)
 
         def mine(t, layout=layout):
-            return split(t, world, layout)[rank].contiguous()
+            return ra.shard(t, world, layout)[rank].contiguous()
 
         shard = [mine(t).requires_grad_() for t in (q, k, v)]
         if pattern is None:

@@ -81,7 +81,7 @@ def error(case: Case, mine: list[torch.Tensor], full, rank: int, world: int) -> 
         parts = [torch.empty_like(t) for _ in range(world)] if rank == 0 else None
         dist.gather(t.contiguous(), parts, dst=0)
         if rank == 0:
-            joined.append(_layout.join(parts, case.layout))
+            joined.append(_layout.unshard(parts, case.layout))
     if rank != 0:
         return None
     variant, (q, k, v, g) = case.variant(), full
@@ -102,7 +102,7 @@ def error(case: Case, mine: list[torch.Tensor], full, rank: int, world: int) -> 
 def run(case: Case, rank: int, world: int) -> dict:
     dev = case.device
     full = counters.inputs(case.batch, case.n, case.heads, case.dim, case.dtype, dev)
-    q, k, v, g = (_layout.split(t, world, case.layout)[rank].contiguous() for t in full)
+    q, k, v, g = (_layout.shard(t, world, case.layout)[rank].contiguous() for t in full)
     backward = case.mode == "fwd+bwd"
     fn = ring_fn(case, dist.group.WORLD)
     call = counters.call_of(fn, q, k, v, g, backward)

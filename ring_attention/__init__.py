@@ -16,7 +16,7 @@ Tensors are ``[B, N, H, D]`` (``k``/``v`` may have fewer heads: grouped-query at
 
 from .dense import dense_attention
 from .dilated import dilated_attention
-from .layout import Layout
+from .layout import Layout, shard, unshard
 from .modules import DilatedAttention, MultiheadDilatedAttention, RingDilatedAttention
 from .pattern import DilatedPattern, Mode
 from .reference import reference_attention
@@ -35,6 +35,8 @@ __all__ = [
     "reference_attention",
     "ring_attention",
     "ring_dilated_attention",
+    "shard",
+    "unshard",
 ]
 
 __version__ = "0.1.0"

@@ -76,8 +76,9 @@ def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.
             plan, ring, scale, need_lse, q, k, v
         )[0]
         return out
-    shards = [_layout.split(t, ring.size, layout) for t in (q, k, v)]
+    documents = plan.key.mask.documents  # the documents layout deals its chunks by them
+    shards = [_layout.shard(t, ring.size, layout, cu_seqlens=documents) for t in (q, k, v)]
     outs: tuple[torch.Tensor, ...] = PackedAttention.apply(  # type: ignore[no-untyped-call]  # as above
         plan, ring, scale, need_lse, *shards[0], *shards[1], *shards[2]
     )
-    return _layout.join(list(outs), layout)
+    return _layout.unshard(list(outs), layout, cu_seqlens=documents)

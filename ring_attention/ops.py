@@ -47,13 +47,13 @@ def _plan(q: torch.Tensor, k: torch.Tensor, segment_lengths: Sequence[int], dila
 
 
 def _shards(x: torch.Tensor, ring_size: int, layout: str) -> dict[int, torch.Tensor]:
-    return dict(enumerate(_layout.split(x, ring_size, layout)))
+    return dict(enumerate(_layout.shard(x, ring_size, layout)))
 
 
 def _joined(shards: list[torch.Tensor], layout: str, dtype: torch.dtype) -> torch.Tensor:
     """The ranks' shards in natural order: a new contiguous tensor in ``dtype``."""
     shards = [s.to(dtype) for s in shards]
-    x = shards[0] if len(shards) == 1 else _layout.join(shards, layout)
+    x = shards[0] if len(shards) == 1 else _layout.unshard(shards, layout)
     return x.contiguous()
 
 

@@ -80,7 +80,7 @@ def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
     runs: list[_Run] = []
     last_first: dict[int, int] = {}
     base = packed = 0
-    for a, b in _layout.shard_intervals(spec.seq_len, spec.ring_size, rank, spec.layout):
+    for a, b in _layout.shard_intervals(spec.seq_len, spec.ring_size, rank, spec.layout, spec.mask.documents):
         for s in range(bisect.bisect_right(bounds, a) - 1, bisect.bisect_right(bounds, b - 1)):
             kept = _pattern.kept_positions(bounds[s], bounds[s + 1], rate, offset, a, b)
             if not kept:
@@ -381,7 +381,8 @@ def _partners(spec: _Spec, rank: int) -> set[int]:
     for u in range(len(spec.units)):
         bounds = spec.bounds[spec.units[u].pair]
         for s in _kept(spec, rank, u).last_first:
-            out |= _layout.holders(spec.seq_len, spec.ring_size, spec.layout, bounds[s], bounds[s + 1])
+            out |= _layout.holders(spec.seq_len, spec.ring_size, spec.layout, bounds[s], bounds[s + 1],
+                                   spec.mask.documents)
     out.discard(rank)
     return out
 

@@ -129,8 +129,10 @@ def _local_checks(
     shapes = check_qkv(q, k, v)
     checked_scale = check_scale(scale, shapes.head_dim)
     n = shapes.seq_len * size if sharded else shapes.seq_len
-    if sharded and checked_layout is _layout.Layout.ZIGZAG and shapes.seq_len % 2:
-        raise ValueError(f"zigzag shards hold two equal chunks: this rank's length {shapes.seq_len} is odd")
+    per = _layout.chunks_per_rank(checked_layout)
+    if sharded and shapes.seq_len % per:
+        raise ValueError(f"{checked_layout} shards hold {per} equal chunks: this rank's length {shapes.seq_len} "
+                         f"is not divisible by {per}")
     _layout.check_divisible(n, size, checked_layout)
     documents = check_documents(cu_seqlens, n)
     if checked_pattern is not None:

@@ -87,7 +87,7 @@ def run_ok(case, group, rank, world):
     ref_grads = torch.autograd.grad(ref, full, g.double() if half else g)
 
     def mine(t):
-        return _layout.split(t, world, layout)[rank].contiguous()
+        return _layout.shard(t, world, layout, cu_seqlens=cu_seqlens)[rank].contiguous()
 
     shard = [mine(t).requires_grad_() for t in (q, k, v)]
     kwargs = dict(group=group, causal=causal, scale=scale, layout=layout)

@@ -39,14 +39,14 @@ def test_packed_attention_on_a_ring_of_two_has_the_references_gradients(layout, 
     q, k, v, g = make_qkv(3, 2, n, 4, 2, 8)
     ring = SimulatedRing(2)
     key = PlanKey(pattern, n, 4, 2, SequenceMask(causal=True), 2, Layout(layout), ring.ranks, 2, 8, q.dtype)
-    shards = [_layout.split(t, 2, layout) for t in (q, k, v)]
+    shards = [_layout.shard(t, 2, layout) for t in (q, k, v)]
     outs = PackedAttention.apply(executable_plan(key), ring, 8**-0.5, True, *shards[0], *shards[1], *shards[2])
-    gs = _layout.split(g, 2, layout)
+    gs = _layout.shard(g, 2, layout)
     loss = sum((outs[r] * gs[r]).sum() for r in used)
     got = torch.autograd.grad(loss, (q, k, v))
     ref = ra.reference_attention(q, k, v, pattern=pattern, causal=True)
-    torch.testing.assert_close(_layout.join(list(outs), layout), ref, **F64)
-    g_used = _layout.join([gs[r] if r in used else torch.zeros_like(gs[r]) for r in range(2)], layout)
+    torch.testing.assert_close(_layout.unshard(list(outs), layout), ref, **F64)
+    g_used = _layout.unshard([gs[r] if r in used else torch.zeros_like(gs[r]) for r in range(2)], layout)
     want = torch.autograd.grad(ref, (q, k, v), g_used)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **F64)

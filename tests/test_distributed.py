@@ -126,6 +126,11 @@ def _ring_cases(world: int) -> list[dict]:
              layout="zigzag", causal=False, cu_seqlens=[0, 8, 12, N], pattern=[[4, N], [2, 2], "mixture"]),
         dict(name="ring-documents-window-compiled-zigzag-causal", kind="ok", seed=25, shape=[1, N, 2, 2, 8],
              layout="zigzag", causal=True, window=[3, 0], cu_seqlens=[0, 13, N], compile=True),
+        # The documents layout: chunks dealt by their work within the documents.
+        dict(name="ring-documents-layout-causal", kind="ok", seed=26, shape=[2, 4 * N, 4, 2, 8],
+             layout="documents", causal=True, cu_seqlens=[0, 3, 40, 41, 4 * N]),
+        dict(name="ring-documents-layout-dilated", kind="ok", seed=27, shape=[1, 4 * N, 4, 2, 8],
+             layout="documents", causal=False, cu_seqlens=[0, 16, 4 * N], pattern=[[4, 4 * N], [2, 1], "mixture"]),
     ]
     return cases
 

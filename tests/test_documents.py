@@ -50,7 +50,7 @@ def _fits(w: int, lengths: list[int]) -> bool:
 @st.composite
 def document_cases(draw):
     ring_size = draw(st.sampled_from([None, 1, 2, 4]))
-    layout = draw(st.sampled_from(LAYOUTS))
+    layout = draw(st.sampled_from([*LAYOUTS, "documents"]))
     parts = (ring_size or 1) * _layout.chunks_per_rank(layout)
     n = parts * draw(st.integers(1, max(1, 40 // parts)))
     # documents of any length from 1 up: some shorter than a shard, some spanning several
@@ -87,7 +87,8 @@ def test_documents_match_reference(case):
 
 
 @pytest.mark.parametrize("cu_seqlens", [[0, 5, 64, 100, 128], [0, 32, 64, 96, 128], [0, 1, 2, 127, 128]])
-@pytest.mark.parametrize("ring_size, layout", [(None, "contiguous"), (2, "zigzag"), (4, "contiguous")])
+@pytest.mark.parametrize("ring_size, layout", [(None, "contiguous"), (2, "zigzag"), (4, "contiguous"),
+                                              (4, "documents")])
 @pytest.mark.parametrize("causal", [False, True])
 def test_documents_on_blocks_the_cpu_op_runs(cu_seqlens, ring_size, layout, causal):
     """Documents of 16 keys and more run on the fused CPU op; the pattern restarts at each
@@ -113,7 +114,8 @@ def test_the_pattern_restarts_at_every_document():
     assert not w[0, :3, 3:].any() and not w[0, 3:, :3].any()
 
 
-@pytest.mark.parametrize("ring_size, layout", [(None, "contiguous"), (2, "zigzag"), (4, "contiguous"), (4, "zigzag")])
+@pytest.mark.parametrize("ring_size, layout", [(None, "contiguous"), (2, "zigzag"), (4, "contiguous"), (4, "zigzag"),
+                                              (2, "documents")])
 @pytest.mark.parametrize("pattern", [None, ra.DilatedPattern((4, 8), (1, 2))])
 def test_a_document_never_reaches_another(ring_size, layout, pattern):
     """Change every value of one document: the other documents' outputs and their inputs'

@@ -73,7 +73,7 @@ def test_out_and_lse_of_every_rank_are_the_references(pattern, h, hkv, causal, r
     out, lse = ops._forward(q, k, v, ws, rs, mode, causal, ring_size, layout, 0.3, list(dataclasses.astuple(options)))
     torch.testing.assert_close(out, ra.reference_attention(q, k, v, pattern=pattern, causal=causal, scale=0.3), **F64)
     want = _reference_lse(q, k, pattern, causal, 0.3)
-    got = _layout.join(list(lse.transpose(2, 3).unbind(0)), layout).transpose(1, 2)  # [B, H, N]
+    got = _layout.unshard(list(lse.transpose(2, 3).unbind(0)), layout).transpose(1, 2)  # [B, H, N]
     torch.testing.assert_close(got, want, **F64)
     empty = want == float("-inf")
     assert bool((out.transpose(1, 2)[empty] == 0).all())

@@ -56,7 +56,7 @@ def small_patterns(draw, n):
 @st.composite
 def window_cases(draw):
     ring_size = draw(st.sampled_from([1, 2, 4]))
-    layout = draw(st.sampled_from(LAYOUTS))
+    layout = draw(st.sampled_from([*LAYOUTS, "documents"]))
     parts = ring_size * _layout.chunks_per_rank(layout)
     n = parts * draw(st.integers(1, max(1, 32 // parts)))
     h, hkv = draw(st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2)]))
