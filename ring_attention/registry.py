@@ -284,6 +284,13 @@ _VARIANTS = [
         Kind.RING, ring_size=4, causal=True, layout="zigzag",
         documents=lambda n: packed_documents(n, min(64, n)),
     ),
+    Variant(
+        "ring4-documents-balanced-causal",
+        "ring4-documents-causal in the documents layout: 8R chunks dealt by their work within "
+        "the documents, so every rank attends about as many pairs.",
+        Kind.RING, ring_size=4, causal=True, layout="documents",
+        documents=lambda n: packed_documents(n, min(64, n)),
+    ),
 ]
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in _VARIANTS}
