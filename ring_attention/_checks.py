@@ -162,13 +162,7 @@ def check_documents(cu_seqlens: object, seq_len: int) -> tuple[int, ...] | None:
     if cu_seqlens is None:
         return None
     if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex \
-                or cu_seqlens.dtype == torch.bool:
-            raise TypeError(
-                f"cu_seqlens must be a 1-d integer tensor (int32) or a sequence of ints, got a "
-                f"{cu_seqlens.dim()}-d {cu_seqlens.dtype} tensor"
-            )
-        bounds = tuple(int(c) for c in cu_seqlens.tolist())
+        bounds = tuple(int(c) for c in check_documents_tensor(cu_seqlens).tolist())
     elif isinstance(cu_seqlens, (tuple, list, range)):
         bounds = tuple(check_int(c, "cu_seqlens") for c in cu_seqlens)
     else:
@@ -185,6 +179,19 @@ def check_documents(cu_seqlens: object, seq_len: int) -> tuple[int, ...] | None:
                 f"cu_seqlens[{d}]={a}, cu_seqlens[{d + 1}]={b}"
             )
     return None if len(bounds) == 2 else bounds
+
+
+def check_documents_tensor(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """What can be checked of a ``cu_seqlens`` tensor without reading it: a 1-d integer
+    tensor (under tracing its values are data, checked by :func:`check_documents` where the
+    op runs)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex \
+            or cu_seqlens.dtype == torch.bool:
+        raise TypeError(
+            f"cu_seqlens must be a 1-d integer tensor (int32) or a sequence of ints, got a "
+            f"{cu_seqlens.dim()}-d {cu_seqlens.dtype} tensor"
+        )
+    return cu_seqlens
 
 
 def _short(values: tuple[int, ...]) -> str:

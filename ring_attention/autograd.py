@@ -59,8 +59,8 @@ class PackedAttention(torch.autograd.Function):
 
 
 # Never traced: under torch.compile the custom ops run plans (ops.py). This runs only
-# eagerly, also where Dynamo fell back to eager around a call it refused (a window or
-# documents, not taken by the ops yet), whose per-block frames it must not compile.
+# eagerly, also where Dynamo falls back to eager around a call (a graph break, or an
+# error it reports that way), whose per-block frames it must not compile one by one.
 @torch.compiler.disable  # type: ignore[untyped-decorator]  # unannotated in torch
 def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.Layout | str, q: torch.Tensor,
                 k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,13 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from . import ops
+from ._checks import check_documents_tensor
 from .autograd import run_on_ring
 from .executable import PlanKey, executable_plan
 from .layout import Layout
 from .masks import SequenceMask
 from .options import DEFAULT, Options
-from .pattern import DilatedPattern
+from .pattern import DilatedPattern, as_pattern
 from .ring_checks import FULL, check_ring_inputs
 
 __all__ = ["FULL", "attend"]
@@ -71,12 +72,11 @@ def attend(
     :param options: the executor's limits (tests force paths with them).
     :param window: ``(left, right)``, a sliding window on global positions (SEMANTICS.md),
         or ``None``; checked with the rest, on every rank of a group (the ranks agree on it).
-        Not yet under ``torch.compile`` without a group (the custom ops): tracing raises a
-        ``NotImplementedError`` naming it (Dynamo then runs the call eagerly, or with
-        ``fullgraph=True`` fails with it).
     :param cu_seqlens: packed documents: their cumulative starts in global positions
-        (SEMANTICS.md), or ``None``; checked and agreed on as ``window``, and likewise not yet
-        taken by the custom ops.
+        (SEMANTICS.md), or ``None``; checked and agreed on as ``window``. Under
+        ``torch.compile`` without a group a tensor is data of the graph: its dtype and shape
+        are checked while tracing and its values where the op runs, so a new packing of the
+        same number of documents runs the compiled graph again, without a recompile.
     :returns: this rank's output shard (with ``group``) or the whole output in natural order.
     :raises ValueError, TypeError: for malformed inputs, on every rank of a group.
     """
@@ -86,22 +86,27 @@ def attend(
             checkpoint=checkpoint, options=options, window=window, cu_seqlens=cu_seqlens,
         )
         return eager
+    traced: torch.Tensor | None = None  # cu_seqlens as data of a compiled graph
+    if torch.compiler.is_compiling() and isinstance(cu_seqlens, torch.Tensor):
+        # Reading the values would bake them into the graph (a recompile per packing): the op
+        # checks them where it runs, the pattern's per-document rule included.
+        traced, cu_seqlens = check_documents_tensor(cu_seqlens), None
     ring, checked_args = check_ring_inputs(
         q, k, v, group=group, ring_size=ring_size, causal=causal, scale=scale, layout=layout,
-        checkpoint=checkpoint, pattern=pattern, window=window, cu_seqlens=cu_seqlens,
+        checkpoint=checkpoint, pattern=FULL if traced is not None else pattern, window=window, cu_seqlens=cu_seqlens,
     )
     shapes, scale, causal, layout, checkpoint, band, documents = checked_args
+    if traced is not None and pattern is not FULL:
+        as_pattern(pattern).heads_of_pair(shapes.heads)  # what can be checked without the documents
     # what plans and ops call full attention; a pattern check_ring_inputs accepted otherwise
     checked = None if pattern is FULL else cast(DilatedPattern, pattern)
     if torch.compiler.is_compiling():
-        if band is not None:  # the custom ops take no window yet: never drop one
-            raise NotImplementedError(f"window={band}: torch.compile (the custom ops) does not take a window yet")
-        if documents is not None:
-            raise NotImplementedError("cu_seqlens: torch.compile (the custom ops) does not take documents yet")
+        if documents is not None:  # a sequence of ints: constants of the graph
+            traced = torch.tensor(documents, dtype=torch.int64)  # on the host, where the op reads it
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return ops.attention(q, k, v, checked, causal=causal, ring_size=ring.size, layout=layout, scale=scale,
-                                 options=options)
+                                 options=options, window=band, cu_seqlens=traced)
     else:
         mask = SequenceMask(causal=causal, window=band, documents=documents)
         key = PlanKey(checked, shapes.seq_len, shapes.heads, shapes.kv_heads, mask, ring.size, layout, ring.ranks,

@@ -104,7 +104,7 @@ class Variant:
 
     @property
     def masked(self) -> bool:
-        """Whether a window or documents restrict the keys (not taken under torch.compile yet)."""
+        """Whether a window or documents restrict the keys."""
         return self.window(1024) is not None or self.documents(1024) is not None
 
     def pattern_for(self, seq_len: int) -> Optional[DilatedPattern]:
@@ -165,6 +165,10 @@ class Variant:
 # Pretraining packs documents whose lengths are long-tailed: many short ones and a few that
 # fill much of the sequence. A log-normal draw scaled to N gives that shape, from Python's
 # own generator (not torch's), so the benchmarks' documents never change with torch.
+# A function of its arguments alone: under torch.compile (a compiled variant) it is run
+# once while tracing and its result taken as a constant, not traced (Dynamo cannot trace
+# random.Random).
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]  # unannotated in torch
 def packed_documents(n: int, count: int, seed: int = 0, sigma: float = 1.5) -> tuple[int, ...]:
     """``cu_seqlens`` of ``count`` documents packed into ``N = n`` positions.
 

@@ -48,13 +48,13 @@ def ring_dilated_attention(
         positions: key ``j`` is kept for query ``i`` when ``i - left <= j <= i + right``
         (a side of ``-1`` unbounded), composed with ``causal`` and the pattern. ``None``: no window.
         Blocks wholly outside the band are never computed and their keys never sent.
-        With ``group``, every rank passes the same window (the ranks agree on it). Not yet
-        under ``torch.compile`` without a group: an error naming ``window``.
+        With ``group``, every rank passes the same window (the ranks agree on it).
     :param cu_seqlens: packed documents: the cumulative document starts ``0 = c_0 < ... < c_D = N``
         in global positions (a 1-d int32 tensor, flash-attn's varlen convention, or a sequence
         of ints; with ``group``, every rank passes the same global offsets). A query sees only
         keys of its own document, and the pattern restarts at every document start (as if each document ran on its own); blocks across documents are never computed and their
-        keys never sent. ``None``: one document. Not yet under ``torch.compile`` without a group.
+        keys never sent. ``None``: one document. Under ``torch.compile`` a tensor is data of the
+        graph: a new packing of as many documents compiles nothing new.
     :returns: this rank's output shard (with ``group``) or the whole output in natural order.
         The result does not depend on ``R`` or ``layout`` beyond rounding.
     :raises ValueError, TypeError: for malformed inputs; in a process group every rank

@@ -225,19 +225,40 @@ def test_a_segment_that_does_not_divide_a_document_names_it():
     _check(q, k, v, g, ra.DilatedPattern((5,), (2,)), [0, 5, 15, 16], 2, layout="zigzag")
 
 
-def test_paths_that_do_not_take_documents_yet_refuse_them():
-    """torch.compile without a group (the custom ops): an error naming cu_seqlens, never
-    dropped documents. (Process groups take them: tests/test_distributed.py.)"""
+@pytest.mark.parametrize("layout, pattern", [("zigzag", None), ("documents", ra.DilatedPattern((8, 16), (1, 2)))])
+def test_a_new_packing_runs_the_compiled_graph_again(layout, pattern):
+    """torch.compile without a group: ``cu_seqlens`` reaches the custom ops as a tensor, so
+    new boundaries (as many documents) compile nothing new; each is the reference's,
+    forward and backward, and boundaries the pattern cannot cut raise where the op runs."""
+    from torch._dynamo.testing import CompileCounter
+
+    q, k, v, g = make_qkv(2, 1, 64, 4, 2, 4)
+    counter = CompileCounter()
+    compiled = torch.compile(
+        lambda q, k, v, cu: _run(q, k, v, pattern, 2, layout=layout, causal=True, cu_seqlens=cu),
+        backend=counter, fullgraph=True,
+    )
+    for cu in ([0, 16, 48, 64], [0, 32, 48, 64], [0, 8, 16, 64]):
+        out = compiled(q, k, v, torch.tensor(cu, dtype=torch.int32))
+        ref = ra.reference_attention(q, k, v, pattern=pattern, causal=True, cu_seqlens=cu)
+        torch.testing.assert_close(out, ref, **TOL)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, b, **GRAD_TOL)
+    assert counter.frame_count == 1
+    with pytest.raises(ValueError, match="cu_seqlens" if pattern is None else "document 2"):
+        compiled(q, k, v, torch.tensor([0, 5, 3, 64] if pattern is None else [0, 5, 6, 64], dtype=torch.int32))
+    # What tracing checks (dtype and shape): with fullgraph Dynamo reports it as Unsupported,
+    # the message naming cu_seqlens.
+    with pytest.raises(Exception, match="cu_seqlens must be a 1-d integer tensor"):
+        compiled(q, k, v, torch.tensor([0.0, 16.0, 64.0]))
+
+
+def test_documents_as_a_list_compile_too():
+    """A list is a constant of the graph (a recompile per packing, as for any Python value)."""
     q, k, v, _ = make_qkv(0, 1, 8, 2, 2, 4, requires_grad=False)
-    cu = [0, 3, 8]
-    compiled = torch.compile(lambda q, k, v: ra.ring_attention(q, k, v, cu_seqlens=cu), backend="eager",
-                             fullgraph=True)
-    with pytest.raises(Exception, match="cu_seqlens"):
-        compiled(q, k, v)
-    # Without fullgraph, Dynamo falls back to eager at the refusal: the documents still hold.
-    compiled = torch.compile(lambda q, k, v: ra.ring_attention(q, k, v, ring_size=2, cu_seqlens=cu),
-                             backend="eager")
-    torch.testing.assert_close(compiled(q, k, v), ra.reference_attention(q, k, v, cu_seqlens=cu), **TOL)
+    compiled = torch.compile(lambda q, k, v: ra.ring_attention(q, k, v, ring_size=2, cu_seqlens=[0, 3, 8]),
+                             backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), ra.reference_attention(q, k, v, cu_seqlens=[0, 3, 8]), **TOL)
 
 
 @pytest.mark.parametrize("ring_size, layout", [(None, "contiguous"), (2, "zigzag"), (4, "contiguous")])

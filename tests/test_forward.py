@@ -70,7 +70,7 @@ def test_out_and_lse_of_every_rank_are_the_references(pattern, h, hkv, causal, r
     q, k, v = qkv(2, 64, h, hkv, 8, seed=4)
     ws, rs, mode = ([], [], "mixture") if pattern is None else (
         list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.mode.value)
-    out, lse = ops._forward(q, k, v, ws, rs, mode, causal, ring_size, layout, 0.3, list(dataclasses.astuple(options)))
+    out, lse = ops._forward(q, k, v, ws, rs, mode, causal, ring_size, layout, 0.3, list(dataclasses.astuple(options)), [], None)
     torch.testing.assert_close(out, ra.reference_attention(q, k, v, pattern=pattern, causal=causal, scale=0.3), **F64)
     want = _reference_lse(q, k, pattern, causal, 0.3)
     got = _layout.unshard(list(lse.transpose(2, 3).unbind(0)), layout).transpose(1, 2)  # [B, H, N]

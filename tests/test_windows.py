@@ -238,17 +238,27 @@ def test_no_window_is_none_or_minus_one_pair():
     assert torch.equal(ra.ring_attention(q, k, v, ring_size=2, causal=True, window=None), plain)
 
 
-def test_paths_that_do_not_take_a_window_yet_refuse_it():
-    """torch.compile without a group (the custom ops): an error naming window, never a
-    dropped window. (Process groups take windows: tests/test_distributed.py.)"""
-    q, k, v, _ = make_qkv(0, 1, 8, 2, 2, 4, requires_grad=False)
-    compiled = torch.compile(lambda q, k, v: ra.ring_attention(q, k, v, window=(2, 0)), backend="eager", fullgraph=True)
-    with pytest.raises(Exception, match="window"):
-        compiled(q, k, v)
-    # Without fullgraph, Dynamo falls back to eager at the refusal: the window is still applied.
-    compiled = torch.compile(lambda q, k, v: ra.ring_attention(q, k, v, ring_size=2, window=(2, 0)), backend="eager")
-    want = ra.reference_attention(q, k, v, window=(2, 0))
-    torch.testing.assert_close(compiled(q, k, v), want, **TOL)
+@pytest.mark.parametrize("layout", ["zigzag", "documents"])
+def test_a_window_compiles_to_one_graph(layout):
+    """torch.compile without a group: the window reaches the custom ops (one graph, no
+    break), forward and backward as the reference's."""
+    from torch._dynamo.testing import CompileCounter
+
+    q, k, v, g = make_qkv(0, 1, 64, 2, 2, 4)
+    counter = CompileCounter()
+    pattern = ra.DilatedPattern((16, 32), (1, 2))
+    compiled = torch.compile(
+        lambda q, k, v: ra.ring_dilated_attention(q, k, v, pattern, ring_size=2, layout=layout, causal=True,
+                                                  window=(9, 0)),
+        backend=counter, fullgraph=True,
+    )
+    compiled(q, k, v)
+    out = compiled(q, k, v)
+    assert counter.frame_count == 1
+    ref = ra.reference_attention(q, k, v, pattern=pattern, causal=True, window=(9, 0))
+    torch.testing.assert_close(out, ref, **TOL)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, **GRAD_TOL)
 
 
 @pytest.mark.parametrize("k_len", [8, 24])  # math, and the fused CPU op (16 keys and more)
