@@ -21,6 +21,9 @@ benchmarks call it):
 * ``bytes_sent``: bytes a rank hands to ``SimulatedRing.exchange`` per call, the busiest
   rank's (what a process group would send over the wire); 0 for single-device variants.
 * ``flops``: effective FLOPs (``Variant.flops``: ``4 D`` per computed score, x3.5 with backward).
+* ``busiest_rank_pairs``: the (head, query, key) pairs the busiest rank attends, forward,
+  from its plan's calls (``Variant.rank_pairs``, times the batch): a ring's imbalance, which
+  its slowest rank sets the pace by (the documents layout keeps it near the mean).
 
 Every count follows one warm call of the same shape, so plan caches are built and each
 counted call sees what every later call sees.
@@ -43,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 PASSES = ("fwd", "fwd+bwd")
-FIELDS = ("launches", "fused_calls", "peak_bytes", "bytes_sent", "flops")
+FIELDS = ("launches", "fused_calls", "peak_bytes", "bytes_sent", "flops", "busiest_rank_pairs")
 
 # aten calls that launch no kernel: allocation without initialization, aliasing, metadata.
 NO_LAUNCH = frozenset({
@@ -162,6 +165,7 @@ class Counters:
     peak_bytes: int
     bytes_sent: int
     flops: float
+    busiest_rank_pairs: int
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -215,6 +219,7 @@ def count(variant, q, k, v, grad_out=None, *, backward: bool = False, warm: bool
         peak_bytes=meter.peak_bytes,
         bytes_sent=max(sent.values(), default=0),
         flops=float(variant.flops(b, n, h, d, backward=backward)),
+        busiest_rank_pairs=b * max(variant.rank_pairs(n, h, k.shape[2])),
     )
 
 

@@ -27,7 +27,7 @@ REFERENCE_VARIANT = "ImprovedDilatedAttention"
 REFERENCE_SHORT = "ImprovedDilated"
 
 COUNTER_COLUMNS = ("variant", "N", "dtype", "pass", "launches", "fused calls", "live peak (MiB)",
-                   "sent per rank (MiB)", "GFLOP")
+                   "sent per rank (MiB)", "GFLOP", "busiest rank (M pairs)")
 COLUMNS = ("variant", "N", "dtype", "pass", "time (median ms)", "memory (MiB)", "tokens/s",
            "relative speed (vs dense SDPA)", "TFLOP/s", "% of SDPA", "max error")
 LENGTH_COLUMNS = ("variant", "time (ms)", "memory (MiB)", f"memory vs {REFERENCE_SHORT}", "throughput (tokens/s)",
@@ -107,7 +107,7 @@ def length_table(group: list[dict]) -> list[str]:
 
 # The counter columns of the report: (key in extra_info["counters"], divisor, format).
 _COUNTER_CELLS = (("launches", 1, "{:.0f}"), ("fused_calls", 1, "{:.0f}"), ("peak_bytes", 2**20, "{:.2f}"),
-                  ("bytes_sent", 2**20, "{:.2f}"), ("flops", 1e9, "{:.2f}"))
+                  ("bytes_sent", 2**20, "{:.2f}"), ("flops", 1e9, "{:.2f}"), ("busiest_rank_pairs", 1e6, "{:.2f}"))
 
 
 def _counter(counters: dict, key: str, scale, fmt: str) -> str:

@@ -36,7 +36,9 @@ import torch
 from .dense import dense_attention
 from .dilated import dilated_attention
 from .layout import chunks_per_rank
+from .masks import SequenceMask
 from .pattern import DilatedPattern, computed_pairs
+from .plans import ring_plans
 from .reference import reference_attention
 from .ring import ring_attention
 from .ring_dilated import ring_dilated_attention
@@ -153,6 +155,16 @@ class Variant:
         except ValueError:
             return False
         return True
+
+    def rank_pairs(self, seq_len: int, num_heads: int, num_kv_heads: int) -> tuple[int, ...]:
+        """Each rank's attended (head, query, key) pairs per batch row, forward, counted from
+        its plan's calls (:meth:`RankPlan.attended_pairs`): how evenly the ring shares the work."""
+        if self.kind is Kind.DENSE:
+            return (computed_pairs(None, seq_len, num_heads, is_causal=self.causal),)
+        mask = SequenceMask(self.causal, self.window(seq_len), self.documents(seq_len))
+        r = self.ring_size or 1
+        plans = ring_plans(self.pattern_for(seq_len), seq_len, num_heads, num_kv_heads, mask, r, self.layout, range(r))
+        return tuple(p.attended_pairs() for p in plans)
 
     def flops(self, batch: int, seq_len: int, num_heads: int, head_dim: int, *, backward: bool = False) -> float:
         """Effective FLOPs: ``4 D`` per score actually computed (QK^T and PV), x3.5 with backward."""

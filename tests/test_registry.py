@@ -204,3 +204,11 @@ def test_packed_documents_are_valid_deterministic_and_long_tailed():
 def test_packed_documents_refuse_a_bad_count():
     with pytest.raises(ValueError, match="count"):
         registry.packed_documents(8, 9)
+
+
+@pytest.mark.parametrize("name", list(registry.VARIANTS))
+def test_the_ranks_share_the_variants_pairs(name):
+    """The ranks' attended pairs, from their plans' calls, add up to the pairs ``flops`` counts."""
+    v = registry.VARIANTS[name]
+    n, h = 1024, 4
+    assert sum(v.rank_pairs(n, h, 2)) * 4 * 8 == v.flops(1, n, h, 8)

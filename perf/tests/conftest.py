@@ -7,10 +7,11 @@ import copy
 import pytest
 
 
-def make_counters(launches=60, fused_calls=3, peak_bytes=4 << 20, bytes_sent=0, flops=2e8):
+def make_counters(launches=60, fused_calls=3, peak_bytes=4 << 20, bytes_sent=0, flops=2e8,
+                  busiest_rank_pairs=2_500_000):
     """``extra_info["counters"]`` as perf/counters.py records it."""
     return {"launches": launches, "fused_calls": fused_calls, "peak_bytes": peak_bytes,
-            "bytes_sent": bytes_sent, "flops": flops}
+            "bytes_sent": bytes_sent, "flops": flops, "busiest_rank_pairs": busiest_rank_pairs}
 
 
 def make_bench(variant="Production", n=1024, mode="fwd", *, median=0.010, peak=8 << 20, error=1e-6,

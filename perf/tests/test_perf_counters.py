@@ -128,6 +128,21 @@ def test_a_planted_op_per_kernel_call_counts_once_per_call(monkeypatch):
     assert after.fused_calls == before.fused_calls and after.peak_bytes > before.peak_bytes
 
 
+def test_the_busiest_rank_pairs_are_the_ring_share_of_the_work():
+    """Per-rank attended pairs against counts written out: zigzag splits a causal ring evenly,
+    the contiguous ring's last rank attends the most, and the documents layout evens out
+    packed documents that zigzag leaves uneven."""
+    n = 1024
+    zigzag = _counts("ring-zigzag-causal4", n, passes=("fwd",))["fwd"].busiest_rank_pairs
+    assert zigzag == H * n * (n + 1) // 2 // 4
+    contiguous = _counts("StandardRingAttention", n, passes=("fwd",))["fwd"].busiest_rank_pairs
+    assert contiguous == H * sum(i + 1 for i in range(3 * n // 4, n))
+    balanced = _counts("ring4-documents-balanced-causal", n, passes=("fwd",))["fwd"].busiest_rank_pairs
+    uneven = _counts("ring4-documents-causal", n, passes=("fwd",))["fwd"].busiest_rank_pairs
+    total = registry.VARIANTS["ring4-documents-causal"].flops(1, n, H, 1) / 4  # 4 D per pair, D = 1
+    assert total / 4 <= balanced <= 1.05 * total / 4 < 2 * total / 4 < uneven
+
+
 def test_the_command_prints_every_counter(capsys):
     assert counters.main(["--variant", "dense,RingAttention_ring2", "--n", "64,128", "--heads", "2",
                           "--dim", "8"]) == 0

@@ -107,9 +107,9 @@ def test_cost_counters_table():
     section = _section(report.markdown(run), "## Cost counters")
     header = _cells(section, "| variant")[0]
     assert header == ["variant", "N", "dtype", "pass", "launches", "fused calls", "live peak (MiB)",
-                      "sent per rank (MiB)", "GFLOP"]
+                      "sent per rank (MiB)", "GFLOP", "busiest rank (M pairs)"]
     rows = {c[0]: c for c in _cells(section, "| ") if c[0] != "variant"}
-    assert rows["longnet"][4:] == ["158", "7", "3.00", "0.00", "4.50"]
+    assert rows["longnet"][4:] == ["158", "7", "3.00", "0.00", "4.50", "2.50"]
     assert rows["RingAttention-ring2"][7] == "1.00"
     assert "dense" not in rows  # a benchmark without counters has no row
     bare = report.markdown(make_run([make_bench("dense", counters=False)]))
