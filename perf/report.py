@@ -145,7 +145,7 @@ def markdown(run: dict, title: str | None = None) -> str:
         f"{REFERENCE_SHORT} the variant's memory / {REFERENCE_VARIANT}'s (the earlier project's "
         "baseline), both for the same N, dtype and pass; speed vs SDPA is SDPA's time / the variant's, "
         "SDPA (flash on CUDA) timed right before each round of the variant (median of the per-round "
-        "ratios). Max error is the max abs difference from the dense reference (full reference up to "
+        "ratios); for a window or packed documents, SDPA with the equivalent boolean mask. Max error is the max abs difference from the dense reference (full reference up to "
         "the profile's limit, sampled query rows of the output above it); a row whose error is above "
         "its dtype's tolerance is marked **FAIL** and never ranked.",
         "",

@@ -49,3 +49,4 @@ def test_a_compiled_benchmark_runs_beside_eager_and_records_no_counters(tmp_path
         assert comp["variant"] == "longnet+compiled" and comp["compiled"] == "default"
         assert eager["compiled"] is None and "counters" in eager and "counters" not in comp
         assert comp["max_error"] == eager["max_error"] < 1e-5  # the same kernels inside the op
+
