@@ -293,19 +293,16 @@ _VARIANTS = [
         "simulated ranks, contiguous shards (keys no band reaches are never sent).",
         Kind.RING, ring_size=4, causal=True, window=lambda n: (n // 8, 0),
     ),
-    Variant(
-        "ring4-documents-causal",
-        "Causal attention within 64 packed documents of long-tailed lengths (packed_documents, "
-        "seed 0), over 4 simulated ranks, zigzag layout.",
-        Kind.RING, ring_size=4, causal=True, layout="zigzag",
-        documents=lambda n: packed_documents(n, min(64, n)),
-    ),
-    Variant(
-        "ring4-documents-balanced-causal",
-        "ring4-documents-causal in the documents layout: 8R chunks dealt by their work within "
-        "the documents, so every rank attends about as many pairs.",
-        Kind.RING, ring_size=4, causal=True, layout="documents",
-        documents=lambda n: packed_documents(n, min(64, n)),
+    *(
+        Variant(name, "Causal attention within 64 packed documents of long-tailed lengths (packed_documents, "
+                f"seed 0), over 4 simulated ranks, {doc}.", Kind.RING, ring_size=4, causal=True, layout=layout,
+                documents=lambda n: packed_documents(n, min(64, n)))
+        for name, layout, doc in (
+            ("ring4-documents-causal", "zigzag", "zigzag layout"),
+            ("ring4-documents-balanced-causal", "documents",
+             "documents layout: 8R chunks dealt by their work within the documents, so every rank attends "
+             "about as many pairs"),
+        )
     ),
 ]
 

@@ -83,14 +83,16 @@ def fwd_bwd(fn, q, k, v, g):
     return out, torch.autograd.grad(out, (q, k, v), g)
 
 
-def assert_matches(got, want, **tol):
+def assert_matches(got, want, grad_tol=None, **tol):
+    """``(out, grads)`` against ``(ref, ref_grads)``: shapes, dtypes and values (``tol``; the
+    gradients at ``grad_tol`` where given)."""
     out, grads = got
     ref, ref_grads = want
     assert out.shape == ref.shape and out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, **tol, msg=lambda m: f"output: {m}")
     for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert a.dtype == b.dtype, f"{name} dtype {a.dtype} != {b.dtype}"
-        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(a, b, **(grad_tol or tol), msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --- helpers shared by several test modules ------------------------------------------------

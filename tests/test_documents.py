@@ -15,7 +15,7 @@ from ring_attention import layout as _layout
 from ring_attention import pattern as _pattern
 from ring_attention.masks import SequenceMask
 from ring_attention.plans import ring_plans
-from tests.inputs import LAYOUTS, make_qkv, record_sent_bytes
+from tests.inputs import LAYOUTS, assert_matches, fwd_bwd, make_qkv, record_sent_bytes
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 GRAD_TOL = dict(rtol=1e-9, atol=1e-9)
@@ -31,15 +31,12 @@ def _run(q, k, v, pattern, ring_size=None, **kwargs):
 
 def _check(q, k, v, g, pattern, cu_seqlens, ring_size=None, **kwargs):
     """Output and gradients of the fast path against the reference, both with ``cu_seqlens``."""
-    out = _run(q, k, v, pattern, ring_size, cu_seqlens=cu_seqlens, **kwargs)
     ref_kwargs = {key: val for key, val in kwargs.items() if key != "layout"}
-    ref = ra.reference_attention(q, k, v, pattern=pattern, cu_seqlens=cu_seqlens, **ref_kwargs)
-    torch.testing.assert_close(out, ref, **TOL, msg=lambda m: f"output: {m}")
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(ref, (q, k, v), g)
-    for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(a, b, **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
-    return out
+    got = fwd_bwd(lambda q, k, v: _run(q, k, v, pattern, ring_size, cu_seqlens=cu_seqlens, **kwargs), q, k, v, g)
+    want = fwd_bwd(lambda q, k, v: ra.reference_attention(q, k, v, pattern=pattern, cu_seqlens=cu_seqlens,
+                                                          **ref_kwargs), q, k, v, g)
+    assert_matches(got, want, grad_tol=GRAD_TOL, **TOL)
+    return got[0]
 
 
 def _fits(w: int, lengths: list[int]) -> bool:

@@ -14,7 +14,7 @@ import ring_attention as ra
 from ring_attention import layout as _layout
 from ring_attention.masks import BlockMask, SequenceMask
 from ring_attention.plans import ring_plans
-from tests.inputs import LAYOUTS, make_qkv, record_sent_bytes
+from tests.inputs import LAYOUTS, assert_matches, fwd_bwd, make_qkv, record_sent_bytes
 from tests.strategies import divisors
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -32,14 +32,11 @@ def _run(fn_name, q, k, v, pattern, **kwargs):
 def _check(q, k, v, g, pattern, causal, window, **kwargs):
     """Output and gradients of the fast path against the reference, both with ``window``."""
     fn = "dilated" if "ring_size" not in kwargs else "ring"
-    out = _run(fn, q, k, v, pattern, causal=causal, window=window, **kwargs)
-    ref = ra.reference_attention(q, k, v, pattern=pattern, causal=causal, window=window)
-    torch.testing.assert_close(out, ref, **TOL, msg=lambda m: f"output: {m}")
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(ref, (q, k, v), g)
-    for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(a, b, **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
-    return out
+    got = fwd_bwd(lambda q, k, v: _run(fn, q, k, v, pattern, causal=causal, window=window, **kwargs), q, k, v, g)
+    want = fwd_bwd(lambda q, k, v: ra.reference_attention(q, k, v, pattern=pattern, causal=causal, window=window),
+                   q, k, v, g)
+    assert_matches(got, want, grad_tol=GRAD_TOL, **TOL)
+    return got[0]
 
 
 @st.composite
