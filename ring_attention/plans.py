@@ -25,193 +25,28 @@ shares a segment with, so a process builds what it runs and nothing more.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import functools
 import gc
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple, cast
+from typing import cast
 
 from . import layout as _layout
-from . import pattern as _pattern
+from . import runs as _runs
 from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_ranges
 from .layout import Layout
-from .masks import BlockMask, KernelMask, SequenceMask
+from .masks import KernelMask, SequenceMask
 from .pattern import DilatedPattern
+from .runs import Run, Spec, batch_calls, block_pairs, classify, joined_runs
 
 
-class _Run(NamedTuple):
-    segment: int
-    first: int  # global position of the run's first row (orders runs of different ranks)
-    start: int  # packed index of its first row
-    length: int
-
-
-class _Kept(NamedTuple):
-    """The rows one rank keeps for one unit: local row indices and runs, packed order."""
-
-    rows: Rows
-    runs: tuple[_Run, ...]
-    last_first: dict[int, int]  # segment -> first position of its last run here
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Spec:
-    """What fixes a plan, besides the rank (one object per shape: hashed by identity)."""
-
-    seq_len: int
-    ring_size: int
-    layout: Layout
-    mask: SequenceMask
-    group: int  # query heads per kv head
-    bounds: tuple[tuple[int, ...], ...]  # per pair: its segments' starts, then N (DilatedPattern.segment_bounds)
-    rates: tuple[int, ...]
-    units: tuple[Unit, ...]
-
-
-@functools.lru_cache(maxsize=4096)
-def _kept(spec: _Spec, rank: int, unit: int) -> _Kept:
-    pair = spec.units[unit].pair
-    bounds, rate = spec.bounds[pair], spec.rates[pair]
-    offset = spec.units[unit].heads.start % rate
-    tile = _window_tile(spec.mask, rate)
-    ranges: list[range] = []
-    runs: list[_Run] = []
-    last_first: dict[int, int] = {}
-    base = packed = 0
-    for a, b in _layout.shard_intervals(spec.seq_len, spec.ring_size, rank, spec.layout, spec.mask.documents):
-        for s in range(bisect.bisect_right(bounds, a) - 1, bisect.bisect_right(bounds, b - 1)):
-            kept = _pattern.kept_positions(bounds[s], bounds[s + 1], rate, offset, a, b)
-            if not kept:
-                continue
-            first, count = kept.start, len(kept)
-            local = first - a + base
-            ranges.append(range(local, local + count * rate, rate))
-            for piece in range(0, count, tile or count):  # a window's runs in tiles
-                length = min(tile or count, count - piece)
-                runs.append(_Run(s, first + piece * rate, packed + piece, length))
-                last_first[s] = first + piece * rate
-            packed += count
-        base += b - a
-    return _Kept(Rows(merge_ranges(ranges)), tuple(runs), last_first)
-
-
-# The fewest rows a window's tile holds: smaller tiles would cost more launches than the
-# scores they skip.
-MIN_WINDOW_TILE = 64
-
-
-def _window_tile(mask: SequenceMask, rate: int) -> int | None:
-    """Rows per run under a window whose band is finite (both sides bounded, or causal with
-    a left side): a quarter of the band's width in kept rows, at least
-    :data:`MIN_WINDOW_TILE`. A block of two whole shards cut by a narrow band computes
-    mostly scores outside it, and sends keys no query reaches; in tiles, the pairs
-    outside the band are neither computed nor sent, and the rest is within about a
-    quarter of the band's. ``None``: runs stay whole."""
-    if mask.window is None:
-        return None
-    left, right = mask.window
-    right = 0 if mask.causal else right  # causal caps the right side at the query
-    if left < 0 or right < 0:
-        return None
-    return max(MIN_WINDOW_TILE, -(-(left + right + 1) // (4 * rate)))
-
-
-def _batch_calls(pairs: Iterable[tuple[_Run, _Run, KernelMask]], q_rows: Rows) -> tuple[Call, ...]:
-    """Group ``(q_run, k_run, block mask)`` pairs into as few kernel calls as possible.
-
-    Full pairs coalesce first: a query run's key runs that follow each other in packed
-    order become one longer key span, then query runs that follow each other against
-    the same key span one longer query span (a non-square block is fine without a mask).
-    Then spans batch: consecutive spans of equal lengths and mask that follow each other
-    in both packed orders join one call as its runs. Diagonal (causal) blocks stay square,
-    and blocks cut by a window keep their shape (their band is on the block's own indices).
-    """
-    diagonal = [(q.start, q.length, k.start, k.length, m) for q, k, m in pairs if m is not BlockMask.FULL]
-    by_query: dict[tuple[int, int], list[list[int]]] = {}
-    for q, k, m in pairs:
-        if m is not BlockMask.FULL:
-            continue
-        spans = by_query.setdefault((q.start, q.length), [])
-        if spans and spans[-1][0] + spans[-1][1] == k.start:
-            spans[-1][1] += k.length
-        else:
-            spans.append([k.start, k.length])
-    full: list[list[int]] = []  # [q start, q length, k start, k length] of full spans
-    for (qs, ql), spans in by_query.items():
-        for ks, kl in spans:
-            prev = full[-1] if full else None
-            if prev and prev[2:4] == [ks, kl] and prev[0] + prev[1] == qs:
-                prev[1] += ql
-            else:
-                full.append([qs, ql, ks, kl])
-    calls: list[list[int]] = []  # [q start, k start, runs, q length, k length]
-    masks: list[KernelMask] = []  # the mask of each of calls
-    fulls: list[tuple[int, int, int, int, KernelMask]] = [(f[0], f[1], f[2], f[3], BlockMask.FULL) for f in full]
-    for qs, ql, ks, kl, mask in diagonal + fulls:
-        if calls:
-            c = calls[-1]
-            if (
-                masks[-1] == mask and c[3] == ql and c[4] == kl
-                and qs == c[0] + c[2] * c[3] and ks == c[1] + c[2] * c[4]
-            ):
-                c[2] += 1
-                continue
-        calls.append([qs, ks, 1, ql, kl])
-        masks.append(mask)
-    return tuple(
-        Call(qs, ks, n, ql, kl, mask, q_rows.sub(qs, qs + n * ql))
-        for (qs, ks, n, ql, kl), mask in zip(calls, masks)
-    )
-
-
-def _classify(mask: SequenceMask, q: _Run, k: _Run, rate: int, diagonal: bool) -> KernelMask | None:
-    """:meth:`SequenceMask.block` of query run ``q`` against key run ``k`` (rows ``rate`` apart)."""
-    return mask.block(q.first, q.first + rate * (q.length - 1), k.first, k.first + rate * (k.length - 1), rate,
-                      diagonal=diagonal)
-
-
-def _block_pairs(q_runs: Iterable[_Run], k_runs: Iterable[_Run], mask: SequenceMask, same_rank: bool,
-                 rate: int) -> list[tuple[_Run, _Run, KernelMask]]:
-    """``(query run, key run, block mask)`` of every pair of runs of one segment that the
-    mask lets meet (runs of a pair of rate ``rate``); on one rank a run meets itself in a
-    diagonal block, and runs of different intervals never overlap."""
-    by_segment: dict[int, list[_Run]] = {}
-    for k in k_runs:
-        by_segment.setdefault(k.segment, []).append(k)
-    pairs: list[tuple[_Run, _Run, KernelMask]] = []
-    for q in q_runs:
-        for k in by_segment.get(q.segment, ()):
-            block = _classify(mask, q, k, rate, same_rank and k.start == q.start)
-            if block is not None:
-                pairs.append((q, k, block))
-    return pairs
-
-
-def _joined_runs(runs: tuple[_Run, ...]) -> tuple[_Run, ...]:
-    """A rank's runs with those of one segment that follow each other in packed order joined.
-
-    In the zigzag layout a segment can cover both chunks of a rank: its two runs are then
-    adjacent in packed order, and packed order is position order, so one causal block over
-    both is exact where two diagonal blocks and a full one would take three calls.
-    """
-    out: list[_Run] = []
-    for run in runs:
-        prev = out[-1] if out else None
-        if prev is not None and prev.segment == run.segment and prev.start + prev.length == run.start:
-            out[-1] = prev._replace(length=prev.length + run.length)
-        else:
-            out.append(run)
-    return tuple(out)
-
-
-def _kv_heads(spec: _Spec, unit: int) -> list[int]:
+def _kv_heads(spec: Spec, unit: int) -> list[int]:
     return [h // spec.group for h in spec.units[unit].heads]
 
 
 @functools.lru_cache(maxsize=4096)
-def _kv_rows(spec: _Spec, unit: int) -> tuple[Rows, Rows, Rows]:
+def _kv_rows(spec: Spec, unit: int) -> tuple[Rows, Rows, Rows]:
     """Per unit: kv head of each query head; kv heads a message carries; their positions in it."""
     per_head = _kv_heads(spec, unit)
     sent = sorted(set(per_head))
@@ -219,13 +54,13 @@ def _kv_rows(spec: _Spec, unit: int) -> tuple[Rows, Rows, Rows]:
 
 
 # A message and the runs of its rows, as packed in it.
-_Sent = tuple[Message, tuple[_Run, ...]]
+_Sent = tuple[Message, tuple[Run, ...]]
 
 
 @functools.lru_cache(maxsize=4096)
-def _message(spec: _Spec, unit: int, src: int, dst: int) -> _Sent | None:
+def _message(spec: Spec, unit: int, src: int, dst: int) -> _Sent | None:
     """What ``src`` sends ``dst`` for ``unit``: ``(Message, runs as packed in it)`` or None."""
-    have, need = _kept(spec, src, unit), _kept(spec, dst, unit)
+    have, need = _runs.kept(spec, src, unit), _runs.kept(spec, dst, unit)
     if spec.mask.window is None:  # a key run some query run sees is seen by the segment's last run
         sent = [
             k for k in have.runs
@@ -234,16 +69,16 @@ def _message(spec: _Spec, unit: int, src: int, dst: int) -> _Sent | None:
         ]
     else:  # a band: the key runs some query run of the receiver sees, as the receiver classifies them
         rate = _rate(spec, unit)
-        by_segment: dict[int, list[_Run]] = {}
+        by_segment: dict[int, list[Run]] = {}
         for q in need.runs:
             by_segment.setdefault(q.segment, []).append(q)
         sent = [
             k for k in have.runs
-            if any(_classify(spec.mask, q, k, rate, False) is not None for q in by_segment.get(k.segment, ()))
+            if any(classify(spec.mask, q, k, rate, False) is not None for q in by_segment.get(k.segment, ()))
         ]
     if not sent:
         return None
-    moved: list[_Run] = []
+    moved: list[Run] = []
     ranges: list[range] = []
     start = 0
     for k in sent:
@@ -253,7 +88,7 @@ def _message(spec: _Spec, unit: int, src: int, dst: int) -> _Sent | None:
     return Message(Rows(merge_ranges(ranges)), _kv_rows(spec, unit)[1]), tuple(moved)
 
 
-def _rate(spec: _Spec, unit: int) -> int:
+def _rate(spec: Spec, unit: int) -> int:
     return spec.rates[spec.units[unit].pair]
 
 
@@ -261,31 +96,31 @@ def _head_slice(unit: Unit) -> slice:
     return slice(unit.heads.start, unit.heads.stop, unit.heads.step)
 
 
-def _local_blocks(spec: _Spec, rank: int) -> tuple[Block, ...]:
+def _local_blocks(spec: Spec, rank: int) -> tuple[Block, ...]:
     blocks = []
     u = 0
     while u < len(spec.units):
-        unit, kept = spec.units[u], _kept(spec, rank, u)
+        unit, kept = spec.units[u], _runs.kept(spec, rank, u)
         # Joined runs are no progression: only the window-free classification takes them.
-        runs = _joined_runs(kept.runs) if spec.mask.causal and spec.mask.window is None else kept.runs
-        pairs = _block_pairs(runs, runs, spec.mask, same_rank=True, rate=_rate(spec, u))
+        runs = joined_runs(kept.runs) if spec.mask.causal and spec.mask.window is None else kept.runs
+        pairs = block_pairs(runs, runs, spec.mask, same_rank=True, rate=_rate(spec, u))
         offsets = _shifted_units(spec, rank, u)
         if pairs:
             kv_index = _kv_rows(spec, u)[0]
-            calls = _batch_calls(pairs, kept.rows)
+            calls = batch_calls(pairs, kept.rows)
             blocks.append(Block(u, kept.rows, _head_slice(unit), kept.rows, kv_index, None, calls, offsets))
         u += offsets
     return tuple(blocks)
 
 
-def _shifted_units(spec: _Spec, rank: int, u: int) -> int:
+def _shifted_units(spec: Spec, rank: int, u: int) -> int:
     """How many units from ``u`` on are ``u`` shifted by 0, 1, 2, ... rows and heads.
 
     Such units (the head offsets of one pair, when the rate divides the heads and the
     segments) run as one batch of kernel calls over a strided view. Only without
     grouped-query heads, where a head's kv head shifts with it.
     """
-    unit, kept = spec.units[u], _kept(spec, rank, u)
+    unit, kept = spec.units[u], _runs.kept(spec, rank, u)
     if spec.group != 1 or kept.rows.as_slice() is None:
         return 1
     count = 1
@@ -294,7 +129,7 @@ def _shifted_units(spec: _Spec, rank: int, u: int) -> int:
         shifted = range(unit.heads.start + count, unit.heads.stop + count, unit.heads.step)
         if other.pair != unit.pair or other.heads != shifted:
             break
-        theirs = _kept(spec, rank, u + count)
+        theirs = _runs.kept(spec, rank, u + count)
         rows = tuple(range(r.start + count, r.stop + count, r.step) for r in kept.rows.ranges)
         if theirs.rows.ranges != rows or [(k.start, k.length) for k in theirs.runs] != [
             (k.start, k.length) for k in kept.runs
@@ -304,7 +139,7 @@ def _shifted_units(spec: _Spec, rank: int, u: int) -> int:
     return count
 
 
-def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None:
+def _step(spec: Spec, rank: int, shift: int, partners: set[int]) -> Step | None:
     r = spec.ring_size
     dst, src = (rank + shift) % r, (rank - shift) % r
     sends, receives, blocks = [], [], []
@@ -314,7 +149,7 @@ def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None
     for u, count in _message_groups(spec, src, rank) if src in partners else ():
         message, moved = cast(_Sent, _message(spec, u, src, rank))
         receives.append((len(message.rows), len(message.kv_heads), count))
-        kept = _kept(spec, rank, u)
+        kept = _runs.kept(spec, rank, u)
         calls = _receiver_calls(spec, rank, u, moved)
         if calls:
             kv_index = _kv_rows(spec, u)[2]
@@ -326,14 +161,14 @@ def _step(spec: _Spec, rank: int, shift: int, partners: set[int]) -> Step | None
     return Step(shift, tuple(sends), tuple(receives), tuple(blocks))
 
 
-def _receiver_calls(spec: _Spec, rank: int, u: int, moved: Sequence[_Run]) -> tuple[Call, ...]:
-    kept = _kept(spec, rank, u)
-    pairs = _block_pairs(kept.runs, moved, spec.mask, same_rank=False, rate=_rate(spec, u))
-    return _batch_calls(pairs, kept.rows) if pairs else ()
+def _receiver_calls(spec: Spec, rank: int, u: int, moved: Sequence[Run]) -> tuple[Call, ...]:
+    kept = _runs.kept(spec, rank, u)
+    pairs = block_pairs(kept.runs, moved, spec.mask, same_rank=False, rate=_rate(spec, u))
+    return batch_calls(pairs, kept.rows) if pairs else ()
 
 
 @functools.lru_cache(maxsize=4096)
-def _message_groups(spec: _Spec, src: int, dst: int) -> tuple[tuple[int, int], ...]:
+def _message_groups(spec: Spec, src: int, dst: int) -> tuple[tuple[int, int], ...]:
     """``(unit, offsets)`` of each message ``src`` sends ``dst``, in order.
 
     A pair's head offsets travel as one message where they are shifted copies of each
@@ -375,12 +210,12 @@ def _call_shapes(calls: tuple[Call, ...]) -> list[tuple[int, int, int, int, int,
     return [(c.q_start, c.k_start, c.runs, c.q_len, c.k_len, c.mask) for c in calls]
 
 
-def _partners(spec: _Spec, rank: int) -> set[int]:
+def _partners(spec: Spec, rank: int) -> set[int]:
     """The other ranks holding a segment this rank holds, for any unit."""
     out: set[int] = set()
     for u in range(len(spec.units)):
         bounds = spec.bounds[spec.units[u].pair]
-        for s in _kept(spec, rank, u).last_first:
+        for s in _runs.kept(spec, rank, u).last_first:
             out |= _layout.holders(spec.seq_len, spec.ring_size, spec.layout, bounds[s], bounds[s + 1],
                                    spec.mask.documents)
     out.discard(rank)
@@ -391,7 +226,7 @@ def _partners(spec: _Spec, rank: int) -> set[int]:
 def _spec(
     pattern: DilatedPattern | None, seq_len: int, num_heads: int, num_kv_heads: int, mask: SequenceMask,
     ring_size: int, layout: Layout,
-) -> _Spec:
+) -> Spec:
     if pattern is None:
         pattern = DilatedPattern((seq_len,), (1,))
     bounds = pattern.segment_bounds(seq_len, mask.documents)
@@ -401,7 +236,7 @@ def _spec(
             first = heads.start + (offset - heads.start) % rate  # first head h with h % r == offset
             if first < heads.stop:
                 units.append(Unit(pair, range(first, heads.stop, rate)))
-    return _Spec(
+    return Spec(
         seq_len, ring_size, layout, mask, num_heads // num_kv_heads, bounds,
         pattern.dilation_rates, tuple(units),
     )
@@ -445,7 +280,7 @@ def rank_plan(
     return RankPlan(rank, ring_size, spec.units, local, dict(sorted(steps.items())))
 
 
-def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
+def _relay_plan(spec: Spec, rank: int) -> RankPlan:
     """Full attention where every rank needs every shard: a neighbour ring.
 
     Each rank passes its whole K/V shard around the ring, one hop per shift (as
@@ -454,17 +289,17 @@ def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
     attention in the contiguous layout keeps direct sends: there rank ``r`` needs only
     the ``r`` shards before its own, and relaying would move the others too.
     """
-    kept = _kept(spec, rank, 0)  # full attention: one unit, every row
+    kept = _runs.kept(spec, rank, 0)  # full attention: one unit, every row
     per_head, sent_heads, positions = _kv_rows(spec, 0)
     message = Message(kept.rows, sent_heads)
     steps = {}
     for shift in range(1, spec.ring_size):
-        theirs = _kept(spec, (rank - shift) % spec.ring_size, 0)
-        pairs = _block_pairs(kept.runs, theirs.runs, spec.mask, same_rank=False, rate=1)
+        theirs = _runs.kept(spec, (rank - shift) % spec.ring_size, 0)
+        pairs = block_pairs(kept.runs, theirs.runs, spec.mask, same_rank=False, rate=1)
         blocks: tuple[Block, ...] = ()
         if pairs:
             k_rows = Rows.of(range(len(theirs.rows)))
-            calls = _batch_calls(pairs, kept.rows)
+            calls = batch_calls(pairs, kept.rows)
             blocks = (Block(0, kept.rows, _head_slice(spec.units[0]), k_rows, positions, 0, calls),)
         steps[shift] = Step(shift, (message,), ((len(theirs.rows), len(sent_heads), 1),), blocks)
     return RankPlan(rank, spec.ring_size, spec.units, _local_blocks(spec, rank), steps, relay=True)
@@ -472,7 +307,7 @@ def _relay_plan(spec: _Spec, rank: int) -> RankPlan:
 
 def clear() -> None:
     """Empty the planner's caches (:func:`ring_attention.executable.clear` calls this)."""
-    for cached in (_kept, _kv_rows, _message, _message_groups, _spec, rank_plan):
+    for cached in (_runs.kept, _kv_rows, _message, _message_groups, _spec, rank_plan):
         cached.cache_clear()
 
 

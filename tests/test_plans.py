@@ -43,13 +43,15 @@ def test_plans_are_built_once_per_shape_and_rank_even_under_a_fake_mode():
 def test_a_rank_plan_looks_only_at_the_ranks_it_shares_segments_with(monkeypatch):
     # LongNet's segments (<= 1024) lie inside 4096-row shards: rank 3 of 16 needs nobody.
     looked_at = set()
-    real = plans._kept.__wrapped__
+    from ring_attention import runs
+
+    real = runs.kept.__wrapped__
 
     def spy(spec, rank, unit):
         looked_at.add(rank)
         return real(spec, rank, unit)
 
-    monkeypatch.setattr(plans, "_kept", spy)
+    monkeypatch.setattr(runs, "kept", spy)
     plan = plans.rank_plan.__wrapped__(LONGNET, 16 * 4096, 8, 8, False, 16, "contiguous", 3)
     assert looked_at == {3} and plan.steps == {}
     # A segment spanning 4 shards: rank 5 talks to ranks 4, 6 and 7, nobody else.

@@ -78,13 +78,13 @@ def test_window_matches_reference_on_a_simulated_ring(case):
 @settings(max_examples=40, deadline=None)
 @given(case=window_cases())
 def test_window_matches_reference_in_tiles(case):
-    """Runs cut into tiles of one row and more (plans.MIN_WINDOW_TILE lowered): every tile
+    """Runs cut into tiles of one row and more (runs.MIN_WINDOW_TILE lowered): every tile
     pair the band reaches computed once, none outside it, on every ring and layout."""
-    from ring_attention import executable, plans
+    from ring_attention import executable, runs
 
     q, k, v, g = make_qkv(case["seed"], 1, case["n"], case["h"], case["hkv"], 4)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plans, "MIN_WINDOW_TILE", 1)
+        mp.setattr(runs, "MIN_WINDOW_TILE", 1)
         executable.clear()  # plans of the default tile are cached under the same key
         try:
             _check(q, k, v, g, case["pattern"], case["causal"], case["window"], ring_size=case["ring_size"],

@@ -46,7 +46,7 @@ def test_counters_are_the_same_twice(name):
 
 
 # A packing's launches follow its documents, which are drawn anew for every N, and a
-# window's follow its tiles (at least plans.MIN_WINDOW_TILE rows, so more of them per band
+# window's follow its tiles (at least runs.MIN_WINDOW_TILE rows, so more of them per band
 # as N grows until a quarter of the band is that long).
 @pytest.mark.parametrize("name", [name for name, v in registry.VARIANTS.items() if not v.masked])
 def test_launches_and_fused_calls_do_not_depend_on_n(name):
