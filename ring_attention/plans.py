@@ -131,8 +131,11 @@ def _shifted_units(spec: Spec, rank: int, u: int) -> int:
             break
         theirs = _runs.kept(spec, rank, u + count)
         rows = tuple(range(r.start + count, r.stop + count, r.step) for r in kept.rows.ranges)
-        if theirs.rows.ranges != rows or [(k.start, k.length) for k in theirs.runs] != [
-            (k.start, k.length) for k in kept.runs
+        # The runs must be shifted copies in global positions too: block masks are classified
+        # from them. Shard rows shifted by ``count`` are positions shifted by ``count`` unless
+        # they cross into another interval of the shard (the documents layout's small chunks).
+        if theirs.rows.ranges != rows or [(k.segment, k.first - count, k.start, k.length) for k in theirs.runs] != [
+            (k.segment, k.first, k.start, k.length) for k in kept.runs
         ]:
             break
         count += 1

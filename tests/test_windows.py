@@ -113,6 +113,15 @@ def test_window_on_blocks_the_cpu_op_runs(window, causal, ring_size, layout):
     _check(q, k, v, g, pattern, causal, window, ring_size=ring_size, layout=layout)
 
 
+@pytest.mark.parametrize("window", [(0, 9), (9, 0), (3, 3)])
+def test_head_offsets_batch_only_where_their_positions_shift_too(window):
+    """The documents layout's chunks of one row: a rate-3 pattern's head offsets keep local
+    rows shifted by one, but global positions shifted by 7 or 1 (across chunks), so their
+    bands differ and the offsets must not run as one batch (Hypothesis found this)."""
+    q, k, v, g = make_qkv(0, 1, 32, 2, 2, 4)
+    _check(q, k, v, g, ra.DilatedPattern((32,), (3,)), False, window, ring_size=4, layout="documents")
+
+
 def test_rows_without_a_key_in_the_window_are_exactly_zero():
     """Window (0, -1) with causal=True keeps only ``j == i``; a rate-2 pattern (8, 2) then
     keeps the row only for heads of its offset: every other (row, head) has no key."""
