@@ -29,16 +29,22 @@ from ring_attention.options import DEFAULT
 from ring_attention.registry import packed_documents
 
 
-def build_seconds(pattern, n, heads, causal, ring_size, layout, ranks, repeats=3) -> float:
-    """Best time to build the plans of ``ranks`` from empty caches."""
+def best_seconds(build, repeats=3) -> float:
+    """Best time of ``build()`` from empty caches (the planner's and the executable plans')."""
     best = float("inf")
     for _ in range(repeats):
         executable.clear()
         gc.collect()
         start = time.perf_counter()
-        plans.ring_plans(pattern, n, heads, heads, causal, ring_size, layout, tuple(ranks))
+        build()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def build_seconds(pattern, n, heads, causal, ring_size, layout, ranks, repeats=3) -> float:
+    """Best time to build the plans of ``ranks`` from empty caches."""
+    return best_seconds(lambda: plans.ring_plans(pattern, n, heads, heads, causal, ring_size, layout, tuple(ranks)),
+                        repeats)
 
 
 def document_seconds(n, heads, dim, causal, layout, ranks, repeats=3) -> float:
@@ -46,14 +52,7 @@ def document_seconds(n, heads, dim, causal, layout, ranks, repeats=3) -> float:
     on a ring of 8 for 64 packed documents, from empty caches."""
     mask = SequenceMask(causal=causal, documents=packed_documents(n, 64))
     key = PlanKey(None, n, heads, heads, mask, 8, layout, tuple(ranks), 1, dim, torch.bfloat16, DEFAULT)
-    best = float("inf")
-    for _ in range(repeats):
-        executable.clear()
-        gc.collect()
-        start = time.perf_counter()
-        executable.executable_plan(key)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(lambda: executable.executable_plan(key), repeats)
 
 
 def balance(n, layout, ring_size=4) -> list[int]:

@@ -6,7 +6,6 @@ from typing import Any, cast
 
 import torch
 
-from . import layout as _layout
 from .backward import run_backward
 from .comm import Ring
 from .executable import ExecutablePlan
@@ -62,8 +61,8 @@ class PackedAttention(torch.autograd.Function):
 # eagerly, also where Dynamo falls back to eager around a call (a graph break, or an
 # error it reports that way), whose per-block frames it must not compile one by one.
 @torch.compiler.disable  # type: ignore[untyped-decorator]  # unannotated in torch
-def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.Layout | str, q: torch.Tensor,
-                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
     """Run the plan of ``ring.ranks``: one rank's shard, or every rank's in turn.
 
     With one rank in this process, ``q, k, v`` are its shard; with several (a simulated
@@ -76,9 +75,8 @@ def run_on_ring(plan: ExecutablePlan, ring: Ring, scale: float, layout: _layout.
             plan, ring, scale, need_lse, q, k, v
         )[0]
         return out
-    documents = plan.key.mask.documents  # the documents layout deals its chunks by them
-    shards = [_layout.shard(t, ring.size, layout, cu_seqlens=documents) for t in (q, k, v)]
+    shards = [plan.shard(t) for t in (q, k, v)]
     outs: tuple[torch.Tensor, ...] = PackedAttention.apply(  # type: ignore[no-untyped-call]  # as above
         plan, ring, scale, need_lse, *shards[0], *shards[1], *shards[2]
     )
-    return _layout.unshard(list(outs), layout, cu_seqlens=documents)
+    return plan.unshard(list(outs))

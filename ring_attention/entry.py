@@ -114,7 +114,7 @@ def attend(
         plan = executable_plan(key)
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = run_on_ring(plan, ring, scale, layout, q, k, v)
+            out: torch.Tensor = run_on_ring(plan, ring, scale, q, k, v)
             return out
 
     # Only the inputs are stored; the forward runs again in backward. Under torch.compile

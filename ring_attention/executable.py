@@ -28,6 +28,7 @@ from collections.abc import Hashable
 import torch
 
 from . import blocks, plans, schedule
+from . import layout as _layout
 from .blocks import Call, DeviceKey, RankPlan, device_key
 from .layout import Layout
 from .masks import SequenceMask
@@ -136,6 +137,15 @@ class ExecutablePlan:
     key: PlanKey
     ranks: dict[int, RankExecution]
 
+    def shard(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The whole sequence ``x`` (natural order) -> every rank's shard, in the key's layout
+        (the documents layout deals its chunks by the key's documents)."""
+        return _layout.shard(x, self.key.ring_size, self.key.layout, cu_seqlens=self.key.mask.documents)
+
+    def unshard(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """Every rank's shard -> the whole sequence in natural order (inverse of :meth:`shard`)."""
+        return _layout.unshard(shards, self.key.layout, cu_seqlens=self.key.mask.documents)
+
 
 def executable_plan(key: PlanKey) -> ExecutablePlan:
     """The cached executable plan of ``key``, built on first use.
@@ -170,6 +180,7 @@ def clear() -> None:
     _CACHE.clear()
     plans.clear()
     blocks.clear()
+    _layout.clear()
 
 
 _CACHE: collections.OrderedDict[PlanKey, ExecutablePlan] = collections.OrderedDict()

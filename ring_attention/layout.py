@@ -60,16 +60,13 @@ def chunks_per_rank(layout: Layout | str) -> int:
 def check_divisible(seq_len: int, ring_size: int, layout: Layout | str) -> None:
     """``ValueError`` naming ``N``, ``R`` and the layout unless the layout can shard ``N``."""
     layout = check_layout(layout)
-    parts = ring_size * chunks_per_rank(layout)
-    if seq_len % parts:
+    per = chunks_per_rank(layout)
+    if seq_len % (ring_size * per):
         raise ValueError(
-            f"sequence length N={seq_len} must be divisible by {parts} "
-            f"({_PARTS[layout]}) for ring size R={ring_size} "
+            f"sequence length N={seq_len} must be divisible by {ring_size * per} "
+            f"({'' if per == 1 else per}R) for ring size R={ring_size} "
             f"with the {layout} layout"
         )
-
-
-_PARTS = {Layout.CONTIGUOUS: "R", Layout.ZIGZAG: "2R", Layout.DOCUMENTS: f"{DOCUMENT_CHUNKS}R"}
 
 
 def shard_intervals(
@@ -88,7 +85,7 @@ def shard_intervals(
     if not 0 <= rank < ring_size:
         raise ValueError(f"rank {rank} is outside a ring of size R={ring_size}")
     c = seq_len // (ring_size * chunks_per_rank(layout))
-    return tuple((ch * c, (ch + 1) * c) for ch in _chunks(seq_len, ring_size, layout, documents)[rank])
+    return tuple((ch * c, (ch + 1) * c) for ch in _chunks(seq_len, ring_size, layout, _dealt_by(layout, documents))[rank])
 
 
 def holders(seq_len: int, ring_size: int, layout: Layout, start: int, stop: int,
@@ -96,8 +93,20 @@ def holders(seq_len: int, ring_size: int, layout: Layout, start: int, stop: int,
     """The ranks holding any of the global positions ``[start, stop)`` (arguments checked by
     the caller: the planner asks this for every segment of every rank)."""
     c = seq_len // (ring_size * chunks_per_rank(layout))
-    owner = _owners(seq_len, ring_size, layout, documents)
+    owner = _owners(seq_len, ring_size, layout, _dealt_by(layout, documents))
     return {owner[ch] for ch in range(start // c, (stop - 1) // c + 1)}
+
+
+def _dealt_by(layout: Layout, documents: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The documents a layout deals its chunks by: only the documents layout's (so the other
+    layouts' cached chunks serve every packing)."""
+    return documents if layout is Layout.DOCUMENTS else None
+
+
+def clear() -> None:
+    """Drop the cached chunks of each rank (:func:`ring_attention.executable.clear` calls this)."""
+    _chunks.cache_clear()
+    _owners.cache_clear()
 
 
 @functools.lru_cache(maxsize=256)
@@ -190,7 +199,7 @@ def unshard(shards: list[torch.Tensor], layout: Layout | str, dim: int = 1, *,
     if lengths[0] % per:
         raise ValueError(f"{layout} shards hold {per} equal chunks: shard length {lengths[0]} is not divisible by {per}")
     ring_size, n = len(shards), lengths[0] * len(shards)
-    chunks = _chunks(n, ring_size, layout, check_documents(cu_seqlens, n))
+    chunks = _chunks(n, ring_size, layout, _dealt_by(layout, check_documents(cu_seqlens, n)))
     pieces: list[torch.Tensor] = [shards[0]] * (ring_size * per)
     for rank, held in enumerate(chunks):
         for ch, piece in zip(held, shards[rank].chunk(per, dim=dim)):

@@ -57,15 +57,13 @@ def _plan(q: torch.Tensor, k: torch.Tensor, segment_lengths: Sequence[int], dila
 
 
 def _shards(x: torch.Tensor, plan: ExecutablePlan) -> dict[int, torch.Tensor]:
-    key = plan.key
-    return dict(enumerate(_layout.shard(x, key.ring_size, key.layout, cu_seqlens=key.mask.documents)))
+    return dict(enumerate(plan.shard(x)))
 
 
 def _joined(shards: list[torch.Tensor], plan: ExecutablePlan, dtype: torch.dtype) -> torch.Tensor:
     """The ranks' shards in natural order: a new contiguous tensor in ``dtype``."""
     shards = [s.to(dtype) for s in shards]
-    key = plan.key
-    x = shards[0] if len(shards) == 1 else _layout.unshard(shards, key.layout, cu_seqlens=key.mask.documents)
+    x = shards[0] if len(shards) == 1 else plan.unshard(shards)
     return x.contiguous()
 
 

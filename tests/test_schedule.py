@@ -84,7 +84,7 @@ def test_write_or_merge_is_decided_by_the_executor_for_any_order(pattern, causal
     for order in (lambda p: p, _reordered):
         rank_plans = tuple(order(p) for p in plans.ring_plans(pattern, n, h, hkv, causal, ring_size, layout, ring.ranks))
         key = PlanKey(pattern, n, h, hkv, SequenceMask(causal), ring_size, layout, ring.ranks, 2, 8, q.dtype)
-        out = autograd.run_on_ring(executable.build(key, rank_plans), ring, 8**-0.5, layout, q, k, v)
+        out = autograd.run_on_ring(executable.build(key, rank_plans), ring, 8**-0.5, q, k, v)
         torch.testing.assert_close(out, expected)
 
 
