@@ -1,6 +1,7 @@
 """Sessions: ``nox -s tests`` (CPU test suite), ``nox -s perf`` (benchmarks + gate), ``nox -s history``
 (trend plots and regressions of the benchmark history), ``nox -s cuda`` (the kernels and every variant
-on a real GPU against float64), ``nox -s lint``, ``nox -s typecheck`` (``mypy --strict ring_attention``).
+on a real GPU against float64), ``nox -s lint``, ``nox -s typecheck`` (``mypy --strict ring_attention``),
+``nox -s transformers`` (the transformers integration against two pinned releases).
 
 torch comes from ``RING_ATTENTION_TORCH`` (default ``torch==2.13.0``):
 
@@ -134,6 +135,31 @@ def typecheck(session):
     so it runs with the torch the other sessions use."""
     _install(session, "typecheck")
     session.run("mypy", "--strict", "ring_attention", *session.posargs, external=KEEP_TORCH)
+
+
+# The oldest transformers release the integration supports and the newest at the time of writing.
+TRANSFORMERS_VERSIONS = ("4.57.6", "5.25.0")
+
+
+@nox.session(venv_backend=TORCH_BACKEND)
+@nox.parametrize("version", TRANSFORMERS_VERSIONS)
+def transformers(session, version):
+    """ring_attention.integrations.transformers against one pinned transformers release: parity
+    with transformers' own sdpa on tiny random models (one process and 2 gloo ranks) and every
+    refusal. Not part of ``tests``: each release installs into its own environment."""
+    _install(session, "test")
+    requirement = f"transformers=={version}"
+    if KEEP_TORCH:
+        if not _no_install(session):
+            session.run("python", "-m", "pip", "install", requirement, external=True)
+    else:
+        session.install(requirement)
+    # the tests skip without transformers: make sure this session has the release it names
+    session.run("python", "-c", f"import transformers, sys; sys.exit(transformers.__version__ != {version!r} "
+                f"and 'transformers ' + transformers.__version__ + ' is installed, not {version}')",
+                external=KEEP_TORCH)
+    session.run("python", "-m", "pytest", "tests/test_integrations_transformers.py", *session.posargs,
+                env={"OMP_NUM_THREADS": "1"}, external=KEEP_TORCH)
 
 
 @nox.session

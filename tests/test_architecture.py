@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import pathlib
 import re
+import subprocess
+import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ring_attention"
 DOC = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
@@ -44,3 +46,32 @@ def test_no_module_imports_its_layer_or_one_above():
         for m in layer_of for d in sorted(_imports(m)) if layer_of[d] >= layer_of[m]
     ]
     assert not upward, "\n".join(upward)
+
+
+def _imported_names(path: pathlib.Path) -> set[str]:
+    """Every absolute module name ``path`` imports, and ``.x`` for its relative imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.update([base] if node.module else [base + a.name for a in node.names])
+    return names
+
+
+def test_the_core_never_imports_an_integration():
+    """Integrations are optional extras: no core module names one or its library, and
+    importing the package loads neither (the extras may be absent)."""
+    offending = {
+        p.name: sorted(n for n in _imported_names(p)
+                       if n.split(".")[0] == "transformers" or "integrations" in n.split("."))
+        for p in PACKAGE.glob("*.py")
+    }
+    assert not {k: v for k, v in offending.items() if v}
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, ring_attention; print(sorted(m for m in sys.modules "
+         "if m.split('.')[0] == 'transformers' or m.startswith('ring_attention.integrations')))"],
+        capture_output=True, text=True, check=True, cwd=PACKAGE.parent,
+    ).stdout.strip()
+    assert loaded == "[]"

@@ -1,0 +1,200 @@
+"""The attention function and mask function registered with transformers.
+
+transformers calls an attention backend as ``fn(module, query, key, value, attention_mask,
+dropout=, scaling=, sliding_window=, **kwargs)`` with ``[B, H, S, D]`` tensors and takes back
+``([B, S, H, D], weights)``; it builds ``attention_mask`` with the function registered under the
+same name in ``AttentionMaskInterface`` (a backend missing there gets ``None``, padding and
+all). :class:`Backend` is both: what the model asks for it honours exactly, or refuses with a
+``ValueError`` naming it. Nothing is dropped silently:
+
+- causal or not (``is_causal``, else ``module.is_causal``), the scale, grouped-query heads;
+- ``sliding_window=W`` (keys ``j > i - W``): ``window=(W - 1, 0)`` with causal attention;
+- packed documents from ``cu_seq_lens_q``/``cu_seq_lens_k`` (global offsets on a ring);
+- ``position_ids`` must be the positions the attention computes with: the token's place in its
+  document, in the ring's layout. Documents packed only through restarting position ids (the
+  form transformers' ``sdpa`` mask infers them from) are refused: they need ``cu_seq_lens``;
+- refused: padding masks, dense 4-D masks, dropout, ``softcap``, attention sinks, a KV cache
+  holding more keys than queries, any keyword this module does not know.
+
+Checks that depend on a rank's data (positions, padding) are agreed on by the group before
+anyone raises, so every rank raises the same error and none waits in a collective.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..._checks import check_documents
+from ...entry import FULL, attend
+from ...layout import Layout, shard
+from ...pattern import DilatedPattern
+
+# Keywords models pass that change nothing here (``max_length_*`` restate ``cu_seq_lens``).
+_IGNORED = frozenset({"max_length_q", "max_length_k", "use_cache", "cache_position", "output_attentions",
+                      "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "return_dict"})
+
+
+class Backend:
+    """One registered backend: full attention (``pattern=None``) or dilated attention, on one
+    device, a simulated ring (``ring_size``) or a process group (``group``: each rank holds its
+    shard of the sequence in ``layout``)."""
+
+    def __init__(self, name: str, *, pattern: DilatedPattern | None = None,
+                 group: dist.ProcessGroup | None = None, ring_size: int | None = None,
+                 layout: Layout | str = Layout.CONTIGUOUS, checkpoint: bool = False) -> None:
+        if pattern is not None and not isinstance(pattern, DilatedPattern):
+            raise TypeError(f"pattern must be a DilatedPattern or None, got {type(pattern).__name__}")
+        if group is not None and ring_size is not None:
+            raise ValueError("pass group (ranks of a process group) or ring_size (a simulated ring), not both")
+        self.name = name
+        self.pattern = pattern
+        self.group = group
+        self.ring_size = ring_size
+        self.layout = Layout.named(layout, "layout")
+        self.checkpoint = checkpoint
+        # position_ids are one tensor for every layer of a forward: checked once
+        self._checked: weakref.ref[torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        where = f"group of {dist.get_world_size(self.group)}" if self.group is not None else \
+            f"ring_size={self.ring_size}" if self.ring_size else "one device"
+        return f"Backend({self.name!r}, pattern={self.pattern}, {where}, layout={self.layout})"
+
+    # -- AttentionInterface --------------------------------------------------------------------
+
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 sliding_window: int | None = None, is_causal: bool | None = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        self._refuse_unsupported(dropout, kwargs)
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(
+                f"{self.name}: {key.shape[2]} keys for {query.shape[2]} queries (a KV cache, e.g. generation): "
+                "ring attention is for training and prefill; pass use_cache=False"
+            )
+        ring = dist.get_world_size(self.group) if self.group is not None else 1
+        documents, problem = None, None
+        try:
+            documents = _documents(kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"), query.shape[2] * ring)
+        except (TypeError, ValueError) as error:
+            problem = f"cu_seq_lens_q/cu_seq_lens_k: {error}"
+        if attention_mask is not None:
+            problem = (f"attention_mask: {self.name} received a {attention_mask.dim()}-d mask it cannot honour "
+                       "(a custom mask); pass attention_mask=None and pack documents with cu_seq_lens_q/k")
+        self._agree(problem)
+        self._check_positions(kwargs.get("position_ids"), query.shape[2], documents)
+        out = attend(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            FULL if self.pattern is None else self.pattern, group=self.group, ring_size=self.ring_size,
+            causal=causal, scale=scaling, layout=self.layout, checkpoint=self.checkpoint,
+            window=_window(sliding_window, causal, self.name), cu_seqlens=documents,
+        )
+        return out, None
+
+    def _refuse_unsupported(self, dropout: float, kwargs: dict[str, Any]) -> None:
+        if dropout:
+            raise ValueError(f"{self.name}: attention dropout {dropout} is not supported; "
+                             "set config.attention_dropout = 0.0")
+        if kwargs.get("output_attentions"):
+            raise ValueError(f"{self.name}: output_attentions=True: the attention weights are never formed")
+        unknown = sorted(k for k, v in kwargs.items() if k not in _IGNORED and v is not None and v is not False)
+        if unknown:
+            raise ValueError(
+                f"{self.name}: the model passes {', '.join(unknown)}, which {self.name} does not honour "
+                "(e.g. softcap, attention sinks s_aux, position_bias): use transformers' own backends for it"
+            )
+
+    def _check_positions(self, position_ids: object, local_len: int, documents: tuple[int, ...] | None) -> None:
+        """``position_ids`` must count from each document's start, in the layout's order."""
+        if not isinstance(position_ids, torch.Tensor):
+            return
+        if self._checked is not None and self._checked() is position_ids:
+            return
+        ring = dist.get_world_size(self.group) if self.group is not None else 1
+        expected = _positions(local_len * ring, documents)
+        if self.group is not None:
+            expected = shard(expected, ring, self.layout, dim=0, cu_seqlens=documents)[dist.get_rank(self.group)]
+        problem = None
+        if position_ids.dim() != 2 or position_ids.shape[-1] != local_len:
+            problem = f"position_ids of shape {tuple(position_ids.shape)}: expected [B, {local_len}]"
+        elif not bool((position_ids == expected.to(position_ids.device)).all()):
+            where = "this rank's shard of" if self.group is not None else "the"
+            problem = (
+                f"position_ids are not {where} positions the attention computes with (each token's place in its "
+                "document" + ("" if documents is None else " of cu_seq_lens_q") + f", layout {self.layout}): documents "
+                "packed through position ids need cu_seq_lens_q/cu_seq_lens_k (e.g. transformers' "
+                "DataCollatorWithFlattening(return_flash_attn_kwargs=True))"
+            )
+        self._agree(problem)
+        self._checked = weakref.ref(position_ids)
+
+    # -- AttentionMaskInterface ----------------------------------------------------------------
+
+    def mask(self, batch_size: int, *args: Any, attention_mask: torch.Tensor | None = None,
+             **kwargs: Any) -> None:
+        """transformers' mask hook: there is no mask to build (causal, windows and documents are
+        arguments of the attention call), so it returns ``None`` after refusing what it cannot
+        honour: a padding mask, a mask function the model adds (``use_vmap``)."""
+        problem = None
+        if kwargs.get("use_vmap"):
+            problem = (f"{self.name}: the model adds its own mask function to the causal mask "
+                       "(or_mask_function/and_mask_function), which this backend cannot honour")
+        elif attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            problem = (f"attention_mask pads the batch, which {self.name} does not honour: pack the sequences "
+                       "without padding and pass cu_seq_lens_q/cu_seq_lens_k instead")
+        self._agree(problem)
+        return None
+
+    def _agree(self, problem: str | None) -> None:
+        """Raise ``problem`` (from any rank of the group) on every rank."""
+        if self.group is None:
+            if problem is not None:
+                raise ValueError(problem)
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+        flag = torch.tensor([problem is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if not flag.item():
+            return
+        problems: list[str | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(problems, problem, group=self.group)
+        raise ValueError("; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p is not None))
+
+
+def _window(sliding_window: int | None, causal: bool, name: str) -> tuple[int, int] | None:
+    """transformers' ``sliding_window=W`` keeps keys ``j > i - W``: flash-attn's ``(W - 1, 0)``."""
+    if sliding_window is None:
+        return None
+    if not causal:
+        raise ValueError(f"{name}: sliding_window={sliding_window} on non-causal attention is not supported")
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
+    return (sliding_window - 1, 0)
+
+
+def _documents(cu_q: object, cu_k: object, seq_len: int) -> tuple[int, ...] | None:
+    """The packed documents of ``cu_seq_lens_q``/``_k`` (self-attention: the two are equal),
+    checked against the whole sequence's length ``seq_len``."""
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None:
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be passed together")
+    bounds_q = check_documents(cu_q, seq_len)
+    if check_documents(cu_k, seq_len) != bounds_q:
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: self-attention packs queries and keys alike")
+    return bounds_q
+
+
+def _positions(seq_len: int, documents: tuple[int, ...] | None) -> torch.Tensor:
+    """Each global position's place in its document."""
+    positions = torch.arange(seq_len)
+    if documents is None:
+        return positions
+    starts = torch.tensor(documents[:-1])
+    return positions - starts[torch.searchsorted(starts, positions, right=True) - 1]
