@@ -190,6 +190,20 @@ def test_a_window_on_non_causal_attention_is_refused():
         AttentionInterface()[rat.ATTENTION](module, *_qkv(), None, sliding_window=4)
 
 
+@pytest.mark.parametrize("config, match", [
+    ({"layer_types": ["full_attention", "chunked_attention"]}, "layer 1 is a 'chunked_attention' layer"),
+    ({"attention_chunk_size": 8}, "attention_chunk_size=8"),
+])
+def test_layers_of_another_kind_are_refused(config, match):
+    module = _Module()
+    module.config, module.layer_idx = type("Config", (), config)(), 1
+    with pytest.raises(ValueError, match=match):
+        AttentionInterface()[rat.ATTENTION](module, *_qkv(), None)
+    module.layer_idx = 0
+    if "layer_types" in config:  # its full-attention layer runs
+        AttentionInterface()[rat.ATTENTION](module, *_qkv(), None)
+
+
 def test_a_mask_function_the_model_adds_is_refused():
     with pytest.raises(ValueError, match="mask function"):
         AttentionMaskInterface()[rat.ATTENTION](batch_size=1, q_length=8, kv_length=8, use_vmap=True)

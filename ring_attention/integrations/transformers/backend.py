@@ -14,7 +14,8 @@ all). :class:`Backend` is both: what the model asks for it honours exactly, or r
   document, in the ring's layout. Documents packed only through restarting position ids (the
   form transformers' ``sdpa`` mask infers them from) are refused: they need ``cu_seq_lens``;
 - refused: padding masks, dense 4-D masks, dropout, ``softcap``, attention sinks, a KV cache
-  holding more keys than queries, any keyword this module does not know.
+  holding more keys than queries, layers of another type than full or sliding attention
+  (``config.layer_types``, ``attention_chunk_size``), any keyword this module does not know.
 
 Checks that depend on a rank's data (positions, padding) are agreed on by the group before
 anyone raises, so every rank raises the same error and none waits in a collective.
@@ -72,6 +73,7 @@ class Backend:
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         self._refuse_unsupported(dropout, kwargs)
+        self._refuse_layer_type(module)
         if query.shape[2] != key.shape[2]:
             raise ValueError(
                 f"{self.name}: {key.shape[2]} keys for {query.shape[2]} queries (a KV cache, e.g. generation): "
@@ -108,6 +110,21 @@ class Backend:
                 f"{self.name}: the model passes {', '.join(unknown)}, which {self.name} does not honour "
                 "(e.g. softcap, attention sinks s_aux, position_bias): use transformers' own backends for it"
             )
+
+    def _refuse_layer_type(self, module: torch.nn.Module) -> None:
+        """A layer whose mask is neither full nor a sliding window (Llama 4's chunked attention)
+        would reach this backend with nothing in its arguments to say so: its config does."""
+        config = getattr(module, "config", None)
+        layer_types = getattr(config, "layer_types", None)
+        index = getattr(module, "layer_idx", None)
+        layer_type = layer_types[index] if isinstance(layer_types, (list, tuple)) and isinstance(index, int) \
+            and 0 <= index < len(layer_types) else None
+        if layer_type not in (None, "full_attention", "sliding_attention"):
+            raise ValueError(f"{self.name}: layer {index} is a {layer_type!r} layer (config.layer_types), which "
+                             f"{self.name} does not honour: it computes full and sliding-window attention")
+        if layer_type is None and getattr(config, "attention_chunk_size", None):
+            raise ValueError(f"{self.name}: config.attention_chunk_size={config.attention_chunk_size} (chunked "
+                             f"attention) is not honoured by {self.name}")
 
     def _check_positions(self, position_ids: object, local_len: int, documents: tuple[int, ...] | None) -> None:
         """``position_ids`` must count from each document's start, in the layout's order."""
