@@ -17,6 +17,10 @@ all). :class:`Backend` is both: what the model asks for it honours exactly, or r
   holding more keys than queries, layers of another type than full or sliding attention
   (``config.layer_types``, ``attention_chunk_size``), any keyword this module does not know.
 
+A mask function a model adds to the causal one (multimodal masks) is refused where transformers
+says so (5.x passes ``use_vmap=True`` to the mask hook); 4.x does not say, so there the backends
+are for text decoders.
+
 Checks that depend on a rank's data (positions, padding) are agreed on by the group before
 anyone raises, so every rank raises the same error and none waits in a collective.
 """
