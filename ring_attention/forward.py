@@ -18,7 +18,7 @@ from typing import Optional, cast
 
 import torch
 
-from . import kernels, views
+from . import kernels, nonfinite, views
 from .blocks import Block, Call, Index, index
 from .comm import Ring
 from .exchange import post_kv, wait
@@ -33,7 +33,7 @@ Accumulators = list[Optional[torch.Tensor]]
 
 
 class _SplitValues:
-    """Value sources split once for the causal blocks that read them (:func:`kernels.split_values`).
+    """Value sources split once for the causal blocks that read them (:func:`nonfinite.split_values`).
 
     One per group of blocks that share sources (a rank's local blocks, or one step's), so
     a received message's split dies with the step, as the message does.
@@ -45,7 +45,7 @@ class _SplitValues:
     def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         hit = self._by_source.get(id(v))
         if hit is None:  # v is kept in the entry: its id stays its own
-            hit = self._by_source[id(v)] = (v, *kernels.split_values(v))
+            hit = self._by_source[id(v)] = (v, *nonfinite.split_values(v))
         return hit[1], hit[2]
 
 
@@ -57,8 +57,8 @@ def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torc
     (or, for the schedule's adopted call, becomes them). ``lse`` is ``None`` where nothing
     reads it (no merge, no backward).
 
-    Non-finite query rows (:func:`kernels.marks_query_rows`) are marked as results are
-    written: ``poison [B, n, H]`` (:func:`kernels.query_row_poison`) is added with weight 0
+    Non-finite query rows (:func:`nonfinite.marks_query_rows`) are marked as results are
+    written: ``poison [B, n, H]`` (:func:`nonfinite.query_row_poison`) is added with weight 0
     in the copy (the same launch), and a merge into a marked cell keeps the NaN. ``None``:
     the caller marks the rows once at the end (:func:`_mark_query_rows`).
 
@@ -89,7 +89,7 @@ def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torc
             )
             if causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
                 bad_runs = views.run_view(bad_vb[:, g], c.k_start, c.runs, c.k_len)
-                o.add_(kernels.value_poison(bad_runs).flatten(0, 2))
+                o.add_(nonfinite.value_poison(bad_runs).flatten(0, 2))
             _put_result(rank.recipes, blk, c, g, q, q_rows, write, mark, acc, o, lse)
             del o, lse  # before the next offset's results: one block result alive at a time
 
@@ -226,13 +226,13 @@ def _forward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[i
         out_dtype = acc if schedule.merges else qs[r].dtype
         covered = schedule.covers(ranks[r].shard)
         adopted = ranks[r].adopts_forward
-        if kernels.marks_query_rows(qs[r]):
+        if nonfinite.marks_query_rows(qs[r]):
             # Marked in the copies of written results, for free; but a merge may reach a cell
             # before any write where the writes do not cover the shard: then once, at the end.
             if adopted or (schedule.merges and not covered):
                 marked_at_end.append(r)
             else:
-                poisons[r] = kernels.query_row_poison(qs[r], acc)
+                poisons[r] = nonfinite.query_row_poison(qs[r], acc)
         if adopted:
             state[r] = [None, None]  # the adopted call's results will be the accumulators
         else:
@@ -264,4 +264,4 @@ def _mark_query_rows(rank: RankExecution, q: torch.Tensor, out: torch.Tensor, ls
     ``(0, 0)`` where every score is ``-inf``). A cell the plan never computes has no keys:
     it stays ``(0, -inf)`` whatever its query holds."""
     without_keys = None if rank.schedule.covers(rank.shard) else rank.cells_without_keys(q)
-    kernels.mark_query_rows_(q, out, None if lse is None else views.rows_major(lse), without_keys)
+    nonfinite.mark_query_rows_(q, out, None if lse is None else views.rows_major(lse), without_keys)

@@ -15,7 +15,8 @@ Two levels, as ``flex_attention`` separates a ``mask_mod`` from its ``BlockMask`
 
 The planner (:mod:`ring_attention.plans`) asks only :meth:`SequenceMask.block`, the oracle
 (:func:`ring_attention.pattern.weights`) only :meth:`SequenceMask.keeps`: a new mask is
-one change here, checked against the oracle by the same tests.
+one change here, checked against the oracle by the same tests. :func:`band_keeps` spells a
+band out as a dense boolean block for the kernels that take a mask (the CPU op, math).
 """
 
 from __future__ import annotations
@@ -159,3 +160,9 @@ class SequenceMask:
         if q_len == k_len and lo == -(q_len - 1) and hi == 0:
             return BlockMask.CAUSAL
         return Band(lo, hi)
+
+
+def band_keeps(q_len: int, k_len: int, band: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``[q_len, k_len]`` bool: block-local key ``j`` kept for query ``i`` (``lo <= j - i <= hi``)."""
+    d = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
+    return (d >= band[0]) & (d <= band[1])

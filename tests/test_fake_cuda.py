@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import ring_attention as ra
-from ring_attention import executable, kernels, registry, schedule
+from ring_attention import executable, kernels, nonfinite, registry, schedule
 from tests.fake_cuda import CAPABILITIES, MAX_GRID_YZ, FakeCuda, fake_cuda
 
 aten = torch.ops.aten
@@ -599,7 +599,7 @@ def test_cuda_shards_mark_non_finite_query_rows(name):
     as a row without keys (0), the reference as NaN. Each shard computes its query-row
     poison once (one reduction, no host sync), as on the CPU."""
     variant = registry.VARIANTS[name]
-    with mock.patch.object(kernels, "query_row_poison", wraps=kernels.query_row_poison) as poison:
+    with mock.patch.object(nonfinite, "query_row_poison", wraps=nonfinite.query_row_poison) as poison:
         fc = _run_variant(name, n=VARIANT_N.get(name, N), d=64, dtype=torch.float16, backward=False)
     shards = getattr(variant, "ring_size", None) or 1
     assert poison.call_count == shards, (poison.call_count, shards)

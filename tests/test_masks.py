@@ -6,8 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ring_attention.kernels import band_keeps
-from ring_attention.masks import Band, BlockMask, SequenceMask
+from ring_attention.masks import Band, BlockMask, SequenceMask, band_keeps
 from ring_attention.pattern import weights
 
 

@@ -273,12 +273,12 @@ def test_a_band_block_on_the_kernels(k_len, band):
     """One block with a band, forward and backward, against a dense masked softmax: rows
     with no key in the band give out 0 and LSE -inf, and their gradients are 0, not NaN,
     also when their final LSE is -inf (a row that no block gives a key)."""
-    from ring_attention import kernels
+    from ring_attention import kernels, masks
 
     q, k, v, _ = make_qkv(5, 2, 24, 3, 3, 8)
     q = q.detach()[:, :20].transpose(1, 2).requires_grad_()
     k, v = (t.detach()[:, :k_len].transpose(1, 2).requires_grad_() for t in (k, v))
-    keep = kernels.band_keeps(20, k_len, band, q.device)
+    keep = masks.band_keeps(20, k_len, band, q.device)
     s = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~keep, float("-inf"))
     lse_ref = torch.logsumexp(s, -1)
     out_ref = torch.softmax(s, -1).nan_to_num(0.0) @ v

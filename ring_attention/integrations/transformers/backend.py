@@ -126,8 +126,9 @@ class Backend:
         if layer_type not in (None, "full_attention", "sliding_attention"):
             raise ValueError(f"{self.name}: layer {index} is a {layer_type!r} layer (config.layer_types), which "
                              f"{self.name} does not honour: it computes full and sliding-window attention")
-        if layer_type is None and getattr(config, "attention_chunk_size", None):
-            raise ValueError(f"{self.name}: config.attention_chunk_size={config.attention_chunk_size} (chunked "
+        chunk = getattr(config, "attention_chunk_size", None)
+        if layer_type is None and chunk:
+            raise ValueError(f"{self.name}: config.attention_chunk_size={chunk} (chunked "
                              f"attention) is not honoured by {self.name}")
 
     def _check_positions(self, position_ids: object, local_len: int, documents: tuple[int, ...] | None) -> None:

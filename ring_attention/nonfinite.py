@@ -1,0 +1,126 @@
+"""Non-finite inputs: a NaN or inf shows where the reference says, never hidden as 0.
+
+The fused kernels and the reference disagree on non-finite inputs in two ways, and every
+kernel call here corrects both:
+
+- **Values.** A kernel multiplies a masked key's value by a zero probability, and ``0 * NaN``
+  would spread a NaN (or inf) in value ``v[j, d]`` to rows that do not attend key ``j``. In a
+  causal block or a band's block the non-finite values are zeroed before the kernel and their
+  NaN added back to exactly the rows that attend them (:func:`quarantine_values`,
+  :func:`band_values`; split once per source, :func:`split_values`, :func:`value_poison`).
+- **Query rows.** The reference gives NaN for a query row holding NaN or inf; a kernel can
+  return such a row as a finite 0 (a row without keys). Rows are marked NaN after their
+  blocks merge (:func:`marks_query_rows`, :func:`mark_query_rows_`).
+
+Both are skipped where an input is seen to be finite (:func:`known_finite`: eager CPU only,
+where reading a value back is free).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+from .masks import band_keeps
+
+
+def marks_query_rows(q: torch.Tensor) -> bool:
+    """Whether blocks of ``q`` need :func:`mark_query_rows_` to show a non-finite query as NaN.
+
+    The reference gives NaN for a query row holding NaN or inf (its scores are NaN, or
+    ``+-inf``, whose softmax is NaN). Every backend can return such a row as a finite 0
+    instead: a row holding inf can score ``-inf`` against every key, which the CUDA
+    kernels' online softmax takes for a row without keys (flash: row sum 0 gives out 0
+    and lse inf; the math backend's finite shift gives 0 too), and the CPU op returns 0 or
+    inf for NaN rows as well. So every backend marks, unless ``q`` is seen to be finite
+    (:func:`known_finite`, eager CPU only): on CUDA that is one reduction per shard and
+    weight-0 adds folded into copies that run anyway, with no host synchronisation.
+    """
+    return not known_finite(q)
+
+
+def query_row_poison(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q [..., D]`` summed over D in ``dtype`` (float32 or wider): non-finite exactly in
+    the rows that hold NaN or inf, finite elsewhere. Added with ``alpha=0`` (0 * inf is
+    NaN), it makes those rows NaN and leaves the others as they are."""
+    return q.sum(-1, dtype=dtype)
+
+
+def mark_query_rows_(
+    q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, without_keys: torch.Tensor | None = None
+) -> None:
+    """Make ``out [..., D]`` and ``lse [...]`` (or ``None``) NaN where ``q [..., D]`` holds NaN
+    or inf: one kernel per tensor (:func:`query_row_poison`). ``without_keys``: a bool mask,
+    broadcast to ``lse``'s shape, of cells left as they are (rows without keys stay 0)."""
+    poison = query_row_poison(q, torch.promote_types(q.dtype, torch.float32))
+    if without_keys is not None:
+        poison.masked_fill_(without_keys, 0.0)
+    out.add_(poison.unsqueeze(-1), alpha=0)
+    if lse is not None:
+        lse.add_(poison, alpha=0)
+
+
+def quarantine_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(v with its non-finite entries zeroed, poison)`` for a causal block ``v [..., L, D]``.
+
+    Fused kernels multiply a masked key's value by a zero probability, and 0 * NaN would
+    spread a NaN (or inf) in value ``v[j, d]`` to the rows before ``j``, which do not attend
+    it. ``poison [..., L, D]`` is NaN at ``[i, d]`` where some ``j <= i`` has a non-finite
+    ``v[j, d]`` and 0 elsewhere: added to the output, it marks exactly what the math does.
+
+    ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`): then there is
+    nothing to quarantine, and the scan along L, the costliest of the four kernels, is saved.
+    """
+    v, bad = split_values(v)
+    return v, None if bad is None else bad.cumsum_(-2)
+
+
+def band_values(
+    q_len: int, v: torch.Tensor, band: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(v with non-finite entries zeroed, poison [..., Lq, D])`` for a block with a band,
+    as :func:`quarantine_values` for a causal one: kernels multiply a masked value by a zero
+    probability, and 0 * NaN would reach rows whose band does not hold the key. ``poison``
+    is NaN at ``[i, d]`` where a key ``j`` in row ``i``'s band has a non-finite ``v[j, d]``,
+    else 0. ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`)."""
+    if known_finite(v):
+        return v, None
+    keep = band_keeps(q_len, v.shape[-2], band, v.device).to(torch.float32)
+    hits = torch.matmul(keep, (v - v).isnan().to(torch.float32))  # [..., Lq, D]: bad values in each band
+    poison = torch.zeros(hits.shape, dtype=v.dtype, device=v.device).masked_fill_(hits > 0, float("nan"))
+    return v.nan_to_num(0.0, 0.0, 0.0), poison
+
+
+def split_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(v with its non-finite entries zeroed, bad)``, ``bad`` NaN exactly at those entries
+    (``inf - inf`` too) and 0 elsewhere; ``(v, None)`` where ``v`` is seen to be finite
+    (:func:`known_finite`). Split once, a source serves every causal block that reads it:
+    each block's poison is then one scan of its rows of ``bad`` (:func:`value_poison`)."""
+    if known_finite(v):
+        return v, None
+    return v.nan_to_num(0.0, 0.0, 0.0), v - v
+
+
+def value_poison(bad: torch.Tensor) -> torch.Tensor:
+    """The poison of a causal block's rows from its keys' ``bad [..., L, D]``
+    (:func:`split_values`): NaN at ``[i, d]`` where some ``j <= i`` holds a non-finite
+    ``v[j, d]``, else 0; added to the block's output (:func:`quarantine_values`)."""
+    return bad.cumsum(-2)
+
+
+def known_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a real CPU tensor whose entries are all finite.
+
+    Only where reading a value back is free: a CPU tensor in eager mode (one reduction,
+    no device to synchronize with). A CUDA tensor would stall the host on every block,
+    and a traced or transformed one (``torch.compile``, ``make_fx``, ``torch.func``, fake
+    or meta tensors) has no value to read: ``False`` sends them down the path that is
+    right whatever ``x`` holds. So does a sum that overflows to inf: needless, not wrong.
+    """
+    traced = torch.compiler.is_compiling() or get_proxy_mode() is not None  # torch.compile, make_fx
+    if x.device.type != "cpu" or traced or is_fake(x) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False  # (a functorch wrapper: vmap's batched tensors have no one value to read)
+    return math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item())

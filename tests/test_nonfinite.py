@@ -1,0 +1,57 @@
+"""Non-finite inputs: which tensors are seen to be finite, and which query rows are marked."""
+
+import pytest
+import torch
+
+from ring_attention import nonfinite
+from tests.inputs import randn as _rand
+
+
+@pytest.mark.parametrize(
+    "make, finite",
+    [
+        (lambda: torch.randn(2, 3, 5, 4), True),
+        (lambda: torch.randn(2, 3, 5, 4).index_fill_(2, torch.tensor([3]), float("nan")), False),
+        (lambda: torch.randn(2, 3, 5, 4).index_fill_(3, torch.tensor([1]), float("-inf")), False),
+        (lambda: torch.full((4, 4), torch.finfo(torch.float32).max), False),  # the sum overflows
+        (lambda: torch.randn(4, 4, dtype=torch.float16), True),
+    ],
+)
+def test_known_finite_reads_real_cpu_tensors(make, finite):
+    assert nonfinite.known_finite(make()) is finite
+
+
+def test_known_finite_is_false_where_reading_a_value_would_trace_or_stall():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not nonfinite.known_finite(torch.ones(3, device="meta"))
+    with FakeTensorMode():
+        assert not nonfinite.known_finite(torch.ones(3))
+        assert not nonfinite.known_finite(torch.ones(3, device="cuda"))
+
+
+def test_transformed_and_traced_calls_read_no_value():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import ring_attention as ra
+
+    q, k, v = (_rand((3, 1, 32, 2, 8), torch.float32, s) for s in range(3))
+    assert not torch.func.vmap(lambda x: torch.tensor(nonfinite.known_finite(x)))(q).any()
+    # vmap and make_fx (real tensors under a tracing mode) run as before: no .item() on them
+    batched = torch.func.vmap(lambda x: ra.dense_attention(x, k[0], v[0], causal=True))(q)
+    torch.testing.assert_close(batched, torch.stack([ra.dense_attention(x, k[0], v[0], causal=True) for x in q]))
+    traced = make_fx(lambda a, b, c: ra.dilated_attention(a, b, c, ra.DilatedPattern((8, 16), (1, 2))))(q[0], k[0], v[0])
+    torch.testing.assert_close(traced(q[0], k[0], v[0]), ra.dilated_attention(q[0], k[0], v[0], ra.DilatedPattern((8, 16), (1, 2))))
+
+
+def test_only_a_query_seen_finite_skips_marking_its_rows():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = _rand((1, 2, 32, 8), torch.float32, 0)
+    assert not nonfinite.marks_query_rows(q)  # seen finite: nothing to mark
+    q[0, 1, 5, 2] = float("inf")
+    assert nonfinite.marks_query_rows(q)
+    with FakeTensorMode():  # no value to read: marked, whatever it holds
+        assert nonfinite.marks_query_rows(torch.ones(1, 2, 32, 8))
+        # CUDA: a row holding inf scoring -inf everywhere comes back as a row without keys
+        assert nonfinite.marks_query_rows(torch.ones(1, 2, 32, 8, device="cuda"))
