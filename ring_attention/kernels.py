@@ -16,7 +16,7 @@ Backends (:func:`backend`), each called only with inputs its kernel accepts:
 
 - ``cpu``: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
   (float16, bfloat16, float32, float64; any head dim), for blocks of at least
-  :data:`CPU_FEW_KEYS` keys (smaller ones run on ``math``).
+  :data:`CPU_FEW_KEYS` keys, or fewer keys seen to be finite (others run on ``math``).
 - ``flash``: ``aten._scaled_dot_product_flash_attention`` (CUDA, float16/bfloat16, sm80 or
   newer, flash enabled in ``torch.backends.cuda``). Its kernel requires ``D % 8 == 0`` and
   ``D <= 256``, loads 16-byte vectors, and puts the batch on the grid's y axis. Its
@@ -86,10 +86,16 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def backend(q: torch.Tensor, kv_len: int | None = None) -> str:
-    """The backend a block with ``q [B, H, L, D]`` (and ``kv_len`` keys) runs on: cpu,
-    flash, efficient or math."""
-    if q.device.type == "cpu" and kv_len is not None and kv_len < CPU_FEW_KEYS:
+def backend(q: torch.Tensor, kv_len: int | None = None, k: torch.Tensor | None = None) -> str:
+    """The backend a block with ``q [B, H, L, D]`` (and ``kv_len`` keys ``k``) runs on: cpu,
+    flash, efficient or math.
+
+    A CPU block of fewer than :data:`CPU_FEW_KEYS` keys runs on math unless its keys are seen
+    to be finite (:func:`~ring_attention.nonfinite.known_finite`): then no row's scores are all
+    NaN (a non-finite query row is marked afterwards, whatever the backend), and many short
+    documents stay on the fused op instead of a dozen math launches each."""
+    if q.device.type == "cpu" and kv_len is not None and kv_len < CPU_FEW_KEYS \
+            and (k is None or not known_finite(k)):
         return "math"
     if q.device.type in ("cpu", "meta"):  # meta: shapes only, through the CPU op's meta kernel
         return "cpu"
@@ -155,7 +161,7 @@ def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
     band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kind = _band_kind(backend(q, k.shape[-2]), band)
+    kind = _band_kind(backend(q, k.shape[-2], k), band)
     if kind == "cpu":
         return _cpu_forward(q, k, v, causal, scale, band)
     if kind == "math":
@@ -186,7 +192,7 @@ def attention_backward(
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
     _check_block(q, k, causal)
     q, scale, q_factor = fold_scale(q, scale)
-    kind = _band_kind(backend(q, k.shape[-2]), band)
+    kind = _band_kind(backend(q, k.shape[-2], k), band)
     if kind == "flash" and not _flash_backward_runs(q):
         kind = "efficient"
     if kind == "cpu":

@@ -269,3 +269,19 @@ def test_the_cpu_backward_reads_a_strided_lse_as_it_is(dtype):
         got = kernels.attention_backward(dout, q, k, v, out, strided, causal=False, scale=0.3)
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
+
+
+def test_a_short_block_runs_on_the_cpu_op_only_when_its_keys_are_seen_finite():
+    """Fewer than CPU_FEW_KEYS keys: the CPU op gives a finite 0 for a row whose every score is
+    NaN, so such a block runs on math unless its keys are finite (a NaN query row is marked
+    afterwards on every backend): many short documents then stay on the fused op."""
+    q, k, v = (_rand((1, 2, 8, 8), torch.float32, s) for s in range(3))
+    assert kernels.backend(q, 8, k) == "cpu"
+    assert kernels.backend(q, 8) == "math"  # keys not given: not seen
+    q[0, 1, 2, 5] = float("nan")
+    out, _ = kernels.attention_forward(q, k, v, causal=True, scale=0.3)
+    assert out[0, 1, 2].isnan().all() and out[0, 0].isfinite().all() and out[0, 1, 3:].isfinite().all()
+    k[0, 0, 3, 1] = float("nan")
+    assert kernels.backend(q, 8, k) == "math"
+    out, _ = kernels.attention_forward(q, k, v, causal=True, scale=0.3)
+    assert out[0, 0, :3].isfinite().all() and out[0, 0, 3:].isnan().all()
