@@ -61,6 +61,8 @@ def rows(run: dict, thresholds: gate.Thresholds | None = None) -> list[dict]:
             "correct": err is not None and math.isfinite(err) and err <= thr.tolerance(e["dtype"]),
             "error_note": e.get("max_error_note", ""),
             "counters": e.get("counters"),
+            "flex_ms": e["flex_median_s"] * 1e3 if e.get("flex_median_s") else None,
+            "flex_anchor": e.get("flex_anchor"),
         })
     out.sort(key=lambda r: (r["N"], r["dtype"], r["pass"], r["order"]))
     return out
@@ -126,6 +128,22 @@ def counter_table(data: list[dict]) -> list[str]:
     return lines
 
 
+def flex_table(data: list[dict]) -> list[str]:
+    """Masked rows (windows, packed documents) against FlexAttention with the same block mask."""
+    masked = [r for r in data if r.get("flex_anchor")]
+    if not masked:
+        return ["No masked rows in this run."]
+    lines = ["| variant | N | dtype | pass | time (ms) | FlexAttention (ms) | speed vs FlexAttention |",
+             "|---|---|---|---|---|---|---|"]
+    for r in masked:
+        if r["flex_ms"] is None:
+            flex_cells = f"n/a ({r['flex_anchor']}) | n/a"
+        else:
+            flex_cells = f"{r['flex_ms']:.2f} | {r['flex_ms'] / r['time_ms']:.2f}x"
+        lines.append(f"| {r['variant']} | {r['N']} | {r['dtype']} | {r['pass']} | {r['time_ms']:.2f} | {flex_cells} |")
+    return lines
+
+
 def markdown(run: dict, title: str | None = None) -> str:
     info = run.get("machine_info", {})
     title = title or f"ring_attention benchmarks on {info.get('perf_device', '?')}"
@@ -178,6 +196,14 @@ def markdown(run: dict, title: str | None = None) -> str:
         lines.append(f"- N = {n:,}, {dtype}, {mode}: " + ", ".join(parts))
 
     lines += [
+        "",
+        "## Masked rows against FlexAttention",
+        "",
+        "PyTorch's own way to run a sliding window or packed documents: compiled `flex_attention` "
+        "with the same mask as a `BlockMask` (perf/flex.py), timed after the row (median of "
+        "3 rounds; not gated). Speed vs FlexAttention is its time / the variant's.",
+        "",
+        *flex_table(data),
         "",
         "## Cost counters",
         "",

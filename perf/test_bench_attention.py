@@ -11,7 +11,9 @@ reports the time per call to pytest-benchmark through ``measure.round_clock``.
 SDPA of the same shape / dtype / causal flag / pass, pinned to the backend of
 ``measure.sdpa_anchor_backend`` (flash on CUDA), is timed in pedantic's untimed setup,
 right before each round of the variant; ``ratio_to_sdpa`` is the median of the per-round
-ratios (variant time / SDPA time).
+ratios (variant time / SDPA time). A window or packed-documents row is also timed against
+FlexAttention with the same block mask where it runs (perf/flex.py; ``flex_median_s``, not
+gated).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perf import compiled, counters, measure
+from perf import compiled, counters, flex, measure
 from perf import device as _device
 from ring_attention import registry
 from ring_attention.dense import dense_attention
@@ -47,6 +49,28 @@ def _anchor(variant, n, device, backend):
         return out.transpose(1, 2)
 
     return masked, None, "sdpa+mask"
+
+
+# Rounds of a masked row's FlexAttention anchor, timed after the row's own (not gated).
+FLEX_ROUNDS = 3
+
+
+def _flex(variant, n, device, backward, q, k, v, grad_out, timer, flush) -> dict:
+    """A masked row's FlexAttention anchor (perf/flex.py): ``flex_median_s``, or why it has none."""
+    if n > MASKED_ANCHOR_MAX_N:  # create_block_mask evaluates the mask on all N x N pairs
+        return {"flex_anchor": f"not built past N={MASKED_ANCHOR_MAX_N}"}
+    mask = SequenceMask(variant.causal, variant.window(n), variant.documents(n))
+    attend, note = flex.anchor(mask, n, device, backward)
+    if attend is None:
+        return {"flex_anchor": note}
+    call = _call(attend, q, k, v, grad_out, backward)
+    call()  # compiles
+    repeats = _repeats(call, timer)
+    times = []
+    for _ in range(FLEX_ROUNDS):
+        flush()
+        times.append(measure.round_seconds(call, repeats, timer))
+    return {"flex_anchor": note, "flex_median_s": statistics.median(times)}
 
 
 def _inputs(profile, n, dtype):
@@ -146,6 +170,7 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         benchmark.group = f"N={n} {dtype} {mode}"
         benchmark.pedantic(timed_round, setup=round_setup, rounds=rounds(n),
                            warmup_rounds=profile.warmup_rounds, iterations=1)
+        flex_info = _flex(variant, n, dev, backward, q, k, v, grad_out, timer, flush) if variant.masked else {}
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         pytest.skip(f"{name} N={n} {dtype} {mode}: out of device memory")
@@ -185,6 +210,7 @@ def test_attention(benchmark, case, profile, rounds, error_cache, warm_process):
         "sdpa_anchor": anchor_name,  # "sdpa+mask": SDPA with the variant's boolean mask
         "ratio_to_sdpa": measure.paired_ratio(times, sdpa_times),
         "sdpa_round_s": sdpa_times,  # round i's anchor: the history's per-round ratios (perf.history)
+        **flex_info,  # a masked row's FlexAttention anchor: flex_median_s, or why it has none
         **({} if cost is None else {"counters": cost.as_dict()}),
         "compiled": profile.compile_mode if compiled.is_compiled(name) else None,
         "max_error": max_error,

@@ -114,3 +114,17 @@ def test_cost_counters_table():
     assert "dense" not in rows  # a benchmark without counters has no row
     bare = report.markdown(make_run([make_bench("dense", counters=False)]))
     assert "No cost counters in this run." in _section(bare, "## Cost counters")
+
+
+def test_masked_rows_against_flex_attention():
+    timed, untimed = make_bench("ring4-window-causal", median=0.010), make_bench("ring4-window-causal", mode="fwd+bwd")
+    timed["extra_info"].update(flex_anchor="flex_attention+block_mask", flex_median_s=0.025)
+    untimed["extra_info"].update(flex_anchor="no FlexAttention backward on CPU")
+    section = _section(report.markdown(make_run([timed, untimed, make_bench("dense")])),
+                       "## Masked rows against FlexAttention")
+    rows = {(c[0], c[3]): c for c in _cells(section, "| ") if c[0] != "variant"}
+    assert rows[("ring4-window-causal", "fwd")][4:] == ["10.00", "25.00", "2.50x"]
+    assert rows[("ring4-window-causal", "fwd+bwd")][5:] == ["n/a (no FlexAttention backward on CPU)", "n/a"]
+    assert len(rows) == 2  # an unmasked row has none
+    assert "No masked rows in this run." in _section(report.markdown(make_run([make_bench("dense")])),
+                                                      "## Masked rows against FlexAttention")
