@@ -38,7 +38,7 @@ from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_rang
 from .layout import Layout
 from .masks import KernelMask, SequenceMask
 from .pattern import DilatedPattern
-from .runs import Run, Spec, batch_calls, block_pairs, classify, joined_runs
+from .runs import Run, Spec, batch_calls, block_pairs, classify, joined_runs, reached
 
 
 def _kv_heads(spec: Spec, unit: int) -> list[int]:
@@ -67,15 +67,16 @@ def _message(spec: Spec, unit: int, src: int, dst: int) -> _Sent | None:
             if k.segment in need.last_first
             and spec.mask.block(need.last_first[k.segment], -1, k.first, -1, 1, diagonal=False) is not None
         ]
-    else:  # a band: the key runs some query run of the receiver sees, as the receiver classifies them
+    else:  # a band: the key runs some query run of the receiver sees, cut to the keys it reaches
         rate = _rate(spec, unit)
         by_segment: dict[int, list[Run]] = {}
         for q in need.runs:
             by_segment.setdefault(q.segment, []).append(q)
-        sent = [
-            k for k in have.runs
-            if any(classify(spec.mask, q, k, rate, False) is not None for q in by_segment.get(k.segment, ()))
-        ]
+        sent = []
+        for k in have.runs:
+            seen_by = [q for q in by_segment.get(k.segment, ()) if classify(spec.mask, q, k, rate, False) is not None]
+            if seen_by:
+                sent.append(reached(k, seen_by, spec.mask, rate))
     if not sent:
         return None
     moved: list[Run] = []

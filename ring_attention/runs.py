@@ -173,6 +173,22 @@ def block_pairs(q_runs: Iterable[Run], k_runs: Iterable[Run], mask: SequenceMask
     return pairs
 
 
+def reached(k: Run, queries: Iterable[Run], mask: SequenceMask, rate: int) -> Run:
+    """Key run ``k`` cut to the keys the band of ``mask.window`` lets some of ``queries`` reach
+    (runs of ``k``'s segment, rows ``rate`` apart): a message carries no key outside every
+    query's band, so a window's first tile travels as far as the band reaches, not whole."""
+    assert mask.window is not None
+    left, right = mask.window
+    right = 0 if mask.causal else right
+    last = k.first + rate * (k.length - 1)
+    qs = list(queries)
+    lo = min(q.first for q in qs) - left if left >= 0 else k.first
+    hi = max(q.first + rate * (q.length - 1) for q in qs) + right if right >= 0 else last
+    skip = max(0, -(-(lo - k.first) // rate))  # first kept key at or after lo
+    stop = min(k.length, (hi - k.first) // rate + 1)
+    return Run(k.segment, k.first + rate * skip, k.start + skip, max(stop - skip, 0))
+
+
 def joined_runs(runs: tuple[Run, ...]) -> tuple[Run, ...]:
     """A rank's runs with those of one segment that follow each other in packed order joined.
 

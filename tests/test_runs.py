@@ -48,3 +48,31 @@ def test_a_window_of_finite_width_cuts_runs_into_tiles():
     spec = plans._spec(None, 8192, 1, 1, mask, 2, L.Layout.CONTIGUOUS)
     lengths = [run.length for run in runs.kept(spec, 1, 0).runs]
     assert lengths == [256] * 16  # the shard of 4096 rows in tiles of 1024 / 4
+
+
+@given(st.integers(1, 3), st.integers(0, 40), st.integers(1, 12), st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12)),
+       min_size=1, max_size=3), st.integers(-1, 9), st.integers(-1, 9), st.booleans())
+def test_a_key_run_is_cut_to_exactly_the_keys_its_queries_reach(rate, k_first, k_len, queries, left, right, causal):
+    """``reached`` keeps every key of the run that the band of some query seeing it holds, and
+    drops the keys outside the hull of those bands (rows ``rate`` apart, packed index alike)."""
+    if (left, right) == (-1, -1):
+        left = 3
+    mask = SequenceMask(causal=causal, window=(left, right))
+    k = runs.Run(0, k_first, 100, k_len)
+    qs = [runs.Run(0, first, 0, length) for first, length in queries]
+    keys = [k.first + rate * t for t in range(k.length)]
+    pos = lambda run: [run.first + rate * t for t in range(run.length)]  # noqa: E731
+    def reaches(q):
+        return {j for i in pos(q) for j in keys
+                if (left < 0 or j >= i - left) and (right < 0 or j <= i + right) and (not causal or j <= i)}
+
+    seen_by = [q for q in qs if reaches(q)]  # as the planner passes them: the queries that see k
+    reach = set().union(*map(reaches, seen_by))
+    if not reach:
+        return
+    cut = runs.reached(k, seen_by, mask, rate)
+    kept = pos(cut)
+    assert reach <= set(kept) and set(kept) <= set(keys)
+    assert cut.start - k.start == (cut.first - k.first) // rate
+    assert min(kept) == min(reach) or (left < 0 and min(kept) == k.first)
+    assert max(kept) == max(reach) or ((right < 0 and not causal) and max(kept) == keys[-1])

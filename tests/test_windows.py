@@ -153,15 +153,15 @@ def _sent_bytes(monkeypatch, **kwargs):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_narrow_window_sends_fewer_bytes(monkeypatch, layout):
     """Keys no query's band reaches are never sent: with ``window=(4, 4)`` on 4 ranks of 16
-    rows, a rank needs only its neighbours' keys."""
+    rows, a rank needs only its neighbours' keys, and of those only the 4 its band reaches."""
     full = _sent_bytes(monkeypatch, layout=layout)
     narrow = _sent_bytes(monkeypatch, layout=layout, window=(4, 4))
     assert 0 < narrow < full
     causal = _sent_bytes(monkeypatch, layout=layout, causal=True)
     assert _sent_bytes(monkeypatch, layout=layout, causal=True, window=(4, 0)) < causal
-    if layout == "contiguous":  # only the rank before: 1 shard of K and V, out and back
-        shard = 16 * 2 * 8 * 4
-        assert _sent_bytes(monkeypatch, layout=layout, causal=True, window=(4, 0)) == 3 * 2 * 3 * shard
+    if layout == "contiguous":  # only the rank before's last 4 keys (of 16): K and V, out and back
+        reached = 4 * 2 * 8 * 4
+        assert _sent_bytes(monkeypatch, layout=layout, causal=True, window=(4, 0)) == 3 * 2 * 3 * reached
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -192,11 +192,12 @@ def _kernel_cells(plans_):
     return cells
 
 
-@pytest.mark.parametrize("layout, bound", [("contiguous", 1.25), ("zigzag", 1.15)])
+@pytest.mark.parametrize("layout, bound", [("contiguous", 1.2), ("zigzag", 1.12)])
 def test_a_mistral_window_computes_near_its_band(layout, bound):
     """Window (N/8, 0), causal, ring of 4: whole shards cut by the band would compute 3.7x
     (contiguous) and 1.5x (zigzag) its pairs; in tiles of a quarter of the band, blocks
-    outside it are skipped (measured: 1.22x and 1.12x)."""
+    outside it are skipped, and a received tile is cut to the keys the band reaches
+    (measured: 1.19x and 1.12x)."""
     from ring_attention import pattern as _pattern
 
     n = 8192
@@ -206,10 +207,10 @@ def test_a_mistral_window_computes_near_its_band(layout, bound):
     assert band < cells <= bound * band
 
 
-@pytest.mark.parametrize("layout, bound", [("contiguous", 0.35), ("zigzag", 0.34)])
+@pytest.mark.parametrize("layout, bound", [("contiguous", 0.26), ("zigzag", 0.34)])
 def test_a_mistral_window_sends_a_third_of_the_full_rings_bytes(monkeypatch, layout, bound):
     """The busiest rank's bytes, window (N/8, 0) against full causal attention, ring of 4:
-    only the tiles the band reaches travel (measured: 0.31x contiguous, 0.33x zigzag)."""
+    only the keys the band reaches travel (measured: 0.25x contiguous, 0.33x zigzag)."""
     from perf.counters import ring_traffic
 
     n = 2048
