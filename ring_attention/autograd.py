@@ -29,10 +29,12 @@ class PackedAttention(torch.autograd.Function):
         qs = dict(zip(ring.ranks, tensors[:n]))
         ks = dict(zip(ring.ranks, tensors[n : 2 * n]))
         vs = dict(zip(ring.ranks, tensors[2 * n :]))
-        state = run_forward(plan, ring, qs, ks, vs, scale, need_lse)
+        # a narrow band's received K/V stays for the backward: not sent a second time
+        received: list[dict[int, list[torch.Tensor]]] | None = [] if need_lse and plan.keeps_received else None
+        state = run_forward(plan, ring, qs, ks, vs, scale, need_lse, received)
         outs = tuple(cast(torch.Tensor, state[r][0]).to(qs[r].dtype) for r in ring.ranks)  # every rank's out
         lses = tuple(state[r][1] for r in ring.ranks)
-        ctx.plan, ctx.ring, ctx.scale = plan, ring, scale
+        ctx.plan, ctx.ring, ctx.scale, ctx.received = plan, ring, scale, received
         ctx.save_for_backward(*tensors, *outs, *lses)
         return outs
 
@@ -48,7 +50,8 @@ class PackedAttention(torch.autograd.Function):
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (dict(zip(ring.ranks, saved[i * n : (i + 1) * n])) for i in range(5))
         filled = {r: (d if d is not None else torch.zeros_like(outs[r])) for r, d in zip(ring.ranks, douts)}
-        grads = run_backward(ctx.plan, ring, qs, ks, vs, outs, lses, filled, ctx.scale)
+        grads = run_backward(ctx.plan, ring, qs, ks, vs, outs, lses, filled, ctx.scale, ctx.received)
+        ctx.received = None
         results: list[torch.Tensor] = []
         for i, inputs in enumerate((qs, ks, vs)):
             for r in ring.ranks:

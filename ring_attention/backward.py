@@ -10,7 +10,7 @@ float32. Gradients accumulate in q's dtype only where that is exact
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Optional, cast
 
 import torch
@@ -94,14 +94,18 @@ def _add_gradients(blk: Block, c: Call, g: slice, q: torch.Tensor, indices: tupl
 
 
 def run_backward(plan: ExecutablePlan, ring: Ring, qs: Mapping[int, torch.Tensor], ks: Mapping[int, torch.Tensor], vs: Mapping[int, torch.Tensor],
-                 outs: Mapping[int, torch.Tensor], lses: Mapping[int, torch.Tensor], douts: Mapping[int, torch.Tensor], scale: float) -> dict[int, Gradients]:
+                 outs: Mapping[int, torch.Tensor], lses: Mapping[int, torch.Tensor], douts: Mapping[int, torch.Tensor], scale: float,
+                 received: Sequence[Mapping[int, list[torch.Tensor]]] | None = None) -> dict[int, Gradients]:
     """Gradients ``{rank: [dq, dk, dv]}``, in the accumulation dtype or (where that is exact,
-    see :data:`~ring_attention.schedule.EXACT_HALF_ADDS`, or the rank ran in row tiles) in q's dtype."""
+    see :data:`~ring_attention.schedule.EXACT_HALF_ADDS`, or the rank ran in row tiles) in q's dtype.
+
+    ``received``: the K/V of each shift as the forward received it
+    (:func:`~ring_attention.forward.run_forward`); ``None``: received again."""
     r = ring.ranks[0]
     q = qs[r]
     tiles = plan.ranks[r].backward_tiles
     if tiles is None:
-        return _backward_whole(plan.ranks, ring, qs, ks, vs, outs, lses, douts, scale)
+        return _backward_whole(plan.ranks, ring, qs, ks, vs, outs, lses, douts, scale, received)
     grads: Gradients = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, ks[r], vs[r])]
     for start, stop, tile in tiles:  # one tile's float32 accumulators alive at a time
         rows = slice(start, stop)
@@ -115,7 +119,8 @@ def run_backward(plan: ExecutablePlan, ring: Ring, qs: Mapping[int, torch.Tensor
 
 
 def _backward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[int, torch.Tensor], ks: Mapping[int, torch.Tensor], vs: Mapping[int, torch.Tensor],
-                    outs: Mapping[int, torch.Tensor], lses: Mapping[int, torch.Tensor], douts: Mapping[int, torch.Tensor], scale: float) -> dict[int, Gradients]:
+                    outs: Mapping[int, torch.Tensor], lses: Mapping[int, torch.Tensor], douts: Mapping[int, torch.Tensor], scale: float,
+                    kept: Sequence[Mapping[int, list[torch.Tensor]]] | None = None) -> dict[int, Gradients]:
     """:func:`run_backward` on whole shards."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     plans = {r: ranks[r].plan for r in ring.ranks}
@@ -125,15 +130,18 @@ def _backward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[
         grads[r] = [None] * 3 if ranks[r].adopts_backward else [
             torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (qs[r], ks[r], vs[r])
         ]
-    pending = post_kv(ring, plans, 1, ks, vs)
+    pending = None if kept is not None else post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:
         for blk in plans[r].local:
             _block_backward(blk, ranks[r], qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], grads[r], scale)
     relay = plans[ring.ranks[0]].relay
     returning: Returning | None = None  # dK/dV of the last shift on their way: back to owners, or one hop on
     for shift in range(1, ring.size):
-        received = wait(pending)
-        pending = post_kv(ring, plans, shift + 1, ks, vs, received)
+        if kept is not None:
+            received = kept[shift - 1]
+        else:
+            received = wait(pending)
+            pending = post_kv(ring, plans, shift + 1, ks, vs, received)
         passed_on = wait(returning[1]) if relay and returning is not None else {}
         back: dict[int, list[torch.Tensor]] = {}
         for r in ring.ranks:

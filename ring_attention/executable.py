@@ -136,6 +136,9 @@ class ExecutablePlan:
 
     key: PlanKey
     ranks: dict[int, RankExecution]
+    #: the forward's received K/V is kept for the backward instead of received again
+    #: (:func:`keeps_received`)
+    keeps_received: bool = False
 
     def shard(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The whole sequence ``x`` (natural order) -> every rank's shard, in the key's layout
@@ -172,7 +175,21 @@ def build(key: PlanKey, rank_plans: tuple[RankPlan, ...]) -> ExecutablePlan:
     ranks = {}
     for r, plan in zip(key.ranks, rank_plans):
         ranks[r] = _rank(plan, shard, dtype, key.kv_heads == key.heads, key.options, tiled=tiled)
-    return ExecutablePlan(key, ranks)
+    relay = any(plan.relay for plan in rank_plans)
+    return ExecutablePlan(key, ranks, keeps_received=not relay and not tiled and keeps_received(key))
+
+
+def keeps_received(key: PlanKey) -> bool:
+    """Whether a ring's backward reuses the K/V its forward received: under a sliding window
+    whose band reaches at most a shard's length, what a rank receives is at most about one
+    more K/V shard, and keeping it saves a third of the ring's bytes (K/V out in forward, out
+    again in backward, dK/dV back). Wider bands, and full attention, receive up to ``R - 1``
+    shards: those are received again. Decided from the key alone, so every rank agrees."""
+    if key.ring_size == 1 or key.mask.window is None:
+        return False
+    left, right = key.mask.window
+    right = 0 if key.mask.causal else right
+    return 0 <= left and 0 <= right and left + right <= key.seq_len // key.ring_size
 
 
 def clear() -> None:

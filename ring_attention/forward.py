@@ -187,18 +187,21 @@ def _scatter_result(rows: torch.Tensor, heads: slice, write: bool, acc: Accumula
 
 
 def run_forward(plan: ExecutablePlan, ring: Ring, qs: Mapping[int, torch.Tensor], ks: Mapping[int, torch.Tensor],
-                vs: Mapping[int, torch.Tensor], scale: float, need_lse: bool = True) -> dict[int, Accumulators]:
+                vs: Mapping[int, torch.Tensor], scale: float, need_lse: bool = True,
+                received: list[dict[int, list[torch.Tensor]]] | None = None) -> dict[int, Accumulators]:
     """Run the plan of ``ring.ranks``; returns ``{rank: [out [B,n,H,D], lse [B,H,n]]}``.
 
     ``out`` is in the accumulation dtype where some call merges on the whole shard, else
     in q's dtype, laid out rows-major like the kernels' results; ``lse`` is in the
     accumulation dtype. ``need_lse=False`` (no backward will run): ``lse`` may be ``None``
-    where no call merges.
+    where no call merges. ``received``: a list that gets the K/V each shift brought (a plan
+    that :attr:`~ring_attention.executable.ExecutablePlan.keeps_received` hands it to the
+    backward instead of receiving it again).
     """
     r = ring.ranks[0]
     tiles = plan.ranks[r].forward_tiles
     if tiles is None:
-        return _forward_whole(plan.ranks, ring, qs, ks, vs, scale, need_lse)
+        return _forward_whole(plan.ranks, ring, qs, ks, vs, scale, need_lse, received)
     q = qs[r]
     b, n, h, d = q.shape
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
@@ -215,7 +218,7 @@ def run_forward(plan: ExecutablePlan, ring: Ring, qs: Mapping[int, torch.Tensor]
 
 def _forward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[int, torch.Tensor],
                    ks: Mapping[int, torch.Tensor], vs: Mapping[int, torch.Tensor], scale: float,
-                   need_lse: bool) -> dict[int, Accumulators]:
+                   need_lse: bool, kept: list[dict[int, list[torch.Tensor]]] | None = None) -> dict[int, Accumulators]:
     """:func:`run_forward` on whole shards."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     state: dict[int, Accumulators] = {}
@@ -246,6 +249,8 @@ def _forward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[i
     for shift in range(1, ring.size):
         received = wait(pending)
         pending = post_kv(ring, plans, shift + 1, ks, vs, received)
+        if kept is not None:
+            kept.append(received)
         for r in ring.ranks:
             split = _SplitValues()
             for blk in plans[r].step(shift).blocks:

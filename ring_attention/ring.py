@@ -8,7 +8,9 @@ before the current block is computed, so communication overlaps compute, and eve
 posts the same exchanges in the same order, so there is no deadlock. Each block's
 ``(out, lse)`` merges into the rank's running result by log-sum-exp in float32. The
 backward re-exchanges K/V, keeps dQ local, and passes each shard's dK/dV (float32) along
-with it, one hop behind, until it reaches its owner.
+with it, one hop behind, until it reaches its owner. Under a sliding window whose band reaches
+at most a shard, the forward keeps the keys it received (about one more shard) and the
+backward sends only their dK/dV back.
 
 Causal attention in the contiguous layout is the exception: rank ``r`` needs only the
 shards before its own, so each rank sends its shard straight to the ranks after it

@@ -61,3 +61,20 @@ def test_a_plan_run_on_cuda_holds_no_tensor_on_an_accelerator():
     found = [obj for obj in walk(plan) if isinstance(obj, torch.Tensor)]
     assert found and all(t.device.type == "cpu" for t in found)
     executable.clear()
+
+
+def test_a_narrow_bands_received_kv_is_kept_for_the_backward():
+    """Kept where a band reaches at most a shard (what a rank receives is then about one more
+    shard): never for full attention, a wider band, or a ring of one."""
+    ring = dict(ring_size=4, ranks=(0, 1, 2, 3), pattern=None, seq_len=64)  # shards of 16
+
+    def keeps(**changes):
+        return executable_plan(_key(**{**ring, **changes})).keeps_received
+
+    assert keeps(mask=SequenceMask(causal=True, window=(16, 0)))
+    assert keeps(mask=SequenceMask(window=(8, 8)))
+    assert not keeps(mask=SequenceMask(causal=True, window=(17, 0)))
+    assert not keeps(mask=SequenceMask(window=(8, 9)))
+    assert not keeps(mask=SequenceMask(causal=True, window=(-1, 0)))
+    assert not keeps(mask=SequenceMask(causal=True))
+    assert not keeps(mask=SequenceMask(causal=True, window=(4, 0)), ring_size=1, ranks=(0,))

@@ -153,15 +153,16 @@ def _sent_bytes(monkeypatch, **kwargs):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_narrow_window_sends_fewer_bytes(monkeypatch, layout):
     """Keys no query's band reaches are never sent: with ``window=(4, 4)`` on 4 ranks of 16
-    rows, a rank needs only its neighbours' keys, and of those only the 4 its band reaches."""
+    rows, a rank needs only its neighbours' keys, and of those only the 4 its band reaches,
+    once: the backward reuses what the forward received."""
     full = _sent_bytes(monkeypatch, layout=layout)
     narrow = _sent_bytes(monkeypatch, layout=layout, window=(4, 4))
     assert 0 < narrow < full
     causal = _sent_bytes(monkeypatch, layout=layout, causal=True)
     assert _sent_bytes(monkeypatch, layout=layout, causal=True, window=(4, 0)) < causal
-    if layout == "contiguous":  # only the rank before's last 4 keys (of 16): K and V, out and back
+    if layout == "contiguous":  # only the rank before's last 4 keys (of 16): K and V out, dK and dV back
         reached = 4 * 2 * 8 * 4
-        assert _sent_bytes(monkeypatch, layout=layout, causal=True, window=(4, 0)) == 3 * 2 * 3 * reached
+        assert _sent_bytes(monkeypatch, layout=layout, causal=True, window=(4, 0)) == 3 * 2 * 2 * reached
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -207,10 +208,11 @@ def test_a_mistral_window_computes_near_its_band(layout, bound):
     assert band < cells <= bound * band
 
 
-@pytest.mark.parametrize("layout, bound", [("contiguous", 0.26), ("zigzag", 0.34)])
-def test_a_mistral_window_sends_a_third_of_the_full_rings_bytes(monkeypatch, layout, bound):
+@pytest.mark.parametrize("layout, bound", [("contiguous", 0.2), ("zigzag", 0.23)])
+def test_a_mistral_window_sends_at_most_a_fifth_of_the_full_rings_bytes(monkeypatch, layout, bound):
     """The busiest rank's bytes, window (N/8, 0) against full causal attention, ring of 4:
-    only the keys the band reaches travel (measured: 0.25x contiguous, 0.33x zigzag)."""
+    only the keys the band reaches travel, once (the backward reuses the forward's), then
+    their dK/dV back (measured: 0.167x contiguous, 0.222x zigzag)."""
     from perf.counters import ring_traffic
 
     n = 2048
