@@ -21,7 +21,7 @@ from . import layout as _layout
 from . import pattern as _pattern
 from .blocks import Call, Rows, Unit, merge_ranges
 from .layout import Layout
-from .masks import BlockMask, KernelMask, SequenceMask
+from .masks import Band, BlockMask, KernelMask, SequenceMask
 
 
 class Run(NamedTuple):
@@ -88,18 +88,21 @@ MIN_WINDOW_TILE = 64
 
 def window_tile(mask: SequenceMask, rate: int) -> int | None:
     """Rows per run under a window whose band is finite (both sides bounded, or causal with
-    a left side): a quarter of the band's width in kept rows, at least
-    :data:`MIN_WINDOW_TILE`. A block of two whole shards cut by a narrow band computes
-    mostly scores outside it, and sends keys no query reaches; in tiles, the pairs
-    outside the band are neither computed nor sent, and the rest is within about a
-    quarter of the band's. ``None``: runs stay whole."""
+    a left side): a sixteenth of the band's width in kept rows, rounded down to a power of
+    two, at least :data:`MIN_WINDOW_TILE`. A block of two whole shards cut by a narrow band
+    computes mostly scores outside it, and sends keys no query reaches; in tiles, the pairs
+    outside the band are neither computed nor sent, and the rest is within a few percent of
+    the band's (a tile's edge block computes about half a tile more per row). A power of two
+    meets the band's edges at the same offsets in every tile, so each kind of edge block
+    batches into one call however many tiles there are. ``None``: runs stay whole."""
     if mask.window is None:
         return None
     left, right = mask.window
     right = 0 if mask.causal else right  # causal caps the right side at the query
     if left < 0 or right < 0:
         return None
-    return max(MIN_WINDOW_TILE, -(-(left + right + 1) // (4 * rate)))
+    rows = -(-(left + right + 1) // (16 * rate))
+    return max(MIN_WINDOW_TILE, 1 << (rows.bit_length() - 1))
 
 
 def batch_calls(pairs: Iterable[tuple[Run, Run, KernelMask]], q_rows: Rows) -> tuple[Call, ...]:
@@ -112,7 +115,10 @@ def batch_calls(pairs: Iterable[tuple[Run, Run, KernelMask]], q_rows: Rows) -> t
     in both packed orders join one call as its runs. Diagonal (causal) blocks stay square,
     and blocks cut by a window keep their shape (their band is on the block's own indices).
     """
-    diagonal = [(q.start, q.length, k.start, k.length, m) for q, k, m in pairs if m is not BlockMask.FULL]
+    # Masked blocks grouped by mask (in order within each): a window's tiles alternate a
+    # band's edge block and a diagonal one per query tile, and only neighbours batch.
+    diagonal = sorted(((q.start, q.length, k.start, k.length, m) for q, k, m in pairs if m is not BlockMask.FULL),
+                      key=lambda block: _mask_order(block[4]))
     by_query: dict[tuple[int, int], list[list[int]]] = {}
     for q, k, m in pairs:
         if m is not BlockMask.FULL:
@@ -148,6 +154,10 @@ def batch_calls(pairs: Iterable[tuple[Run, Run, KernelMask]], q_rows: Rows) -> t
         Call(qs, ks, n, ql, kl, mask, q_rows.sub(qs, qs + n * ql))
         for (qs, ks, n, ql, kl), mask in zip(calls, masks)
     )
+
+
+def _mask_order(mask: KernelMask) -> tuple[int, int, int]:
+    return (1, mask.lo, mask.hi) if isinstance(mask, Band) else (0, 0, 0)
 
 
 def classify(mask: SequenceMask, q: Run, k: Run, rate: int, diagonal: bool) -> KernelMask | None:

@@ -41,13 +41,14 @@ def test_every_rank_keeps_the_rows_of_its_shard_that_the_pattern_selects(ring_si
 def test_a_window_of_finite_width_cuts_runs_into_tiles():
     assert runs.window_tile(SequenceMask(causal=True), 1) is None
     assert runs.window_tile(SequenceMask(window=(-1, 5)), 1) is None  # unbounded on the left
-    assert runs.window_tile(SequenceMask(causal=True, window=(4095, 0)), 1) == 1024  # a quarter of 4096
-    assert runs.window_tile(SequenceMask(causal=True, window=(4095, 0)), 4) == 256  # kept rows of rate 4
+    assert runs.window_tile(SequenceMask(causal=True, window=(4095, 0)), 1) == 256  # a sixteenth of 4096
+    assert runs.window_tile(SequenceMask(causal=True, window=(4095, 0)), 4) == 64  # kept rows of rate 4
+    assert runs.window_tile(SequenceMask(causal=True, window=(6000, 0)), 1) == 256  # 376, rounded down
     assert runs.window_tile(SequenceMask(window=(10, 10)), 1) == runs.MIN_WINDOW_TILE
-    mask = SequenceMask(causal=True, window=(1023, 0))
+    mask = SequenceMask(causal=True, window=(4095, 0))
     spec = plans._spec(None, 8192, 1, 1, mask, 2, L.Layout.CONTIGUOUS)
     lengths = [run.length for run in runs.kept(spec, 1, 0).runs]
-    assert lengths == [256] * 16  # the shard of 4096 rows in tiles of 1024 / 4
+    assert lengths == [256] * 16  # the shard of 4096 rows in tiles of 4096 / 16
 
 
 @given(st.integers(1, 3), st.integers(0, 40), st.integers(1, 12), st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12)),
@@ -76,3 +77,20 @@ def test_a_key_run_is_cut_to_exactly_the_keys_its_queries_reach(rate, k_first, k
     assert cut.start - k.start == (cut.first - k.first) // rate
     assert min(kept) == min(reach) or (left < 0 and min(kept) == k.first)
     assert max(kept) == max(reach) or ((right < 0 and not causal) and max(kept) == keys[-1])
+
+
+def test_a_windows_tiles_batch_their_edge_blocks_into_one_call_per_mask():
+    """Tiles of a power of two meet the band's edges at the same offsets: the diagonal blocks of
+    every tile run as one call, the band's edge blocks as one more (the masked blocks are grouped
+    by mask before batching; only neighbours batch)."""
+    from ring_attention.masks import Band, BlockMask
+
+    n = 8192
+    mask = SequenceMask(causal=True, window=(n // 8 - 1, 0))
+    local = plans.ring_plans(None, n, 1, 1, mask, 4, L.Layout.CONTIGUOUS, range(4))[1].local
+    calls = [c for blk in local for c in blk.calls]
+    tiles = n // 4 // runs.window_tile(mask, 1)
+    diagonal = [c for c in calls if c.mask is BlockMask.CAUSAL]
+    edges = [c for c in calls if isinstance(c.mask, Band)]
+    assert len(diagonal) == 1 and diagonal[0].runs == tiles
+    assert len(edges) == 1 and edges[0].runs == tiles // 2  # the tiles a band's edge cuts on this rank

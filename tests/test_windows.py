@@ -193,12 +193,12 @@ def _kernel_cells(plans_):
     return cells
 
 
-@pytest.mark.parametrize("layout, bound", [("contiguous", 1.2), ("zigzag", 1.12)])
+@pytest.mark.parametrize("layout, bound", [("contiguous", 1.05), ("zigzag", 1.05)])
 def test_a_mistral_window_computes_near_its_band(layout, bound):
     """Window (N/8, 0), causal, ring of 4: whole shards cut by the band would compute 3.7x
-    (contiguous) and 1.5x (zigzag) its pairs; in tiles of a quarter of the band, blocks
+    (contiguous) and 1.5x (zigzag) its pairs; in tiles of a sixteenth of the band, blocks
     outside it are skipped, and a received tile is cut to the keys the band reaches
-    (measured: 1.19x and 1.12x)."""
+    (measured: 1.03x in both)."""
     from ring_attention import pattern as _pattern
 
     n = 8192
