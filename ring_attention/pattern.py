@@ -14,6 +14,7 @@ in the same segment.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -249,15 +250,16 @@ def computed_pairs(
     """How many (head, query, key) score entries a kernel computes, summed over pairs.
 
     This is the effective work of the fast path (a key covered by two pairs is computed
-    twice in mixture mode), counted in closed form without building ``W``. Causal
-    blocks count their lower triangle including the diagonal. Full attention (``pattern``
-    ``None``) with a ``window`` or ``documents`` counts the pairs they keep; a pattern with
-    them is not counted yet (``NotImplementedError``).
+    twice in mixture mode), counted in closed form without building ``W``: the sum of
+    ``W``. Causal blocks count their lower triangle including the diagonal. With a
+    ``window`` or ``documents``, the pairs they keep: full attention row by row; a pattern
+    per segment (restarting at every document), whose kept rows ``r`` apart see the window
+    ``(left // r, right // r)`` in kept rows.
     """
-    if pattern is None and (window is not None or documents is not None):
-        return num_heads * _kept_pairs(seq_len, is_causal, window, documents)
     if window is not None or documents is not None:
-        raise NotImplementedError("computed_pairs: a dilated pattern with a window or documents is not counted yet")
+        if pattern is None:
+            return num_heads * _kept_pairs(seq_len, is_causal, window, documents)
+        return _masked_pattern_pairs(pattern, seq_len, num_heads, is_causal, window, documents)
     if pattern is None:
         per = seq_len * (seq_len + 1) // 2 if is_causal else seq_len * seq_len
         return num_heads * per
@@ -269,6 +271,26 @@ def computed_pairs(
             m = len(range(o, seg, rate))  # rows kept per segment
             per = m * (m + 1) // 2 if is_causal else m * m
             total += (seq_len // seg) * per
+    return total
+
+
+def _masked_pattern_pairs(pattern: DilatedPattern, seq_len: int, num_heads: int, causal: bool,
+                          window: tuple[int, int] | None, documents: tuple[int, ...] | None) -> int:
+    """:func:`computed_pairs` of a pattern under a window or documents: per pair, head and
+    segment, the kept rows ``o, o + r, ...`` of the segment pair up as full attention on
+    ``m`` rows does under the window in kept rows (``-1`` stays unbounded)."""
+    left, right = window or (-1, -1)
+    in_rows = (left // rate if left >= 0 else -1 for rate in pattern.dilation_rates)
+    total = 0
+    for bounds, rate, heads, row_left in zip(pattern.segment_bounds(seq_len, documents), pattern.dilation_rates,
+                                             pattern.heads_of_pair(num_heads), in_rows):
+        row_window = (row_left, right // rate if right >= 0 else -1)
+        lengths = collections.Counter(b - a for a, b in zip(bounds, bounds[1:]))
+        for h in heads:
+            o = head_offset(h, rate)
+            for length, count in lengths.items():
+                m = len(range(o, length, rate))
+                total += count * _kept_pairs(m, causal, row_window, None) if m else 0
     return total
 
 

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import ring_attention as ra
@@ -358,3 +358,19 @@ def test_kept_positions_are_the_positions_selected_keeps(segment, rate, data):
     pos = torch.arange(first, first + segment)
     keep = P.selected(pos - first, segment, rate, offset) & (pos >= start) & (pos < stop)
     assert list(P.kept_positions(first, first + segment, rate, offset, start, stop)) == pos[keep].tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(_pattern_case(max_n=32), st.booleans(), st.one_of(st.none(), st.tuples(st.integers(-1, 33), st.integers(-1, 33))),
+       st.integers(0, 3))
+def test_computed_pairs_of_a_pattern_under_a_window_and_documents_is_the_sum_of_w(case, use_documents, window, split):
+    """A dilated pattern with a window and packed documents counts what ``W`` keeps (mixture
+    pairs twice): the segments restart at every document, the window is on positions."""
+    n, h, pattern, causal = case
+    documents = (0, n // 2, n) if use_documents and split and n % 2 == 0 and n >= 4 else None
+    window = None if window == (-1, -1) else window
+    try:
+        w = P.weights(pattern, n, h, is_causal=causal, window=window, documents=documents)
+    except ValueError:  # a document the pattern does not divide
+        return
+    assert P.computed_pairs(pattern, n, h, is_causal=causal, window=window, documents=documents) == int(w.sum())
