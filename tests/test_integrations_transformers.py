@@ -122,6 +122,15 @@ def test_documents_packed_only_through_position_ids_are_refused():
         _model()(input_ids=IDS, position_ids=positions, use_cache=False)
 
 
+def test_position_ids_changed_in_place_are_checked_again():
+    """The check runs once per tensor (every layer gets the same one), not once for good."""
+    model, positions = _model(), torch.arange(16)[None]
+    model(input_ids=IDS, position_ids=positions, use_cache=False)
+    positions[0, 8:] -= 8  # documents packed through position ids alone, in the same tensor
+    with pytest.raises(ValueError, match="position_ids"):
+        model(input_ids=IDS, position_ids=positions, use_cache=False)
+
+
 def test_documents_with_positions_that_do_not_restart_are_refused():
     cu = torch.tensor([0, 6, 16], dtype=torch.int32)
     with pytest.raises(ValueError, match="position_ids"):

@@ -61,8 +61,9 @@ class Backend:
         self.ring_size = ring_size
         self.layout = Layout.named(layout, "layout")
         self.checkpoint = checkpoint
-        # position_ids are one tensor for every layer of a forward: checked once
-        self._checked: weakref.ref[torch.Tensor] | None = None
+        # position_ids are one tensor for every layer of a forward: checked once per tensor,
+        # its version (an in-place change) and the documents it was checked against
+        self._checked: tuple[weakref.ref[torch.Tensor], int, tuple[int, ...] | None] | None = None
 
     def __repr__(self) -> str:
         where = f"group of {dist.get_world_size(self.group)}" if self.group is not None else \
@@ -135,7 +136,8 @@ class Backend:
         """``position_ids`` must count from each document's start, in the layout's order."""
         if not isinstance(position_ids, torch.Tensor):
             return
-        if self._checked is not None and self._checked() is position_ids:
+        seen = self._checked
+        if seen is not None and seen[0]() is position_ids and seen[1:] == (position_ids._version, documents):
             return
         ring = dist.get_world_size(self.group) if self.group is not None else 1
         expected = _positions(local_len * ring, documents)
@@ -153,7 +155,7 @@ class Backend:
                 "DataCollatorWithFlattening(return_flash_attn_kwargs=True))"
             )
         self._agree(problem)
-        self._checked = weakref.ref(position_ids)
+        self._checked = (weakref.ref(position_ids), position_ids._version, documents)
 
     # -- AttentionMaskInterface ----------------------------------------------------------------
 
