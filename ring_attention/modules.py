@@ -24,7 +24,21 @@ from .dilated import dilated_attention
 from .ring_dilated import ring_dilated_attention
 
 
-class DilatedAttention(nn.Module):
+class _Held(nn.Module):
+    """What every attention module holds, checked once: its pattern, causality, scale,
+    checkpointing and sliding window."""
+
+    def __init__(self, pattern: _pattern.DilatedPattern, causal: bool, scale: float | None, checkpoint: bool,
+                 window: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.pattern = _pattern.as_pattern(pattern)
+        self.causal = check_flag(causal, "causal")
+        self.scale = check_optional_scale(scale)
+        self.checkpoint = check_flag(checkpoint, "checkpoint")
+        self.window = check_window(window)
+
+
+class DilatedAttention(_Held):
     """:func:`~ring_attention.dilated_attention` with its pattern and options held.
 
     ``forward(q, k, v, *, cu_seqlens=None)`` takes ``[B, N, H, D]`` / ``[B, N, Hkv, D]``
@@ -44,12 +58,7 @@ class DilatedAttention(nn.Module):
         self, pattern: _pattern.DilatedPattern, *, causal: bool = False, scale: float | None = None,
         checkpoint: bool = False, window: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__()
-        self.pattern = _pattern.as_pattern(pattern)
-        self.causal = check_flag(causal, "causal")
-        self.scale = check_optional_scale(scale)
-        self.checkpoint = check_flag(checkpoint, "checkpoint")
-        self.window = check_window(window)
+        super().__init__(pattern, causal, scale, checkpoint, window)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -81,7 +90,7 @@ def _check_group(group: dist.ProcessGroup | None, ring_size: int | None) -> dist
     return group
 
 
-class RingDilatedAttention(nn.Module):
+class RingDilatedAttention(_Held):
     """:func:`~ring_attention.ring_dilated_attention` holding its process group or ring size.
 
     With ``group`` set, ``forward`` takes and returns this rank's shard; with
@@ -107,15 +116,10 @@ class RingDilatedAttention(nn.Module):
         layout: _layout.Layout | str = "contiguous", checkpoint: bool = False,
         window: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__()
-        self.pattern = _pattern.as_pattern(pattern)
+        super().__init__(pattern, causal, scale, checkpoint, window)
         self.ring_size = None if ring_size is None else _layout.check_ring_size(ring_size)
         self.group = _check_group(group, self.ring_size)
-        self.causal = check_flag(causal, "causal")
-        self.scale = check_optional_scale(scale)
         self.layout = _layout.check_layout(layout)
-        self.checkpoint = check_flag(checkpoint, "checkpoint")
-        self.window = check_window(window)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
