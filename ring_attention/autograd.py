@@ -34,8 +34,11 @@ class PackedAttention(torch.autograd.Function):
         state = run_forward(plan, ring, qs, ks, vs, scale, need_lse, received)
         outs = tuple(cast(torch.Tensor, state[r][0]).to(qs[r].dtype) for r in ring.ranks)  # every rank's out
         lses = tuple(state[r][1] for r in ring.ranks)
-        ctx.plan, ctx.ring, ctx.scale, ctx.received = plan, ring, scale, received
-        ctx.save_for_backward(*tensors, *outs, *lses)
+        ctx.plan, ctx.ring, ctx.scale = plan, ring, scale
+        # saved like the rest, so checkpointing and saved-tensor hooks treat them alike
+        ctx.received_counts = None if received is None else [{r: len(t) for r, t in step.items()} for step in received]
+        kept = [t for step in received or () for r in sorted(step) for t in step[r]]
+        ctx.save_for_backward(*tensors, *outs, *lses, *kept)
         return outs
 
     @staticmethod
@@ -50,8 +53,12 @@ class PackedAttention(torch.autograd.Function):
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (dict(zip(ring.ranks, saved[i * n : (i + 1) * n])) for i in range(5))
         filled = {r: (d if d is not None else torch.zeros_like(outs[r])) for r, d in zip(ring.ranks, douts)}
-        grads = run_backward(ctx.plan, ring, qs, ks, vs, outs, lses, filled, ctx.scale, ctx.received)
-        ctx.received = None
+        received = None
+        if ctx.received_counts is not None:  # rebuilt as the forward received it, shift by shift
+            kept, received = iter(saved[5 * n :]), []
+            for counts in ctx.received_counts:
+                received.append({r: [next(kept) for _ in range(counts[r])] for r in sorted(counts)})
+        grads = run_backward(ctx.plan, ring, qs, ks, vs, outs, lses, filled, ctx.scale, received)
         results: list[torch.Tensor] = []
         for i, inputs in enumerate((qs, ks, vs)):
             for r in ring.ranks:

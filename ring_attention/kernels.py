@@ -56,7 +56,14 @@ import torch
 import torch.nn.functional as F
 
 from .masks import band_keeps
-from .nonfinite import band_values, known_finite, mark_query_rows_, marks_query_rows, quarantine_values
+from .nonfinite import (
+    band_values,
+    known_finite,
+    mark_query_rows_,
+    marks_query_rows,
+    quarantine_values,
+    scores_bounded,
+)
 
 aten = torch.ops.aten
 
@@ -86,16 +93,16 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def backend(q: torch.Tensor, kv_len: int | None = None, k: torch.Tensor | None = None) -> str:
+def backend(q: torch.Tensor, kv_len: int | None = None, k: torch.Tensor | None = None, scale: float = 1.0) -> str:
     """The backend a block with ``q [B, H, L, D]`` (and ``kv_len`` keys ``k``) runs on: cpu,
     flash, efficient or math.
 
-    A CPU block of fewer than :data:`CPU_FEW_KEYS` keys runs on math unless its keys are seen
-    to be finite (:func:`~ring_attention.nonfinite.known_finite`): then no row's scores are all
-    NaN (a non-finite query row is marked afterwards, whatever the backend), and many short
-    documents stay on the fused op instead of a dozen math launches each."""
+    A CPU block of fewer than :data:`CPU_FEW_KEYS` keys runs on math unless its scores are
+    seen to be finite (:func:`~ring_attention.nonfinite.scores_bounded`): then no row's scores
+    are all NaN (a non-finite query row is marked afterwards, whatever the backend), and many
+    short documents stay on the fused op instead of a dozen math launches each."""
     if q.device.type == "cpu" and kv_len is not None and kv_len < CPU_FEW_KEYS \
-            and (k is None or not known_finite(k)):
+            and (k is None or not scores_bounded(q, k, scale)):
         return "math"
     if q.device.type in ("cpu", "meta"):  # meta: shapes only, through the CPU op's meta kernel
         return "cpu"
@@ -161,7 +168,7 @@ def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
     band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kind = _band_kind(backend(q, k.shape[-2], k), band)
+    kind = _band_kind(backend(q, k.shape[-2], k, scale), band)
     if kind == "cpu":
         return _cpu_forward(q, k, v, causal, scale, band)
     if kind == "math":
@@ -192,7 +199,7 @@ def attention_backward(
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
     _check_block(q, k, causal)
     q, scale, q_factor = fold_scale(q, scale)
-    kind = _band_kind(backend(q, k.shape[-2], k), band)
+    kind = _band_kind(backend(q, k.shape[-2], k, scale), band)
     if kind == "flash" and not _flash_backward_runs(q):
         kind = "efficient"
     if kind == "cpu":

@@ -120,7 +120,25 @@ def known_finite(x: torch.Tensor) -> bool:
     or meta tensors) has no value to read: ``False`` sends them down the path that is
     right whatever ``x`` holds. So does a sum that overflows to inf: needless, not wrong.
     """
-    traced = torch.compiler.is_compiling() or get_proxy_mode() is not None  # torch.compile, make_fx
-    if x.device.type != "cpu" or traced or is_fake(x) or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return False  # (a functorch wrapper: vmap's batched tensors have no one value to read)
+    if not _readable(x):
+        return False
     return math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item())
+
+
+def scores_bounded(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
+    """Whether every score ``scale * q_i . k_j`` of a block is seen to be finite in float32:
+    ``max|q| * max|k| * D * |scale|`` below float32's largest value, read only where
+    :func:`known_finite` reads (eager CPU). Finite inputs can still overflow to ``inf - inf``."""
+    if not (_readable(q) and _readable(k)):
+        return False
+    if q.numel() == 0 or k.numel() == 0:
+        return True
+    bound = float(q.abs().amax()) * float(k.abs().amax()) * q.shape[-1] * abs(scale)
+    return math.isfinite(bound) and bound < torch.finfo(torch.float32).max
+
+
+def _readable(x: torch.Tensor) -> bool:
+    """Whether reading ``x``'s values is free and meaningful: a real CPU tensor, eagerly."""
+    traced = torch.compiler.is_compiling() or get_proxy_mode() is not None  # torch.compile, make_fx
+    # (a functorch wrapper: vmap's batched tensors have no one value to read)
+    return not (x.device.type != "cpu" or traced or is_fake(x) or torch._C._functorch.is_functorch_wrapped_tensor(x))

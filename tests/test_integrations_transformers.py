@@ -55,7 +55,8 @@ def test_full_attention_matches_sdpa(family, documents, ring):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pattern", [MIXTURE, HEAD_GROUPS], ids=["mixture", "head_groups"])
-@pytest.mark.parametrize("documents", [None, (0, 32, 64)], ids=["one-document", "packed"])
+@pytest.mark.parametrize("documents", [None, (0, 32, 64), (0, 16, 32, 64)],
+                         ids=["one-document", "packed", "packed-within-segments"])
 def test_dilated_attention_matches_sdpa_with_log_weights(family, pattern, documents):
     _assert_parity(rat.check_parity(family, pattern=pattern, cu_seqlens=documents, ring_size=2))
 
@@ -92,7 +93,65 @@ def test_the_cli_reports_parity_and_fails_above_its_tolerance():
     assert failed.returncode == 1 and "FAIL" in failed.stderr
 
 
+def test_the_trainers_keywords_pass_through():
+    """What transformers hands every layer besides the attention's own arguments (the Trainer's
+    ``num_items_in_batch``, the output flags) changes nothing here."""
+    ids = torch.arange(16)[None] % 100
+    out = _model()(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(15), output_hidden_states=True,
+                   use_cache=False)
+    assert out.loss.isfinite() and len(out.hidden_states) == 3
+
+
+def test_a_window_a_layer_holds_without_passing_it_is_honoured():
+    """Some models' layers keep their window on the module and do not pass it to the call."""
+    module = _Module()
+    module.sliding_window = 4
+    q, k, v = _qkv(16, 16)
+    got = AttentionInterface()[rat.ATTENTION](module, q, k, v, None)[0]
+    want = AttentionInterface()[rat.ATTENTION](_Module(), q, k, v, None, sliding_window=4)[0]
+    assert torch.equal(got, want)
+    assert not torch.equal(got, AttentionInterface()[rat.ATTENTION](_Module(), q, k, v, None)[0])
+
+
 # --- refusals: a clear error at the first forward, never a silent drop ----------------------
+
+
+@pytest.mark.parametrize("config", [
+    {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4},
+    {"sliding_window": 4},
+])
+def test_a_sliding_layer_whose_window_is_not_passed_is_refused(config):
+    module = _Module()
+    module.config, module.layer_idx = type("Config", (), config)(), 1
+    with pytest.raises(ValueError, match="sliding window"):
+        AttentionInterface()[rat.ATTENTION](module, *_qkv(), None)
+    module.config.use_sliding_window = False  # Qwen2's switch: no window asked
+    if "layer_types" not in config:
+        AttentionInterface()[rat.ATTENTION](module, *_qkv(), None)
+
+
+def test_a_mask_function_that_lets_a_token_see_a_later_one_is_refused():
+    """A bidirectional prefix or image-token overlay on the causal mask (transformers 5.x's
+    block_sequence_ids, 4.x's or_mask_function) reaches the mask hook only as its function."""
+    from transformers.masking_utils import causal_mask_function, or_masks
+
+    def bidirectional(b, h, q_idx, kv_idx):
+        return q_idx >= 0
+
+    hook = AttentionMaskInterface()[rat.ATTENTION]
+    prefix = torch.tensor([True, True, True, False, False, False])
+
+    def prefix_lm(b, h, q_idx, kv_idx):
+        return prefix[q_idx] & prefix[kv_idx]
+
+    with pytest.raises(ValueError, match="later"):
+        hook(batch_size=1, q_length=6, kv_length=6, mask_function=or_masks(causal_mask_function, prefix_lm))
+    assert hook(batch_size=1, q_length=6, kv_length=6, mask_function=causal_mask_function) is None
+    assert hook(batch_size=1, q_length=6, kv_length=6, mask_function=bidirectional,
+                allow_is_bidirectional_skip=True) is None
+
+
+
 
 
 def _model(family="llama", **config):
@@ -250,6 +309,7 @@ def _cases() -> list[dict]:
                   "documents": list(DOCUMENTS)})
     for what in ("positions", "padding"):
         cases.append({"kind": "bad", "name": f"bad-{what}", "what": what, "layout": "zigzag"})
+    cases.append({"kind": "bad", "name": "reused-positions", "what": "reused", "layout": "zigzag"})
     return cases
 
 
@@ -302,3 +362,33 @@ def test_the_readme_example_runs_under_torchrun_and_matches_sdpa():
     assert done.returncode == 0, done.stderr[-3000:]
     difference = float(done.stdout.rsplit("difference", 1)[1])
     assert difference <= 1e-9, done.stdout
+
+
+@pytest.mark.distributed
+def test_ranks_that_reuse_their_position_tensor_differently_agree_without_hanging(two_ranks):
+    """Rank 0 passes one position tensor to two forwards, rank 1 a new one each time: their
+    caches differ, their collectives must not."""
+    for rank in range(2):
+        assert two_ranks[rank]["reused-positions"]["raised"] is None, two_ranks[rank]
+
+
+def test_a_registered_backend_does_not_keep_its_process_group_alive():
+    """transformers holds a registered backend for the life of the process: a process group it
+    kept alive past destroy_process_group would be torn down at exit, where gloo aborts."""
+    script = (
+        "import gc, weakref, torch.distributed as dist\n"
+        "import ring_attention.integrations.transformers as rat\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:PORT', rank=0, world_size=1)\n"
+        "backend = rat.register('ring_attention_pg', group=dist.group.WORLD)\n"
+        "alive = weakref.ref(dist.group.WORLD)\n"
+        "dist.destroy_process_group(); gc.collect()\n"
+        "assert alive() is None, 'the backend keeps the process group alive'\n"
+        "try:\n"
+        "    backend.group\n"
+        "except RuntimeError as error:\n"
+        "    print('refused:', error)\n"
+    ).replace("PORT", str(_free_port()))
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=JOIN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: ring_attention_pg: its process group was destroyed" in done.stdout

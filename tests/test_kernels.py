@@ -285,3 +285,20 @@ def test_a_short_block_runs_on_the_cpu_op_only_when_its_keys_are_seen_finite():
     assert kernels.backend(q, 8, k) == "math"
     out, _ = kernels.attention_forward(q, k, v, causal=True, scale=0.3)
     assert out[0, 0, :3].isfinite().all() and out[0, 0, 3:].isnan().all()
+
+
+
+def test_a_short_block_whose_finite_scores_can_overflow_runs_on_math():
+    """Finite q and k can still score ``inf - inf``: a row whose every score is NaN shows as NaN,
+    as the reference gives it, not as the CPU op's finite 0."""
+    import ring_attention as ra
+
+    q, k, v = (_rand((1, 32, 1, 8), torch.float32, s) for s in range(3))
+    q[0, 1, 0, :] = 2e19
+    k[0, :2, 0, :] = torch.tensor([2e19, -2e19] * 4)
+    assert kernels.backend(q.transpose(1, 2)[:, :, :2], 2, k.transpose(1, 2)[:, :, :2], 0.3) == "math"
+    documents = (0, 2, 32)  # a document of two keys: a block of two
+    out = ra.ring_attention(q, k, v, causal=True, cu_seqlens=documents)
+    ref = ra.reference_attention(q, k, v, causal=True, cu_seqlens=documents)
+    assert ref[0, 1].isnan().all()
+    torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-5, atol=1e-5)

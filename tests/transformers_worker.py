@@ -8,7 +8,8 @@ Every rank runs the JSON list ``CASES`` in order and writes ``OUT/rank{r}.json``
 - ``parity``: :func:`check_parity` of ``family`` on this rank's shard in ``layout`` (optional
   ``pattern`` ``[segments, rates]``, ``documents``, ``dtype``): the largest differences.
 - ``bad``: rank 1 alone passes a wrong input (``position_ids`` off by one, or a padding
-  ``attention_mask``); records what each rank raised (``None`` if nothing).
+  ``attention_mask``), or (``reused``) two forwards where rank 0 passes one position tensor
+  twice and rank 1 a new one; records what each rank raised (``None`` if nothing).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def _bad(case: dict) -> dict:
         mask[0, -1] = 0
     try:
         model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
+        if case["what"] == "reused":  # rank 0: the same tensor again (its cache hits); rank 1: a new one
+            model(input_ids=ids, position_ids=positions if rank == 0 else positions.clone(), use_cache=False)
     except Exception as error:  # noqa: BLE001 - recorded for the test to judge
         return {"raised": f"{type(error).__name__}: {error}"}
     return {"raised": None}

@@ -111,7 +111,9 @@ def check_parity(family: str = "llama", *, pattern: DilatedPattern | None = None
         longest = max(b - a for a, b in zip(bounds, bounds[1:]))
         extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
 
-    want_logits = _loss_backward(reference, input_ids, position_ids, labels, count, {})
+    # transformers' sdpa builds its document mask from the restarting position ids; the log-W
+    # oracle reads the documents from the call, as the backend does
+    want_logits = _loss_backward(reference, input_ids, position_ids, labels, count, extra if pattern else {})
     if group is not None:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         input_ids, position_ids, labels = (shard(t, size, layout, dim=1, cu_seqlens=cu_seqlens)[rank]
