@@ -133,7 +133,8 @@ def scores_bounded(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
         return False
     if q.numel() == 0 or k.numel() == 0:
         return True
-    bound = float(q.abs().amax()) * float(k.abs().amax()) * q.shape[-1] * abs(scale)
+    inf = float("inf")
+    bound = float(torch.linalg.vector_norm(q, inf) * torch.linalg.vector_norm(k, inf)) * q.shape[-1] * abs(scale)
     return math.isfinite(bound) and bound < torch.finfo(torch.float32).max
 
 
