@@ -185,11 +185,8 @@ def keeps_received(key: PlanKey) -> bool:
     more K/V shard, and keeping it saves a third of the ring's bytes (K/V out in forward, out
     again in backward, dK/dV back). Wider bands, and full attention, receive up to ``R - 1``
     shards: those are received again. Decided from the key alone, so every rank agrees."""
-    if key.ring_size == 1 or key.mask.window is None:
-        return False
-    left, right = key.mask.window
-    right = 0 if key.mask.causal else right
-    return 0 <= left and 0 <= right and left + right <= key.seq_len // key.ring_size
+    left, right = key.mask.reach
+    return key.ring_size > 1 and 0 <= left and 0 <= right and left + right <= key.seq_len // key.ring_size
 
 
 def clear() -> None:

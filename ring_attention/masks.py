@@ -95,6 +95,13 @@ class SequenceMask:
         """Whether every query sees every key (the mask changes nothing)."""
         return not self.causal and self.window is None and self.documents is None
 
+    @property
+    def reach(self) -> tuple[int, int]:
+        """How far from a query its keys may lie, ``(left, right)`` (``-1``: unbounded), with
+        causality folded in: the right side is 0 under a causal mask."""
+        left, right = self.window if self.window is not None else (-1, -1)
+        return left, 0 if self.causal else right
+
     def document(self, position: int) -> int:
         """The index ``d`` of the document holding ``position`` (``c_d <= position < c_{d+1}``)."""
         return 0 if self.documents is None else bisect.bisect_right(self.documents, position) - 1

@@ -95,10 +95,7 @@ def window_tile(mask: SequenceMask, rate: int) -> int | None:
     the band's (a tile's edge block computes about half a tile more per row). A power of two
     meets the band's edges at the same offsets in every tile, so each kind of edge block
     batches into one call however many tiles there are. ``None``: runs stay whole."""
-    if mask.window is None:
-        return None
-    left, right = mask.window
-    right = 0 if mask.causal else right  # causal caps the right side at the query
+    left, right = mask.reach
     if left < 0 or right < 0:
         return None
     rows = -(-(left + right + 1) // (16 * rate))
@@ -187,9 +184,7 @@ def reached(k: Run, queries: Iterable[Run], mask: SequenceMask, rate: int) -> Ru
     """Key run ``k`` cut to the keys the band of ``mask.window`` lets some of ``queries`` reach
     (runs of ``k``'s segment, rows ``rate`` apart): a message carries no key outside every
     query's band, so a window's first tile travels as far as the band reaches, not whole."""
-    assert mask.window is not None
-    left, right = mask.window
-    right = 0 if mask.causal else right
+    left, right = mask.reach
     last = k.first + rate * (k.length - 1)
     qs = list(queries)
     lo = min(q.first for q in qs) - left if left >= 0 else k.first
