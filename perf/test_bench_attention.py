@@ -28,7 +28,6 @@ from perf import compiled, counters, flex, measure
 from perf import device as _device
 from ring_attention import registry
 from ring_attention.dense import dense_attention
-from ring_attention.masks import SequenceMask
 
 # The longest N whose masked anchor (SDPA with an [N, N] boolean mask) is built: 256 MiB.
 MASKED_ANCHOR_MAX_N = 16384
@@ -41,7 +40,7 @@ def _anchor(variant, n, device, backend):
     if not variant.masked or n > MASKED_ANCHOR_MAX_N:
         return lambda q_, k_, v_: dense_attention(q_, k_, v_, causal=variant.causal), backend, "sdpa"
     pos = torch.arange(n, device=device)
-    keep = SequenceMask(variant.causal, variant.window(n), variant.documents(n)).keeps(pos, pos)
+    keep = variant.mask(n).keeps(pos, pos)
 
     def masked(q_, k_, v_):
         out = F.scaled_dot_product_attention(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
@@ -59,8 +58,7 @@ def _flex(variant, n, device, backward, q, k, v, grad_out, timer, flush) -> dict
     """A masked row's FlexAttention anchor (perf/flex.py): ``flex_median_s``, or why it has none."""
     if n > MASKED_ANCHOR_MAX_N:  # create_block_mask evaluates the mask on all N x N pairs
         return {"flex_anchor": f"not built past N={MASKED_ANCHOR_MAX_N}"}
-    mask = SequenceMask(variant.causal, variant.window(n), variant.documents(n))
-    attend, note = flex.anchor(mask, n, device, backward)
+    attend, note = flex.anchor(variant.mask(n), n, device, backward)
     if attend is None:
         return {"flex_anchor": note}
     call = _call(attend, q, k, v, grad_out, backward)

@@ -109,6 +109,10 @@ class Variant:
         """Whether a window or documents restrict the keys."""
         return self.window(1024) is not None or self.documents(1024) is not None
 
+    def mask(self, seq_len: int) -> SequenceMask:
+        """Which keys a query sees at ``seq_len``: the variant's causality, window and documents."""
+        return SequenceMask(self.causal, self.window(seq_len), self.documents(seq_len))
+
     def pattern_for(self, seq_len: int) -> Optional[DilatedPattern]:
         return self.pattern(seq_len)
 
@@ -161,9 +165,9 @@ class Variant:
         its plan's calls (:meth:`RankPlan.attended_pairs`): how evenly the ring shares the work."""
         if self.kind is Kind.DENSE:
             return (computed_pairs(None, seq_len, num_heads, is_causal=self.causal),)
-        mask = SequenceMask(self.causal, self.window(seq_len), self.documents(seq_len))
         r = self.ring_size or 1
-        plans = ring_plans(self.pattern_for(seq_len), seq_len, num_heads, num_kv_heads, mask, r, self.layout, range(r))
+        plans = ring_plans(self.pattern_for(seq_len), seq_len, num_heads, num_kv_heads, self.mask(seq_len), r,
+                           self.layout, range(r))
         return tuple(p.attended_pairs() for p in plans)
 
     def flops(self, batch: int, seq_len: int, num_heads: int, head_dim: int, *, backward: bool = False) -> float:

@@ -12,15 +12,11 @@ from ring_attention.masks import SequenceMask
 MASKED = [n for n, v in registry.VARIANTS.items() if v.masked]
 
 
-def _mask(variant, n):
-    return SequenceMask(variant.causal, variant.window(n), variant.documents(n))
-
-
 @pytest.mark.parametrize("name", MASKED)
 def test_the_mask_mod_keeps_what_the_sequence_mask_keeps(name):
     from torch.nn.attention.flex_attention import create_mask
 
-    mask, n = _mask(registry.VARIANTS[name], 512), 512
+    mask, n = registry.VARIANTS[name].mask(512), 512
     pos = torch.arange(n)
     got = create_mask(flex.mask_mod(mask, n, "cpu"), None, None, n, n, device="cpu")[0, 0]
     assert got.equal(mask.keeps(pos, pos))
@@ -32,7 +28,7 @@ def test_the_flex_anchor_matches_the_reference(name):
 
     variant = registry.VARIANTS[name]
     q, k, v = qkv(1, 256, 4, 2, 16, dtype=torch.float32, seed=3)
-    attend, note = flex.anchor(_mask(variant, 256), 256, "cpu", backward=False)
+    attend, note = flex.anchor(variant.mask(256), 256, "cpu", backward=False)
     assert note == "flex_attention+block_mask"
     want = variant.reference(q.double(), k.double(), v.double())
     torch.testing.assert_close(attend(q, k, v).double(), want, rtol=2e-5, atol=2e-5)
