@@ -158,7 +158,9 @@ def _describe(pattern: object) -> str:
     return f"{pattern.mode} {tuple(zip(pattern.segment_lengths, pattern.dilation_rates))}"
 
 
-def _collective_device(group: dist.ProcessGroup, q: torch.Tensor) -> torch.device:
+def collective_device(group: dist.ProcessGroup, q: torch.Tensor | None = None) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the CPU for gloo; for NCCL ``q``'s CUDA
+    device, or this process's current one."""
     if dist.get_backend(group) != "nccl":
         return torch.device("cpu")
     if isinstance(q, torch.Tensor) and q.is_cuda:
@@ -240,7 +242,7 @@ def check_ring_inputs(
         agreed.move_to_end(cast(_Signature, signature))  # no error: the signature is set
         return ring, cast(Checked, result)  # no error: the checks returned
 
-    device = _collective_device(group, q)
+    device = collective_device(group, q)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if _digests_agree(signature if error is None else None, group, ring.size, device):
             _remember(agreed, cast(_Signature, signature))  # the digests agree on a signature

@@ -38,6 +38,7 @@ from ..._checks import check_documents
 from ...entry import FULL, attend
 from ...layout import Layout, shard
 from ...pattern import DilatedPattern
+from ...ring_checks import collective_device
 
 # Keywords models pass that change nothing here (``max_length_*`` restate ``cu_seq_lens``).
 # The Trainer's ``num_items_in_batch`` and the output flags travel with every layer's call.
@@ -222,9 +223,7 @@ class Backend:
             if problem is not None:
                 raise ValueError(problem)
             return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
-            else torch.device("cpu")
-        flag = torch.tensor([problem is not None], dtype=torch.int32, device=device)
+        flag = torch.tensor([problem is not None], dtype=torch.int32, device=collective_device(self.group))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         if not flag.item():
             return
