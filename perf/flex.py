@@ -21,10 +21,7 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def mask_mod(mask: SequenceMask, n: int, device: str | torch.device) -> Callable[..., torch.Tensor]:
     """The ``mask_mod(b, h, q_idx, kv_idx)`` of ``mask`` on ``n`` positions."""
-    doc = None
-    if mask.documents is not None:
-        starts = torch.tensor(mask.documents[1:-1], device=device)
-        doc = torch.bucketize(torch.arange(n, device=device), starts, right=True)
+    doc = None if mask.documents is None else mask.document_ids(torch.arange(n, device=device))
     left, right = mask.window if mask.window is not None else (-1, -1)
 
     def keep(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

@@ -118,10 +118,16 @@ class SequenceMask:
             if right >= 0:
                 keep &= k_pos[None, :] <= q_pos[:, None] + right
         if self.documents is not None:
-            starts = torch.tensor(self.documents, device=q_pos.device)
-            q_doc = torch.searchsorted(starts, q_pos, right=True)
-            keep &= q_doc[:, None] == torch.searchsorted(starts, k_pos, right=True)[None, :]
+            keep &= self.document_ids(q_pos)[:, None] == self.document_ids(k_pos)[None, :]
         return keep
+
+    def document_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """The index ``d`` of each position's document (:meth:`document` for a tensor): 0 for all
+        without documents."""
+        if self.documents is None:
+            return torch.zeros_like(positions)
+        starts = torch.tensor(self.documents[1:-1], dtype=positions.dtype, device=positions.device)
+        return torch.searchsorted(starts, positions, right=True)
 
     def block(
         self, q_first: int, q_last: int, k_first: int, k_last: int, rate: int, *, diagonal: bool

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from ..._checks import check_documents
 from ...entry import FULL, attend
 from ...layout import Layout, shard
+from ...masks import SequenceMask
 from ...pattern import DilatedPattern
 from ...ring_checks import collective_device
 
@@ -283,5 +284,4 @@ def _positions(seq_len: int, documents: tuple[int, ...] | None) -> torch.Tensor:
     positions = torch.arange(seq_len)
     if documents is None:
         return positions
-    starts = torch.tensor(documents[:-1])
-    return positions - starts[torch.searchsorted(starts, positions, right=True) - 1]
+    return positions - torch.tensor(documents)[SequenceMask(documents=documents).document_ids(positions)]
