@@ -8,8 +8,8 @@ same number of heads.
 coordinates); ``band=(lo, hi)`` keeps block-local key ``j`` for query ``i`` when
 ``lo <= j - i <= hi`` (a block cut by a sliding window), and a row with no key in it gives
 out 0 and LSE ``-inf``. A band runs on the CPU op with an additive mask, or on ``math``
-(CUDA too, for now: flash's ``window_size`` is the native path to add). Which blocks are diagonal, full or skipped is the caller's business: this
-module knows nothing of global positions. Square blocks matter: the CPU op aligns a
+(CUDA: flash's ``window_size``, or ``math``). Which blocks are diagonal, full or skipped
+is the caller's business: this module knows nothing of global positions. Square blocks matter: the CPU op aligns a
 causal mask top-left and CUDA flash bottom-right, which agree only when ``Lq == Lk``.
 
 Backends (:func:`backend`), each called only with inputs its kernel accepts:
@@ -17,27 +17,20 @@ Backends (:func:`backend`), each called only with inputs its kernel accepts:
 - ``cpu``: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
   (float16, bfloat16, float32, float64; any head dim), for blocks of at least
   :data:`CPU_FEW_KEYS` keys, or fewer keys seen to be finite (others run on ``math``).
-- ``flash``: ``aten._scaled_dot_product_flash_attention`` (CUDA, float16/bfloat16, sm80 or
-  newer, flash enabled in ``torch.backends.cuda``). Its kernel requires ``D % 8 == 0`` and
-  ``D <= 256``, loads 16-byte vectors, and puts the batch on the grid's y axis. Its
-  backward for ``192 < D <= 224`` runs only on sm80 and sm90: elsewhere that backward
-  runs on ``efficient``.
-- ``efficient``: ``aten._scaled_dot_product_efficient_attention`` (CUDA, also float32 and
-  older GPUs and ``D > 256``). Head dim a multiple of 8 (half) or 4 (float32); its LSE
-  is padded along L to a multiple of 32; the batch is on the grid's z axis.
+- ``flash``, ``efficient``: the fused CUDA kernels (:mod:`ring_attention.fused_cuda`: what
+  each accepts and what every call gets to meet it). A band runs on flash with its native
+  ``window_size`` where a window keeps exactly the band's keys (:func:`~ring_attention.
+  fused_cuda.flash_window`), else on ``math``.
 - ``math``: exact matmul/softmax, for anything else (CUDA with both fused kernels
   disabled, other devices). It materializes scores for at most
   :data:`MATH_SCORE_BYTES` bytes of query rows at a time (more only when a single row's
   scores exceed it), never a whole ``L x L`` block.
 
-What every CUDA call gets, whatever the caller passes: the head dim zero-padded to a
-multiple of 8 (zero columns change neither the scores nor the kept columns of the
-output; the scale stays explicit), inputs copied when their storage offset or any
-stride is not 16-byte aligned, and batches above 65,535 split into several launches.
-
 Non-finite inputs show where the reference says (:mod:`ring_attention.nonfinite`): a causal
 or band's block quarantines its non-finite values, and query rows holding NaN or inf are
-marked NaN. A band's block runs on ``math`` where its keys are not seen to be finite.
+marked NaN. A band's block runs on the CPU op only where its keys are seen to be finite (the op adds
+the band to the scores, and a masked ``inf`` score would be NaN); flash replaces masked
+scores, and takes any keys.
 
 Any finite scale works: a scale the kernels cannot take as a positive float32 (zero,
 negative, subnormal) is folded into ``q``, because the fused ops scale the masked
@@ -50,11 +43,9 @@ result is this block's exact share of the gradient of the merged attention.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 
+from . import fused_cuda
 from .masks import band_keeps
 from .nonfinite import (
     band_values,
@@ -67,30 +58,13 @@ from .nonfinite import (
 
 aten = torch.ops.aten
 
-# The launch grid's y (flash) or z (efficient) dimension holds the batch: at most 2^16 - 1.
-MAX_GRID_BATCH = 65_535
 # Bytes of float32 scores the math backend materializes per chunk of query rows.
 MATH_SCORE_BYTES = 256 * 2**20
-FLASH_MAX_HEAD_DIM = 256
 # With fewer keys than this, torch's CPU op returns a finite 0 for a row whose every score
 # is NaN (a NaN query row, or a causal row that sees only a NaN key): measured on torch 2.13
 # for 1-15 keys. Such small blocks run on the math backend, which propagates the NaN.
 CPU_FEW_KEYS = 16
-_ALIGN_BYTES = 16
-_EFFICIENT_LSE_ALIGN = 32
 _F32 = torch.finfo(torch.float32)
-
-
-def _cuda_capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability of ``device``; a CPU-only build sees only fake CUDA tensors."""
-    if not torch.cuda.is_available():
-        return (8, 0)  # fake CUDA tensors (FakeTensorMode): trace the sm80+ path
-    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _capability_of(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def backend(q: torch.Tensor, kv_len: int | None = None, k: torch.Tensor | None = None, scale: float = 1.0) -> str:
@@ -106,17 +80,9 @@ def backend(q: torch.Tensor, kv_len: int | None = None, k: torch.Tensor | None =
         return "math"
     if q.device.type in ("cpu", "meta"):  # meta: shapes only, through the CPU op's meta kernel
         return "cpu"
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if q.device.type != "cuda":
         return "math"
-    half = q.dtype != torch.float32
-    padded = _round_up(q.shape[-1], 8)
-    capability = _cuda_capability(q.device)
-    if half and padded <= FLASH_MAX_HEAD_DIM and capability >= (8, 0) and torch.backends.cuda.flash_sdp_enabled():  # type: ignore[no-untyped-call]  # unannotated in torch
-        return "flash"
-    bf16_ok = q.dtype != torch.bfloat16 or capability >= (8, 0)
-    if bf16_ok and capability >= (5, 0) and torch.backends.cuda.mem_efficient_sdp_enabled():  # type: ignore[no-untyped-call]  # unannotated in torch
-        return "efficient"
-    return "math"
+    return fused_cuda.kind(q)
 
 
 def attention_forward(
@@ -139,10 +105,7 @@ def attention_forward(
     q, scale, _ = fold_scale(q, scale)
     if band is not None:
         v, poison = band_values(q.shape[-2], v, band)
-        if known_finite(k):
-            out, lse = _forward(q, k, v, causal, scale, band)
-        else:  # the CPU op adds the band to the scores: a masked inf score would be NaN
-            out, lse = _math_forward(q, k, v, causal=causal, scale=scale, band=band)
+        out, lse = _forward(q, k, v, causal, scale, band)
         if poison is not None:
             out.add_(poison)
     elif not causal or quarantined:
@@ -157,39 +120,37 @@ def attention_forward(
     return out, lse
 
 
-def _band_kind(kind: str, band: tuple[int, int] | None) -> str:
-    """The backend of a block: a band runs on the CPU op or on math. Flash (``window_size``)
-    and efficient take a band natively on CUDA: that is the fast path to add; until then
-    CUDA is never called with a mask it does not take."""
-    return "math" if band is not None and kind not in ("cpu", "math") else kind
+def _kind(q: torch.Tensor, k: torch.Tensor, scale: float, band: tuple[int, int] | None, forward: bool) -> str:
+    """The backend of a block. A band runs on flash where a window keeps exactly its keys,
+    else on math; on the CPU op, whose forward runs it only where its keys are seen to be
+    finite (the op adds the band to the scores: a masked ``inf`` score would be NaN). The
+    backward does not look (a reduction per call): with an infinite key, a band's gradients
+    may hold NaN in more rows than the reference's; outputs never do."""
+    kind = backend(q, k.shape[-2], k, scale)
+    if band is None or kind == "math":
+        return kind
+    if kind == "cpu":
+        return "cpu" if not forward or known_finite(k) else "math"
+    if kind == "flash" and fused_cuda.flash_window(q.shape[-2], k.shape[-2], band) is not None:
+        return "flash"
+    return "math"
 
 
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
     band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kind = _band_kind(backend(q, k.shape[-2], k, scale), band)
+    kind = _kind(q, k, scale, band, forward=True)
     if kind == "cpu":
         return _cpu_forward(q, k, v, causal, scale, band)
     if kind == "math":
         return _math_forward(q, k, v, causal=causal, scale=scale, band=band)
-    d = q.shape[-1]
-    q, k, v = (_cuda_ready(x) for x in (q, k, v))
-    outs, lses = [], []
-    for start, length in _batch_chunks(q.shape[0]):
-        qb, kb, vb = (x.narrow(0, start, length) for x in (q, k, v))
-        if kind == "flash":
-            res = aten._scaled_dot_product_flash_attention.default(qb, kb, vb, 0.0, causal, False, scale=scale)
-            outs.append(res[0])
-            lses.append(res[1])
-        else:
-            res = aten._scaled_dot_product_efficient_attention.default(
-                qb, kb, vb, None, True, 0.0, causal, scale=scale
-            )
-            outs.append(res[0])
-            lses.append(res[1][..., : q.shape[2]])
-    out, lse = _cat(outs), _cat(lses)
-    return out[..., :d], lse.contiguous()
+    if band is None:
+        return fused_cuda.forward(kind, q, k, v, causal, scale)
+    lq, lk = q.shape[-2], k.shape[-2]
+    out, lse = fused_cuda.forward(kind, q, k, v, causal, scale, fused_cuda.flash_window(lq, lk, band))
+    _no_key_rows_(lse, lk, band)  # flash gives such a row LSE +inf
+    return out, lse
 
 
 def attention_backward(
@@ -199,48 +160,21 @@ def attention_backward(
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
     _check_block(q, k, causal)
     q, scale, q_factor = fold_scale(q, scale)
-    kind = _band_kind(backend(q, k.shape[-2], k, scale), band)
-    if kind == "flash" and not _flash_backward_runs(q):
-        kind = "efficient"
+    kind = fused_cuda.backward_kind(q, _kind(q, k, scale, band, forward=False))
+    if band is not None and kind == "efficient":  # flash's backward cannot take this head dim
+        kind = "math"
     if kind == "cpu":
         dq, dk, dv = _cpu_backward(dout, q, k, v, out, lse, causal, scale, band)
     elif kind == "math":
         dq, dk, dv = _math_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, band=band)
-    else:
-        d = q.shape[-1]
-        dout, q, k, v = (_cuda_ready(x) for x in (dout, q, k, v))
-        out = _efficient_out(out) if kind == "efficient" else _cuda_ready(out)
-        lse = lse.contiguous()
-        if kind == "efficient":
-            pad = _round_up(lse.shape[-1], _EFFICIENT_LSE_ALIGN) - lse.shape[-1]
-            lse = F.pad(lse, (0, pad)) if pad else lse
-        no_rng = torch.empty(0, dtype=torch.int64, device=q.device)  # read only with dropout
-        grads = []
-        for start, length in _batch_chunks(q.shape[0]):
-            do_b, q_b, k_b, v_b, o_b, lse_b = (x.narrow(0, start, length) for x in (dout, q, k, v, out, lse))
-            if kind == "flash":
-                grads.append(aten._scaled_dot_product_flash_attention_backward.default(
-                    do_b, q_b, k_b, v_b, o_b, lse_b, None, None,
-                    q.shape[2], k.shape[2], 0.0, causal, no_rng, no_rng, scale=scale,
-                )[:3])
-            else:
-                grads.append(aten._scaled_dot_product_efficient_attention_backward.default(
-                    do_b, q_b, k_b, v_b, None, o_b, lse_b, no_rng, no_rng,
-                    0.0, [True, True, True, False], causal, scale=scale,
-                )[:3])
-        dq, dk, dv = (_cat(list(g))[..., :d] for g in zip(*grads))
+    elif band is None:
+        dq, dk, dv = fused_cuda.backward(kind, dout, q, k, v, out, lse, causal, scale)
+    else:  # exp(s - lse) of a row without keys anywhere must be 0, not -inf - -inf
+        window = fused_cuda.flash_window(q.shape[-2], k.shape[-2], band)
+        dq, dk, dv = fused_cuda.backward(kind, dout, q, k, v, out, _finite_shift(lse), causal, scale, window)
     if q_factor != 1.0:
         dq = dq * q_factor
     return dq, dk, dv
-
-
-def _flash_backward_runs(q: torch.Tensor) -> bool:
-    """Whether flash's backward takes ``q``'s padded head dim on its GPU: for
-    ``192 < D <= 224`` only sm80 and sm90 do (flash_api.cpp ``mha_bwd``; sm86/89, sm100 and
-    sm120 raise), though the forward runs there. Such blocks' backward runs on the
-    efficient kernel, which takes the forward's LSE padded."""
-    padded = _round_up(q.shape[-1], 8)
-    return not 192 < padded <= 224 or _cuda_capability(q.device) in ((8, 0), (9, 0))
 
 
 # --- preconditions ----------------------------------------------------------------------
@@ -260,53 +194,6 @@ def fold_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float, floa
     if _F32.tiny <= scale <= _F32.max:
         return q, scale, 1.0
     return q * scale, 1.0, scale
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _aligned(x: torch.Tensor) -> bool:
-    size = x.element_size()
-    if x.stride(-1) != 1 or (x.storage_offset() * size) % _ALIGN_BYTES:
-        return False
-    return all((s * size) % _ALIGN_BYTES == 0 for s in x.stride()[:-1])
-
-
-def _cuda_ready(x: torch.Tensor) -> torch.Tensor:
-    """Head dim padded to a multiple of 8, storage offset and strides 16-byte aligned."""
-    pad = _round_up(x.shape[-1], 8) - x.shape[-1]
-    if pad:
-        return F.pad(x, (0, pad))  # a fresh, contiguous (hence aligned) tensor
-    return x if _aligned(x) else x.clone(memory_format=torch.contiguous_format)
-
-
-def _efficient_out(out: torch.Tensor) -> torch.Tensor:
-    """``out [B, H, L, D]`` as the efficient backward reads it: a transposed ``[B, L, H, D']``
-    contiguous tensor, ``D'`` the padded head dim.
-
-    Its kernel takes out's row stride to be ``H * D'`` instead of reading it
-    (kernel_backward.h, ``Params::o_strideM``), and reads out for the delta term of dQ and
-    dK: a head slice, a padded copy or a ``[B, H, L, D]``-contiguous tensor would be read
-    at the wrong rows. This is the layout the efficient forward returns; one copy otherwise.
-    """
-    b, h, length, d = out.shape
-    rows = out.transpose(1, 2)  # [B, L, H, D]
-    pad = _round_up(d, 8) - d
-    if pad:
-        return F.pad(rows, (0, pad)).transpose(1, 2)  # F.pad returns it contiguous
-    if (length == 1 or out.stride(2) == h * d) and _aligned(out):
-        return out
-    return rows.contiguous().transpose(1, 2)
-
-
-def _batch_chunks(batch: int) -> list[tuple[int, int]]:
-    """``(start, length)`` of each launch along the batch: at most MAX_GRID_BATCH each."""
-    return [(i, min(MAX_GRID_BATCH, batch - i)) for i in range(0, batch, MAX_GRID_BATCH)]
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 # --- CPU ----------------------------------------------------------------------------------
@@ -333,13 +220,18 @@ def _cpu_forward(
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
         q, k, v, 0.0, causal, attn_mask=bias, scale=scale
     )
-    if band is not None:
-        # The op gives a row whose every key is masked out 0 and LSE 0: its LSE is -inf.
-        # Such rows are those before -hi and from Lk - lo on (the band leaves the block).
-        lq, lk = q.shape[-2], k.shape[-2]
-        lse[..., : min(max(-band[1], 0), lq)] = float("-inf")
-        lse[..., max(lk - band[0], 0) :] = float("-inf")
+    if band is not None:  # the op gives a row whose every key is masked out LSE 0
+        _no_key_rows_(lse, k.shape[-2], band)
     return out, lse
+
+
+def _no_key_rows_(lse: torch.Tensor, k_len: int, band: tuple[int, int]) -> None:
+    """Set ``lse [..., Lq]`` to ``-inf`` in the rows that have no key in ``band``: those
+    before ``-hi`` and from ``Lk - lo`` on (the band leaves the block). Their outputs are 0
+    on every backend; their LSE is not (the CPU op gives 0, flash ``+inf``)."""
+    lq = lse.shape[-1]
+    lse[..., : min(max(-band[1], 0), lq)] = float("-inf")
+    lse[..., max(k_len - band[0], 0) :] = float("-inf")
 
 
 def _cpu_backward(

@@ -21,10 +21,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-from .masks import band_keeps
 
 
 def marks_query_rows(q: torch.Tensor) -> bool:
@@ -88,8 +87,14 @@ def band_values(
     else 0. ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`)."""
     if known_finite(v):
         return v, None
-    keep = band_keeps(q_len, v.shape[-2], band, v.device).to(torch.float32)
-    hits = torch.matmul(keep, (v - v).isnan().to(torch.float32))  # [..., Lq, D]: bad values in each band
+    # Bad values in each row's band [i + lo, i + hi], from a running count along the keys:
+    # O(L D), and no matmul (on CUDA that is an unfused path).
+    k_len, (lo, hi) = v.shape[-2], band
+    bad = F.pad((v - v).isnan().to(torch.float32), (0, 0, 1, 0)).cumsum_(-2)  # [..., 1 + Lk, D]
+    rows = torch.arange(q_len, device=v.device)
+    first = (rows + lo).clamp_(0, k_len)
+    end = torch.maximum((rows + hi + 1).clamp_(0, k_len), first)
+    hits = bad.index_select(-2, end) - bad.index_select(-2, first)  # [..., Lq, D]
     poison = torch.zeros(hits.shape, dtype=v.dtype, device=v.device).masked_fill_(hits > 0, float("nan"))
     return v.nan_to_num(0.0, 0.0, 0.0), poison
 

@@ -48,6 +48,9 @@ flash (any)                    sm80 or newer                                    
 flash backward                 192 < D <= 224 only on sm80 and sm90                 flash_api.cpp mha_bwd; sdp_utils.cpp
                                                                                     check_requires_grad_and_head_dim_gt192_*
 flash backward                 LSE contiguous float32 [B, H, Lq]                    attention_backward.cu (bare data_ptr)
+flash direct (a band's window) [B, L, H, D] operands, the rules above; no varlen;    attention.cu _flash_attention_forward,
+                               max_q/max_k the lengths; both window sides >= 0,     flash_api.cpp mha_fwd / set_params_fprop,
+                               not causal, right <= Lk unless Lq <= Lk + 1          mask.h apply_mask_local
 efficient forward / backward   fp16/bf16/fp32; D x itemsize % 16 == 0; same         attention.cu, kernel_forward.h /
                                alignment; equal heads; same grid limits; LSE          kernel_backward.h check_supported
                                requested, and in backward the forward's padded
@@ -301,6 +304,69 @@ def _rule_flash_backward(a: dict, cap: Capability) -> list[str]:
     return problems
 
 
+def _bhld(t):
+    """A ``[B, L, H, D]`` operand of the direct flash ops as ``[B, H, L, D]``: a view, so its
+    strides and offset (what the kernel reads) move with it."""
+    return t.transpose(1, 2) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
+
+
+def _flash_direct_problems(a: dict, lq: int, lk: int) -> list[str]:
+    """What ``_flash_attention_forward/_backward`` take beyond SDPA's flash op.
+
+    - ``cum_seq_q/k`` switch to the varlen kernel (``[total, H, D]`` operands, int32 offsets):
+      the library does not call it.
+    - ``max_q/max_k`` must be the block's lengths.
+    - A window (flash_api.cpp ``mha_fwd``/``mha_bwd``, ``set_params_fprop``; mask.h
+      ``apply_mask_local``) is passed as two explicit sides ``>= 0``: ``-1`` means unbounded
+      only until the other side is bounded, then ``seqlen_k``; a side ``>= seqlen_k`` is made
+      ``-1``, so a right side above ``seqlen_k`` is cut to ``seqlen_k``, which is not every key
+      to the right when ``Lq > Lk + 1``; ``is_causal`` sets the right side to 0.
+    """
+    problems = []
+    if a.get("cum_seq_q") is not None or a.get("cum_seq_k") is not None:
+        problems.append("cum_seq_q/cum_seq_k given: the varlen kernel takes [total, H, D] operands")
+    if (a["max_q"], a["max_k"]) != (lq, lk):
+        problems.append(f"max_q/max_k {(a['max_q'], a['max_k'])} != block lengths {(lq, lk)}")
+    left, right = a.get("window_size_left"), a.get("window_size_right")
+    if left is None and right is None:
+        return problems
+    if left is None or right is None or left < 0 or right < 0:
+        problems.append(f"window ({left}, {right}): pass both sides, each >= 0 (flash reads -1 as seqlen_k)")
+        return problems
+    if a["is_causal"]:
+        problems.append("is_causal with a window: mha_fwd sets window_size_right = 0")
+    if right > lk and lq > lk + 1:
+        problems.append(f"window right side {right} > seqlen_k {lk} with Lq {lq} > Lk + 1: flash cuts it to seqlen_k")
+    return problems
+
+
+def _rule_flash_attention_forward(a: dict, cap: Capability) -> list[str]:
+    """attention.cu ``_flash_attention_forward`` -> flash_api.cpp ``mha_fwd``: ``[B, L, H, D]``
+    operands, the rules of SDPA's flash op, and :func:`_flash_direct_problems`."""
+    q, k, v = (_bhld(a[n]) for n in ("query", "key", "value"))
+    problems = _rule_flash_forward(dict(a, query=q, key=k, value=v), cap)
+    if a.get("return_debug_mask"):
+        problems.append("return_debug_mask=True: a probability matrix per call")
+    if any(a.get(n) is not None for n in ("seqused_k", "alibi_slopes", "block_table")):
+        problems.append("seqused_k / alibi_slopes / block_table given: not the library's attention")
+    if q.dim() == 4 and k.dim() == 4:
+        problems += _flash_direct_problems(a, q.size(2), k.size(2))
+    return problems
+
+
+def _rule_flash_attention_backward(a: dict, cap: Capability) -> list[str]:
+    """attention_backward.cu ``_flash_attention_backward`` -> flash_api.cpp ``mha_bwd``:
+    ``[B, L, H, D]`` operands, the rules of SDPA's flash backward (the LSE a contiguous
+    float32 ``[B, H, Lq]``), and :func:`_flash_direct_problems`."""
+    names = ("grad_out", "query", "key", "value", "out")
+    b = dict(a, **{n: _bhld(a[n]) for n in names})
+    problems = _rule_flash_backward(b, cap)
+    q, k = b["query"], b["key"]
+    if q.dim() == 4 and k.dim() == 4:
+        problems += [p for p in _flash_direct_problems(b, q.size(2), k.size(2)) if not p.startswith("max_q")]
+    return problems
+
+
 def _lse_problems(lse, shape, *, contiguous: bool) -> list[str]:
     problems = []
     if lse.dtype != torch.float32:
@@ -410,6 +476,8 @@ def _rule_unfused(a: dict, cap: Capability) -> list[str]:
 FUSED_RULES = {
     aten._scaled_dot_product_flash_attention.default: _rule_flash_forward,
     aten._scaled_dot_product_flash_attention_backward.default: _rule_flash_backward,
+    aten._flash_attention_forward.default: _rule_flash_attention_forward,
+    aten._flash_attention_backward.default: _rule_flash_attention_backward,
     aten._scaled_dot_product_efficient_attention.default: _rule_efficient_forward,
     aten._scaled_dot_product_efficient_attention_backward.default: _rule_efficient_backward,
     aten._scaled_dot_product_flash_attention_for_cpu.default: _rule_cpu_op,
@@ -806,20 +874,20 @@ def fake_cuda(*, backward: bool = True, capability: Capability = (8, 0)) -> Iter
     ``PackedAttention.apply`` is always replaced (autograd must never see fake CUDA
     tensors); with ``backward=False`` it runs the forward only.
 
-    ``capability``: the compute capability the library sees (``kernels._cuda_capability``)
+    ``capability``: the compute capability the library sees (``fused_cuda.capability``)
     and the rules check against, e.g. ``(8, 6)`` for an RTX 3090 (see :data:`CAPABILITIES`).
 
     A ``DataDependentOutputException``/``DynamicOutputShapeException`` raised by the body
     (a host sync the fake tensors cannot answer) is already a recorded violation: it is
     swallowed here so the test fails on :meth:`FakeCuda.assert_clean` with the full list.
     """
-    from ring_attention import kernels
+    from ring_attention import fused_cuda
     from ring_attention.autograd import PackedAttention
 
     checker = KernelChecker(capability)
     fc = FakeCuda(checker, backward)
     patch = mock.patch.object(PackedAttention, "apply", lambda *args: fc.drive(PackedAttention, *args))
-    pretend = mock.patch.object(kernels, "_cuda_capability", lambda device: capability)
+    pretend = mock.patch.object(fused_cuda, "capability", lambda device: capability)
     with FakeTensorMode(), _RerouteBindings(), checker, patch, pretend:
         try:
             yield fc

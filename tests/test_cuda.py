@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ring_attention as ra
 from ring_attention import kernels, registry
+from ring_attention.masks import band_keeps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -124,6 +125,41 @@ def test_kernels_against_float64(d, dtype, length, causal):
     rel_out = err_out / max(ref.detach().abs().max().item(), 1e-30)
     assert _err(lse, ref_lse) <= K * rel_out + torch.finfo(torch.float32).eps * ref_lse.abs().max().item()
     for name, g, r, e in zip("qkv", (dq, dk, dv), ref_grads, err_grads):
+        assert _err(g, r) <= _bound(e, r, dtype), f"d{name}"
+
+
+# Bands (a block cut by a sliding window): a tile of a causal window (keys up to the last
+# query, bottom-right aligned as flash's window is), one of a two-sided window, one whose
+# first rows have no key (out 0, LSE -inf), and one no flash window keeps (it runs on math).
+BANDS = {"causal-tile": (48, 112, (0, 64)), "two-sided": (64, 64, (-5, 9)), "rows-without-keys": (40, 24, (-30, -8)),
+         "no-window": (64, 100, (-10, 26))}
+
+
+@pytest.mark.parametrize("case", BANDS, ids=list(BANDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"D{d}")
+def test_band_kernels_against_float64(d, dtype, case):
+    lq, lk, band = BANDS[case]
+    b, h, scale = 2, 3, d**-0.5
+    q, dout = (_randn(b, h, lq, d, dtype=dtype, seed=s) for s in (0, 3))
+    k, v = (_randn(b, h, lk, d, dtype=dtype, seed=s) for s in (1, 2))
+    out, lse = kernels.attention_forward(q, k, v, causal=False, scale=scale, band=band)
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, causal=False, scale=scale, band=band)
+    q64, k64, v64 = _float64_cpu(q, k, v)
+    keep = band_keeps(lq, lk, band, torch.device("cpu"))
+    scores = (q64 @ k64.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    ref_lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - ref_lse.masked_fill(ref_lse == float("-inf"), 0.0).unsqueeze(-1))
+    ref = probs @ v64
+    ref_grads = _grads(ref, (q64, k64, v64), dout.double().cpu())
+    # yardstick: dense SDPA of the same shape (at least as many keys per row)
+    err_out, err_grads = _sdpa_errors(q, k, v, dout, causal=False, scale=scale)
+    assert _err(out, ref) <= _bound(err_out, ref, dtype)
+    assert torch.equal(lse.isneginf().cpu(), ~keep.any(-1).expand_as(ref_lse)), "rows without keys: LSE -inf"
+    finite = ~ref_lse.isneginf()
+    rel_out = err_out / max(ref.detach().abs().max().item(), 1e-30)
+    assert _err(lse.cpu()[finite], ref_lse.detach()[finite]) <= K * rel_out + 1e-6 * ref_lse[finite].abs().max().item()
+    for name, g, r, e in zip("qkv", grads, ref_grads, err_grads):
         assert _err(g, r) <= _bound(e, r, dtype), f"d{name}"
 
 

@@ -159,6 +159,30 @@ def _efficient_bwd(q, k, v, out, lse, causal=False, scale=0.125):
     )
 
 
+def _flash_window(q, k, v, left=3, right=5, causal=False, **extra):
+    """The direct flash op on ``[B, H, L, D]`` blocks, passed as its ``[B, L, H, D]`` views."""
+    cum = extra.pop("cum", None)
+    return aten._flash_attention_forward.default(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cum, cum,
+        extra.pop("max_q", q.size(2)), k.size(2), 0.0, causal, False, scale=0.125,
+        window_size_left=left, window_size_right=right, **extra,
+    )
+
+
+def _flash_window_bwd(q, k, v, out, lse, left=3, right=5):
+    empty = torch.empty(0, dtype=torch.int64, device=q.device)
+    return aten._flash_attention_backward.default(
+        *(x.transpose(1, 2) for x in (out, q, k, v, out)), lse, None, None, q.size(2), k.size(2), 0.0, False,
+        empty, empty, scale=0.125, window_size_left=left, window_size_right=right,
+    )
+
+
+def _good_flash_window_pair(fc):
+    q, k, v = _bhld(fc, lq=16, lk=40, hkv=2)
+    out, lse = _flash_window(q, k, v)[:2]
+    _flash_window_bwd(q, k, v, out.transpose(1, 2), lse)
+
+
 def _bhld(fc, b=2, h=4, lq=16, d=64, dtype=torch.float16, lk=None, hkv=None):
     q = fc.empty(b, h, lq, d, dtype=dtype)
     kv = fc.empty(b, hkv or h, lk or lq, d, dtype=dtype)
@@ -177,7 +201,8 @@ def _good_efficient_pair(fc):
     _efficient_bwd(q, k, v, out, lse, causal=True)
 
 
-@pytest.mark.parametrize("make_calls", [_good_flash_pair, _good_efficient_pair], ids=["flash", "efficient"])
+@pytest.mark.parametrize("make_calls", [_good_flash_pair, _good_efficient_pair, _good_flash_window_pair],
+                         ids=["flash", "efficient", "flash-window"])
 def test_checker_accepts_good_calls(make_calls):
     with fake_cuda() as fc:
         make_calls(fc)
@@ -257,6 +282,21 @@ BAD_CALLS = {
     "efficient-bwd-lse-head-stride": (
         lambda fc: _efficient_bwd_lse_view(fc), "lse strides",
     ),
+    "flash-window-unbounded-side": (lambda fc: _flash_window(*_bhld(fc), left=-1), "each >= 0"),
+    "flash-window-causal": (lambda fc: _flash_window(*_bhld(fc), causal=True), "is_causal with a window"),
+    "flash-window-right-cut": (
+        lambda fc: _flash_window(*_bhld(fc, lq=16, lk=8), right=9), "flash cuts it to seqlen_k"),
+    "flash-window-varlen": (
+        lambda fc: _flash_window(*_bhld(fc), cum=fc.empty(3, dtype=torch.int32)), "the varlen kernel"),
+    "flash-window-max-q": (lambda fc: _flash_window(*_bhld(fc), max_q=8), "max_q/max_k (8, 16)"),
+    "flash-window-D36": (lambda fc: _flash_window(*_bhld(fc, d=36)), "head dim 36 % 8 != 0"),
+    "flash-window-misaligned": (
+        lambda fc: _flash_window(*(3 * (fc.empty(2, 4, 16, 65, dtype=torch.float16)[..., 1:],))),
+        "data pointer not 16-byte aligned"),
+    "flash-window-bwd-strided-lse": (
+        lambda fc: _flash_window_bwd(*_bhld(fc), fc.empty(2, 4, 16, 64, dtype=torch.float16),
+                                     fc.empty(2, 16, 4, dtype=torch.float32).transpose(1, 2)),
+        "lse not contiguous"),
     "cpu-op-on-cuda": (
         lambda fc: aten._scaled_dot_product_flash_attention_for_cpu.default(*_bhld(fc), 0.0, False, scale=0.1),
         "CPU fused op called on CUDA tensors",

@@ -190,46 +190,6 @@ def test_math_backend_bounds_its_score_block(monkeypatch, causal):
         torch.testing.assert_close(a, b)
 
 
-def test_cuda_ready_pads_head_dim_and_aligns():
-    x = torch.zeros(2, 3, 5, 36, dtype=torch.float16)
-    padded = kernels._cuda_ready(x)
-    assert padded.shape == (2, 3, 5, 40) and padded.is_contiguous()
-    assert torch.equal(padded[..., :36], x) and not padded[..., 36:].any()
-    aligned = torch.zeros(2, 3, 5, 64, dtype=torch.float16)
-    assert kernels._cuda_ready(aligned) is aligned  # nothing to fix: no copy
-    offset_view = torch.zeros(2 * 3 * 5 * 64 + 1, dtype=torch.float16)[1:].view(2, 3, 5, 64)
-    fixed = kernels._cuda_ready(offset_view)
-    assert fixed.storage_offset() == 0 and torch.equal(fixed, offset_view)
-    odd_stride = torch.zeros(2, 3, 5, 65, dtype=torch.float16)[..., :64]  # row stride 130 bytes
-    assert not kernels._aligned(odd_stride)
-    assert kernels._aligned(kernels._cuda_ready(odd_stride))
-
-
-def test_batch_chunks_respect_the_grid_limit():
-    assert kernels._batch_chunks(5) == [(0, 5)]
-    limit = kernels.MAX_GRID_BATCH
-    assert kernels._batch_chunks(2 * limit + 3) == [(0, limit), (limit, limit), (2 * limit, 3)]
-
-
-def test_backend_choice(monkeypatch):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    assert kernels.backend(torch.zeros(1, 1, 1, 8)) == "cpu"
-    with FakeTensorMode():
-        half = torch.empty(1, 1, 4, 36, dtype=torch.float16, device="cuda")
-        wide = torch.empty(1, 1, 4, 264, dtype=torch.float16, device="cuda")
-        single = torch.empty(1, 1, 4, 64, dtype=torch.float32, device="cuda")
-        bf16 = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16, device="cuda")
-        assert kernels.backend(half) == "flash"  # padded to 40
-        assert kernels.backend(wide) == "efficient"
-        assert kernels.backend(single) == "efficient"
-        monkeypatch.setattr(kernels, "_cuda_capability", lambda device: (7, 5))
-        assert kernels.backend(half) == "efficient"
-        assert kernels.backend(bf16) == "math"  # no bf16 before sm80
-        monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda: False)
-        assert kernels.backend(half) == "math"
-
-
 def _op_names(fn) -> set[str]:
     from torch.utils._python_dispatch import TorchDispatchMode
 

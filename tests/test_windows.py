@@ -336,11 +336,11 @@ def test_non_finite_inputs_reach_the_outputs_the_reference_says(ring_size, layou
     torch.testing.assert_close(out, ref, **TOL, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_a_band_on_cuda_runs_on_math_never_on_a_fused_kernel(dtype):
-    """On (fake) CUDA a band's block runs on the math backend for now: flash and efficient
-    are never called with a mask they do not take (flash's window_size is the native path
-    to add, which will make this test's unfused calls go away)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_band_on_cuda_runs_on_flash_with_its_window_or_on_math(dtype):
+    """On (fake) CUDA a band's block runs on flash's own sliding window (``_flash_attention_forward``
+    and its backward with ``window_size_left/right``) in half precision, every call within what
+    the kernel takes; float32 (the efficient kernel, which takes no band) runs on math."""
     from ring_attention import kernels
     from tests.fake_cuda import fake_cuda
 
@@ -349,7 +349,11 @@ def test_a_band_on_cuda_runs_on_math_never_on_a_fused_kernel(dtype):
         out, lse = kernels.attention_forward(q, k, v, causal=False, scale=0.25, band=(-3, 5))
         grads = kernels.attention_backward(torch.ones_like(out), q, k, v, out, lse, causal=False, scale=0.25,
                                            band=(-3, 5))
-    # The math path is the checker's "unfused attention path" on CUDA: the one thing it flags.
-    assert fc.checker.violations and all("unfused attention path" in v.reason for v in fc.checker.violations)
-    assert not fc.checker.fused_calls, "a band reached a fused CUDA kernel"
     assert out.shape == q.shape and out.device.type == "cuda" and all(g.shape == q.shape for g in grads)
+    if dtype == torch.float32:  # math: the checker's "unfused attention path", the one thing it flags
+        assert fc.checker.violations and all("unfused attention path" in v.reason for v in fc.checker.violations)
+        assert not fc.checker.fused_calls
+    else:
+        fc.assert_clean()
+        assert fc.checker.fused_calls == {
+            "aten._flash_attention_forward.default": 1, "aten._flash_attention_backward.default": 1}
