@@ -9,7 +9,8 @@ ones on a block ``q [B, H, Lq, D]``, ``k``, ``v [B, H, Lk, D]``:
   backward for ``192 < D <= 224`` runs only on sm80 and sm90: elsewhere that backward
   runs on ``efficient``. A block cut by a sliding window (a band) runs on
   ``aten._flash_attention_forward`` / ``_backward`` with ``window_size_left/right``
-  (:func:`flash_window`), the same kernel with its local mask.
+  on the rows and keys that hold a pair (:func:`band_call`), the same kernel with its
+  local mask.
 - ``efficient``: ``aten._scaled_dot_product_efficient_attention`` (also float32 and
   older GPUs and ``D > 256``). Head dim a multiple of 8 (half) or 4 (float32); its LSE
   is padded along L to a multiple of 32; the batch is on the grid's z axis. It takes no
@@ -23,6 +24,7 @@ scale stays explicit), inputs copied when their storage offset or any stride is 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -90,7 +92,37 @@ def flash_window(q_len: int, k_len: int, band: tuple[int, int]) -> tuple[int, in
     left = min(left, k_len - 1)
     if right > k_len and q_len > k_len + 1:
         return None
-    return left, right
+    return left, min(right, k_len)  # what flash makes of a larger one, and within its int32
+
+
+@dataclasses.dataclass(frozen=True)
+class BandCall:
+    """How flash runs a block cut by a band: on its ``rows`` that have a key in the band and
+    the ``keys`` some row keeps (the rest of the block holds no pair: out 0, LSE ``-inf``,
+    no gradient), with flash's ``window`` (:func:`flash_window`) on that sub-block."""
+
+    rows: slice
+    keys: slice
+    window: tuple[int, int]
+
+
+def band_call(q_len: int, k_len: int, band: tuple[int, int]) -> BandCall | None:
+    """The :class:`BandCall` of a ``q_len x k_len`` block with ``band = (lo, hi)``, or ``None``
+    where flash cannot run it (no pair at all, or no window keeps the band's keys).
+
+    Cutting the rows and keys without pairs is what lets flash take the edges of a sliding
+    window: its window always keeps the block's bottom-right cell, and in the cut block that
+    cell is a pair (the last row's last key is the last key any row keeps). A tile of a
+    window ``(4095, 0)`` whose keys start at a multiple of the tile, for one, keeps
+    ``j > i``: no window of the whole block, but one (``(0, Lk)``) of the block without its
+    last row and first key."""
+    lo, hi = band
+    r0, r1 = max(0, -hi), min(q_len, k_len - lo)  # rows i with a key j = i + lo .. i + hi in [0, Lk)
+    if r0 >= r1:
+        return None
+    k0, k1 = max(0, r0 + lo), min(k_len, r1 + hi)  # keys those rows keep
+    window = flash_window(r1 - r0, k1 - k0, (lo + r0 - k0, hi + r0 - k0))
+    return None if window is None else BandCall(slice(r0, r1), slice(k0, k1), window)
 
 
 def backward_kind(q: torch.Tensor, chosen: str) -> str:

@@ -43,6 +43,8 @@ result is this block's exact share of the gradient of the merged attention.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from . import fused_cuda
@@ -131,7 +133,7 @@ def _kind(q: torch.Tensor, k: torch.Tensor, scale: float, band: tuple[int, int] 
         return kind
     if kind == "cpu":
         return "cpu" if not forward or known_finite(k) else "math"
-    if kind == "flash" and fused_cuda.flash_window(q.shape[-2], k.shape[-2], band) is not None:
+    if kind == "flash" and fused_cuda.band_call(q.shape[-2], k.shape[-2], band) is not None:
         return "flash"
     return "math"
 
@@ -147,10 +149,16 @@ def _forward(
         return _math_forward(q, k, v, causal=causal, scale=scale, band=band)
     if band is None:
         return fused_cuda.forward(kind, q, k, v, causal, scale)
-    lq, lk = q.shape[-2], k.shape[-2]
-    out, lse = fused_cuda.forward(kind, q, k, v, causal, scale, fused_cuda.flash_window(lq, lk, band))
-    _no_key_rows_(lse, lk, band)  # flash gives such a row LSE +inf
-    return out, lse
+    call = cast(fused_cuda.BandCall, fused_cuda.band_call(q.shape[-2], k.shape[-2], band))  # flash: there is one
+    rows, keys = call.rows, call.keys
+    o, lse = fused_cuda.forward(kind, q[:, :, rows], k[:, :, keys], v[:, :, keys], False, scale, call.window)
+    if (rows.start, rows.stop) == (0, q.shape[-2]):
+        return o, lse
+    out = q.new_zeros(q.shape)  # rows without a key in the band: out 0, LSE -inf
+    out[:, :, rows] = o
+    lse_all = lse.new_full(q.shape[:-1], float("-inf"))
+    lse_all[..., rows] = lse
+    return out, lse_all
 
 
 def attention_backward(
@@ -169,12 +177,35 @@ def attention_backward(
         dq, dk, dv = _math_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, band=band)
     elif band is None:
         dq, dk, dv = fused_cuda.backward(kind, dout, q, k, v, out, lse, causal, scale)
-    else:  # exp(s - lse) of a row without keys anywhere must be 0, not -inf - -inf
-        window = fused_cuda.flash_window(q.shape[-2], k.shape[-2], band)
-        dq, dk, dv = fused_cuda.backward(kind, dout, q, k, v, out, _finite_shift(lse), causal, scale, window)
+    else:
+        dq, dk, dv = _flash_band_backward(dout, q, k, v, out, lse, scale, band)
     if q_factor != 1.0:
         dq = dq * q_factor
     return dq, dk, dv
+
+
+def _flash_band_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    scale: float, band: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A band's gradients on flash, on the rows and keys that hold a pair
+    (:func:`~ring_attention.fused_cuda.band_call`); the others get none."""
+    call = cast(fused_cuda.BandCall, fused_cuda.band_call(q.shape[-2], k.shape[-2], band))  # flash: there is one
+    rows, keys = call.rows, call.keys
+    dq, dk, dv = fused_cuda.backward(
+        "flash", dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows], lse[..., rows],
+        False, scale, call.window,
+    )
+    whole = [(dq, q, rows), (dk, k, keys), (dv, v, keys)]
+    grads = []
+    for g, x, part in whole:
+        if (part.start, part.stop) == (0, x.shape[-2]):
+            grads.append(g)
+        else:
+            full = torch.zeros(x.shape, dtype=g.dtype, device=g.device)
+            full[:, :, part] = g
+            grads.append(full)
+    return grads[0], grads[1], grads[2]
 
 
 # --- preconditions ----------------------------------------------------------------------
@@ -227,8 +258,8 @@ def _cpu_forward(
 
 def _no_key_rows_(lse: torch.Tensor, k_len: int, band: tuple[int, int]) -> None:
     """Set ``lse [..., Lq]`` to ``-inf`` in the rows that have no key in ``band``: those
-    before ``-hi`` and from ``Lk - lo`` on (the band leaves the block). Their outputs are 0
-    on every backend; their LSE is not (the CPU op gives 0, flash ``+inf``)."""
+    before ``-hi`` and from ``Lk - lo`` on (the band leaves the block): the CPU op gives
+    their outputs 0, as it should, but their LSE 0."""
     lq = lse.shape[-1]
     lse[..., : min(max(-band[1], 0), lq)] = float("-inf")
     lse[..., max(k_len - band[0], 0) :] = float("-inf")

@@ -310,6 +310,25 @@ def _bhld(t):
     return t.transpose(1, 2) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
 
 
+def flash_keeps(q_len: int, k_len: int, left: int, right: int) -> torch.Tensor:
+    """``[Lq, Lk]`` keys flash keeps with ``window_size_left/right``, as its source does it:
+    mha_fwd / mha_bwd turn a side ``>= seqlen_k`` into -1; ``set_params_fprop`` then makes a
+    -1 side ``seqlen_k`` when the other is bounded (both -1: no mask at all); mask.h
+    ``apply_mask_local`` keeps column ``j`` of row ``i`` when
+    ``max(0, i + Lk - Lq - left) <= j < min(Lk, i + 1 + Lk - Lq + right)``."""
+    left = -1 if left >= k_len else left
+    right = -1 if right >= k_len else right
+    if left < 0 and right < 0:
+        return torch.ones(q_len, k_len, dtype=torch.bool)
+    left = k_len if left < 0 else left
+    right = k_len if right < 0 else right
+    i = torch.arange(q_len).unsqueeze(1)
+    j = torch.arange(k_len).unsqueeze(0)
+    low = (i + k_len - q_len - left).clamp(min=0)
+    high = (i + 1 + k_len - q_len + right).clamp(max=k_len)
+    return (j >= low) & (j < high)
+
+
 def _flash_direct_problems(a: dict, lq: int, lk: int) -> list[str]:
     """What ``_flash_attention_forward/_backward`` take beyond SDPA's flash op.
 

@@ -8,6 +8,7 @@ import torch
 
 from ring_attention import fused_cuda, kernels
 from ring_attention.masks import band_keeps
+from tests.fake_cuda import flash_keeps
 
 
 def test_cuda_ready_pads_head_dim_and_aligns():
@@ -51,25 +52,6 @@ def test_backend_choice(monkeypatch):
         assert kernels.backend(half) == "math"
 
 
-def _flash_keeps(q_len: int, k_len: int, left: int, right: int) -> torch.Tensor:
-    """``[Lq, Lk]`` keys flash keeps with ``window_size_left/right``, as its source does it:
-    mha_fwd / mha_bwd turn a side ``>= seqlen_k`` into -1; ``set_params_fprop`` then makes a
-    -1 side ``seqlen_k`` when the other is bounded (both -1: no mask at all); mask.h
-    ``apply_mask_local`` keeps column ``j`` of row ``i`` when
-    ``max(0, i + Lk - Lq - left) <= j < min(Lk, i + 1 + Lk - Lq + right)``."""
-    left = -1 if left >= k_len else left
-    right = -1 if right >= k_len else right
-    if left < 0 and right < 0:
-        return torch.ones(q_len, k_len, dtype=torch.bool)
-    left = k_len if left < 0 else left
-    right = k_len if right < 0 else right
-    i = torch.arange(q_len).unsqueeze(1)
-    j = torch.arange(k_len).unsqueeze(0)
-    low = (i + k_len - q_len - left).clamp(min=0)
-    high = (i + 1 + k_len - q_len + right).clamp(max=k_len)
-    return (j >= low) & (j < high)
-
-
 def test_flash_window_keeps_exactly_the_band():
     """Every band of every block up to 7 x 7: the window keeps exactly its keys, and where
     there is none (``None``: the block runs on math), no pair of sides does."""
@@ -79,14 +61,14 @@ def test_flash_window_keeps_exactly_the_band():
             windows = {}  # what each pair of sides keeps -> the pair
             for left in range(k_len + 2):
                 for right in range(k_len + 2):
-                    windows.setdefault(_flash_keeps(q_len, k_len, left, right).numpy().tobytes(), (left, right))
+                    windows.setdefault(flash_keeps(q_len, k_len, left, right).numpy().tobytes(), (left, right))
             for lo in range(-q_len - 2, k_len + 2):
                 for hi in range(lo, k_len + 3):
                     band = (lo, hi)
                     window = fused_cuda.flash_window(q_len, k_len, band)
                     want = band_keeps(q_len, k_len, band, cpu)
                     if window is not None:
-                        assert torch.equal(_flash_keeps(q_len, k_len, *window), want), (q_len, k_len, band, window)
+                        assert torch.equal(flash_keeps(q_len, k_len, *window), want), (q_len, k_len, band, window)
                     else:
                         assert want.numpy().tobytes() not in windows, (q_len, k_len, band)
 
@@ -97,3 +79,30 @@ def test_flash_window_of_a_sliding_window_tile():
     assert fused_cuda.flash_window(64, 100, (-10, 40)) == (46, 4)
     # flash keeps key i + Lk - Lq of every row: a band that stops before it is no window
     assert fused_cuda.flash_window(64, 100, (-10, 26)) is None
+
+
+def test_band_call_keeps_exactly_the_band_on_the_rows_and_keys_with_pairs():
+    """Every band of every block up to 7 x 7 that flash runs: the rows and keys it leaves out
+    hold no pair, and its window on the rest keeps exactly the band's keys. Every band with a
+    pair in a block of at most one more query than keys runs on flash."""
+    cpu = torch.device("cpu")
+    for q_len in range(1, 8):
+        for k_len in range(1, 8):
+            for lo in range(-q_len - 2, k_len + 2):
+                for hi in range(lo, k_len + 3):
+                    want = band_keeps(q_len, k_len, (lo, hi), cpu)
+                    call = fused_cuda.band_call(q_len, k_len, (lo, hi))
+                    if call is None:
+                        assert not want.any() or q_len > k_len + 1, (q_len, k_len, lo, hi)
+                        continue
+                    rows, keys = call.rows, call.keys
+                    assert want.sum() == want[rows, keys].sum(), (q_len, k_len, lo, hi, call)
+                    got = flash_keeps(rows.stop - rows.start, keys.stop - keys.start, *call.window)
+                    assert torch.equal(got, want[rows, keys]), (q_len, k_len, lo, hi, call)
+
+
+def test_band_call_of_a_window_tiles_far_edge():
+    # window (4095, 0), tiles of 256: keys [a - 4096, a - 3840) for queries [a, a + 256) keep j > i
+    call = fused_cuda.band_call(256, 256, (1, 10**9))
+    assert fused_cuda.flash_window(256, 256, (1, 10**9)) is None
+    assert call == fused_cuda.BandCall(slice(0, 255), slice(1, 256), (0, 255))  # no pair in row 255, key 0

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from ring_attention import kernels
+from ring_attention.masks import band_keeps
+from tests.fake_cuda import flash_keeps
 from tests.inputs import randn as _rand
 
 TOL = {
@@ -262,3 +264,54 @@ def test_a_short_block_whose_finite_scores_can_overflow_runs_on_math():
     ref = ra.reference_attention(q, k, v, causal=True, cu_seqlens=documents)
     assert ref[0, 1].isnan().all()
     torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def _flash_on_cpu(kind, q, k, v, causal, scale, window=None):
+    """flash with ``window`` emulated on CPU: its own mask (:func:`tests.fake_cuda.flash_keeps`),
+    float64 softmax, and what it returns for a row without keys (out 0, LSE +inf)."""
+    assert kind == "flash" and not causal and window is not None
+    keep = flash_keeps(q.shape[-2], k.shape[-2], *window)
+    s = (q.double() @ k.double().transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.exp(s - lse.masked_fill(lse.isneginf(), 0).unsqueeze(-1)) @ v.double()
+    return out.to(q.dtype), lse.masked_fill(lse.isneginf(), float("inf"))  # float64 here: flash never sees it
+
+
+def _flash_backward_on_cpu(kind, dout, q, k, v, out, lse, causal, scale, window=None):
+    qs, ks, vs = (x.detach().double().requires_grad_() for x in (q, k, v))
+    keep = flash_keeps(q.shape[-2], k.shape[-2], *window)
+    s = (qs @ ks.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    p = torch.exp(s - lse.double().unsqueeze(-1))  # the final LSE: this block's share of the gradient
+    grads = torch.autograd.grad(p @ vs, (qs, ks, vs), dout.double())
+    return tuple(g.to(q.dtype) for g in grads)
+
+
+@pytest.mark.parametrize("lq, lk, band", [
+    (48, 112, (0, 64)), (40, 24, (-30, -8)), (64, 64, (1, 10**9)), (64, 100, (-10, 26)), (30, 30, (-40, -29)),
+])
+def test_a_band_on_flash_is_the_bands_attention(monkeypatch, lq, lk, band):
+    """kernels' flash path for a band (rows and keys without pairs cut, results placed back,
+    rows without keys out 0 / LSE -inf, no gradient outside the cut) with flash emulated by
+    its own mask, against float64 attention with the band: exact wiring, on CPU."""
+    from ring_attention import fused_cuda
+
+    monkeypatch.setattr(kernels, "backend", lambda *args, **kwargs: "flash")
+    monkeypatch.setattr(fused_cuda, "forward", _flash_on_cpu)
+    monkeypatch.setattr(fused_cuda, "backward", _flash_backward_on_cpu)
+    q, k, v = _rand((2, 3, lq, 16), torch.float64, 0), _rand((2, 3, lk, 16), torch.float64, 1), \
+        _rand((2, 3, lk, 16), torch.float64, 2)
+    dout = _rand((2, 3, lq, 16), torch.float64, 3)
+    out, lse = kernels.attention_forward(q, k, v, causal=False, scale=0.3, band=band)
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, causal=False, scale=0.3, band=band)
+    keep = band_keeps(lq, lk, band, torch.device("cpu"))
+    ref, ref_lse = _plain(q, k, v, keep, 0.3)
+    empty = ~keep.any(-1)
+    ref = ref.masked_fill(empty.unsqueeze(-1), 0.0)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])  # -inf where no key
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    s = (qs @ ks.transpose(-1, -2) * 0.3).masked_fill(~keep, float("-inf"))
+    p = torch.exp(s - ref_lse.masked_fill(empty, 0).unsqueeze(-1))
+    ref_grads = torch.autograd.grad(p @ vs, (qs, ks, vs), dout)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
