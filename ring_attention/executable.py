@@ -89,7 +89,9 @@ class RankExecution:
     (:func:`~ring_attention.schedule.exact_in_half`). ``forward_launches[lse][call]``: the
     launches of a call when an LSE accumulator exists (``lse``) or not;
     ``backward_launches[call]``: in backward. ``forward_tiles``/``backward_tiles``: ``(start,
-    stop, rank)`` of each row tile, or ``None`` (the shard runs whole).
+    stop, rank)`` of each row tile, or ``None`` (the shard runs whole). ``splits_values``:
+    causal calls read their values from one split of each source, else each quarantines
+    its own (:func:`~ring_attention.schedule.splits_values`).
     """
 
     plan: RankPlan
@@ -100,6 +102,7 @@ class RankExecution:
     gradients_in_half: bool
     forward_launches: dict[bool, dict[Call, tuple[tuple[Call, slice], ...]]]
     backward_launches: dict[Call, tuple[tuple[Call, slice], ...]]
+    splits_values: bool
     forward_tiles: tuple[tuple[int, int, RankExecution], ...] | None = None
     backward_tiles: tuple[tuple[int, int, RankExecution], ...] | None = None
     recipes: dict[Hashable, Recipe] = dataclasses.field(default_factory=dict)  # see views.view
@@ -201,7 +204,8 @@ _CACHE: collections.OrderedDict[PlanKey, ExecutablePlan] = collections.OrderedDi
 
 
 def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, options: Options, *,
-          tiled: bool) -> RankExecution:
+          tiled: bool, source_rows: int | None = None) -> RankExecution:
+    """``source_rows``: the rows of the K/V its calls read (a row tile's: the whole shard's)."""
     sched = schedule.analyse(plan)
     acc = accumulation_dtype(dtype)
     out_dtype = acc if sched.merges else dtype
@@ -218,7 +222,8 @@ def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, opt
                 forward[lse][c] = schedule.launches(blk, c, shard, options, adopted and adopts_forward, 3, per_result)
             # Gathered copies: dout, q, k, v and out; putting a result: three adds.
             backward[c] = schedule.launches(blk, c, shard, options, adopted and adopts_backward, 5, 3)
-    rank = RankExecution(plan, shard, sched, adopts_forward, adopts_backward, in_half, forward, backward)
+    splits = schedule.splits_values(plan, shard.rows if source_rows is None else source_rows)
+    rank = RankExecution(plan, shard, sched, adopts_forward, adopts_backward, in_half, forward, backward, splits)
     if tiled:
         if sched.merges:
             rank.forward_tiles = _tiles(plan, shard, dtype, kv_like_q, options, closed=False)
@@ -241,6 +246,6 @@ def _tiles(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, op
         return None
     return tuple(
         (t.start, t.stop, _rank(t.plan, dataclasses.replace(shard, rows=t.stop - t.start), dtype, kv_like_q, options,
-                                tiled=False))
+                                tiled=False, source_rows=shard.rows))
         for t in tiles
     )

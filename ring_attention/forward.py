@@ -36,17 +36,23 @@ class _SplitValues:
     """Value sources split once for the causal blocks that read them (:func:`nonfinite.split_values`).
 
     One per group of blocks that share sources (a rank's local blocks, or one step's), so
-    a received message's split dies with the step, as the message does.
+    a received message's split dies with the step, as the message does. Where the rank's
+    plan does not split (:attr:`~ring_attention.executable.RankExecution.splits_values`),
+    a source not seen to be finite gives ``None``: each causal call quarantines its own.
     """
 
-    def __init__(self) -> None:
-        self._by_source: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    def __init__(self, splits: bool = True) -> None:
+        self._splits = splits
+        self._by_source: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]] = {}
 
-    def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         hit = self._by_source.get(id(v))
         if hit is None:  # v is kept in the entry: its id stays its own
-            hit = self._by_source[id(v)] = (v, *nonfinite.split_values(v))
-        return hit[1], hit[2]
+            if self._splits:
+                hit = self._by_source[id(v)] = (v, nonfinite.split_values(v))
+            else:
+                hit = self._by_source[id(v)] = (v, (v, None) if nonfinite.known_finite(v) else None)
+        return hit[1]
 
 
 def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor,
@@ -63,28 +69,34 @@ def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torc
     the caller marks the rows once at the end (:func:`_mark_query_rows`).
 
     Causal calls read the values from ``split(v_src)``: zeroed where not finite, their
-    poison added to the call's output (one scan); the other calls read ``v_src`` itself.
+    poison added to the call's output (one scan); the other calls read ``v_src`` itself, as
+    do causal ones where the split is per call (the kernel quarantines them).
     """
     q_rows = index(blk.q_rows, q)
     k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
     qb = views.packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (views.source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
     clean_vb = bad_vb = None
+    per_call = False  # each causal call quarantines its own values
     if any(c.mask is BlockMask.CAUSAL for c in blk.calls):
-        clean, bad = (split or _SplitValues())(v_src)
-        clean_vb = views.source_packed(blk, clean, k_rows, kv_index) if clean is not v_src else vb
-        bad_vb = None if bad is None else views.source_packed(blk, bad, k_rows, kv_index)
+        values = (split or _SplitValues(rank.splits_values))(v_src)
+        per_call = values is None
+        if values is not None:
+            clean, bad = values
+            clean_vb = views.source_packed(blk, clean, k_rows, kv_index) if clean is not v_src else vb
+            bad_vb = None if bad is None else views.source_packed(blk, bad, k_rows, kv_index)
     for call in blk.calls:
         write = rank.schedule.writes[call]
         mark = poison if write else None
         for c, g in rank.forward_launches[acc[1] is not None][call]:
             causal = c.mask is BlockMask.CAUSAL
+            split_here = causal and not per_call
             o, lse = kernels.attention_forward(
-                *_kernel_inputs(rank.recipes, c, g, qb, kb, cast(torch.Tensor, clean_vb) if causal else vb),  # split above
+                *_kernel_inputs(rank.recipes, c, g, qb, kb, cast(torch.Tensor, clean_vb) if split_here else vb),  # split above
                 causal=causal,
                 scale=scale,
                 mark_query_rows=False,  # marked once, at the end
-                quarantined=causal,
+                quarantined=split_here,
                 band=band_bounds(c.mask),
             )
             if causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
@@ -206,9 +218,12 @@ def run_forward(plan: ExecutablePlan, ring: Ring, qs: Mapping[int, torch.Tensor]
     b, n, h, d = q.shape
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n, dtype=accumulation_dtype(q.dtype), device=q.device) if need_lse else None
+    # Every tile reads the whole shard's values: one split (or one look at them) for all.
+    splits = {r: _SplitValues(any(tile.splits_values for *_, tile in tiles))}
     for start, stop, tile in tiles:  # one tile's float32 accumulators alive at a time
         rows = slice(start, stop)
-        tile_out, tile_lse = _forward_whole({r: tile}, ring, {r: q[:, rows]}, ks, vs, scale, need_lse)[r]
+        tile_out, tile_lse = _forward_whole({r: tile}, ring, {r: q[:, rows]}, ks, vs, scale, need_lse,
+                                            local_splits=splits)[r]
         out[:, rows].copy_(cast(torch.Tensor, tile_out))
         if lse is not None:  # need_lse: every tile has its LSE
             lse[:, :, rows].copy_(cast(torch.Tensor, tile_lse))
@@ -218,8 +233,10 @@ def run_forward(plan: ExecutablePlan, ring: Ring, qs: Mapping[int, torch.Tensor]
 
 def _forward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[int, torch.Tensor],
                    ks: Mapping[int, torch.Tensor], vs: Mapping[int, torch.Tensor], scale: float,
-                   need_lse: bool, kept: list[dict[int, list[torch.Tensor]]] | None = None) -> dict[int, Accumulators]:
-    """:func:`run_forward` on whole shards."""
+                   need_lse: bool, kept: list[dict[int, list[torch.Tensor]]] | None = None,
+                   local_splits: Mapping[int, _SplitValues] | None = None) -> dict[int, Accumulators]:
+    """:func:`run_forward` on whole shards; ``local_splits``: the local blocks' value splits,
+    by rank (row tiles share one: their sources are the whole shard's)."""
     acc = accumulation_dtype(qs[ring.ranks[0]].dtype)
     state: dict[int, Accumulators] = {}
     poisons: dict[int, torch.Tensor] = {}
@@ -243,7 +260,7 @@ def _forward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[i
     plans = {r: ranks[r].plan for r in ring.ranks}
     pending = post_kv(ring, plans, 1, ks, vs)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
-        split = _SplitValues()
+        split = local_splits[r] if local_splits is not None else _SplitValues(ranks[r].splits_values)
         for blk in plans[r].local:
             _block_forward(blk, ranks[r], qs[r], ks[r], vs[r], state[r], scale, poisons.get(r), split)
     for shift in range(1, ring.size):
@@ -252,7 +269,7 @@ def _forward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[i
         if kept is not None:
             kept.append(received)
         for r in ring.ranks:
-            split = _SplitValues()
+            split = _SplitValues(ranks[r].splits_values)
             for blk in plans[r].step(shift).blocks:
                 j = 2 * cast(int, blk.source)  # a step's blocks read the messages received
                 k_msg, v_msg = received[r][j], received[r][j + 1]

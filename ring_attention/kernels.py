@@ -51,11 +51,12 @@ from . import fused_cuda
 from .masks import band_keeps
 from .nonfinite import (
     band_values,
+    causal_poison,
     known_finite,
     mark_query_rows_,
     marks_query_rows,
-    quarantine_values,
     scores_bounded,
+    zeroed,
 )
 
 aten = torch.ops.aten
@@ -112,11 +113,12 @@ def attention_forward(
             out.add_(poison)
     elif not causal or quarantined:
         out, lse = _forward(q, k, v, causal, scale, band)
-    else:
-        v, poison = quarantine_values(v)
-        out, lse = _forward(q, k, v, causal, scale, band)
-        if poison is not None:
-            out.add_(poison)
+    else:  # the poison after the kernel: one copy of the values alive at a time
+        clean = zeroed(v)
+        out, lse = _forward(q, k, clean, causal, scale, band)
+        if clean is not v:
+            del clean
+            out.add_(causal_poison(v))
     if mark_query_rows and marks_query_rows(q):
         mark_query_rows_(q, out, lse)
     return out, lse

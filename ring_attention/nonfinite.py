@@ -6,8 +6,9 @@ kernel call here corrects both:
 - **Values.** A kernel multiplies a masked key's value by a zero probability, and ``0 * NaN``
   would spread a NaN (or inf) in value ``v[j, d]`` to rows that do not attend key ``j``. In a
   causal block or a band's block the non-finite values are zeroed before the kernel and their
-  NaN added back to exactly the rows that attend them (:func:`quarantine_values`,
-  :func:`band_values`; split once per source, :func:`split_values`, :func:`value_poison`).
+  NaN added back to exactly the rows that attend them (:func:`zeroed` then :func:`causal_poison`,
+  :func:`band_values`; or split once per source, :func:`split_values`, :func:`value_poison`,
+  where the causal calls read most of it: ``schedule.splits_values``).
 - **Query rows.** The reference gives NaN for a query row holding NaN or inf; a kernel can
   return such a row as a finite 0 (a row without keys). Rows are marked NaN after their
   blocks merge (:func:`marks_query_rows`, :func:`mark_query_rows_`).
@@ -73,8 +74,22 @@ def quarantine_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`): then there is
     nothing to quarantine, and the scan along L, the costliest of the four kernels, is saved.
     """
-    v, bad = split_values(v)
-    return v, None if bad is None else bad.cumsum_(-2)
+    clean = zeroed(v)
+    return clean, None if clean is v else causal_poison(v)
+
+
+def zeroed(v: torch.Tensor) -> torch.Tensor:
+    """``v`` with its non-finite entries zeroed: ``v`` itself where it is seen to be finite
+    (:func:`known_finite`), else a copy."""
+    return v if known_finite(v) else v.nan_to_num(0.0, 0.0, 0.0)
+
+
+def causal_poison(v: torch.Tensor) -> torch.Tensor:
+    """The poison of a causal block from its values ``v [..., L, D]``: NaN at ``[i, d]`` where
+    some ``j <= i`` holds a non-finite ``v[j, d]``, else 0 (one copy, scanned in place).
+    A caller that runs the kernel on :func:`zeroed` values first and computes this after
+    holds one copy of the values at a time, not two."""
+    return (v - v).cumsum_(-2)
 
 
 def band_values(

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import torch
 
 from .blocks import Block, Call, RankPlan, Rows
+from .masks import BlockMask
 from .options import Options
 
 # Two half-precision gradients summed in half precision round once, as their float32 sum
@@ -168,6 +169,20 @@ def _most_overlapping(intervals: list[tuple[int, int]]) -> int:
 def receives_gradients(plan: RankPlan) -> bool:
     """Whether dK/dV come back to this rank: it sends K/V (directly or passed on) at some shift."""
     return any(step.sends for step in plan.steps.values())
+
+
+def splits_values(plan: RankPlan, source_rows: int) -> bool:
+    """Whether the causal calls of a rank quarantine their values (:mod:`~ring_attention.
+    nonfinite`) from one split of each source, or each call from its own keys.
+
+    A split costs two copies of a source of ``source_rows`` rows, kept while its blocks run,
+    and saves two launches per causal call; a call's own quarantine costs two copies of its
+    keys. Where the widest causal call reads a quarter of a source or more (a whole-shard
+    causal block, a dilated pattern's batched segments) the split is the cheaper; where the
+    causal calls are small next to it (a sliding window's diagonal tiles, packed documents)
+    it would hold twice the source for little, and on a GPU that is most of the memory."""
+    causal = [c.runs * c.k_len for blk in blocks_in_order(plan) for c in blk.calls if c.mask is BlockMask.CAUSAL]
+    return 4 * max(causal, default=0) >= source_rows
 
 
 def exact_in_half(plan: RankPlan, schedule: Schedule) -> bool:

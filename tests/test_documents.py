@@ -271,3 +271,24 @@ def test_non_finite_inputs_stay_in_their_document(ring_size, layout):
     ref = ra.reference_attention(q, k, v, causal=True, cu_seqlens=cu)
     assert ref.isnan().any() and not ref[0, :16].isnan().any()
     torch.testing.assert_close(out, ref, **TOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("ring_size", [None, 2])
+def test_short_documents_quarantine_their_own_values(ring_size):
+    """Documents short next to the shard: each causal call zeroes its own non-finite values
+    and adds their poison (schedule.splits_values is False), instead of holding two copies
+    of the whole shard's values. NaN values reach exactly the rows the reference says."""
+    from ring_attention import executable
+
+    q, k, v, _ = make_qkv(5, 1, 256, 2, 2, 8, requires_grad=False)
+    v[0, 70, 1, 3] = float("nan")
+    v[0, 200, 0, 5] = float("nan")
+    lengths = [*range(10, 24), 25]  # distinct: no two documents batch into one call
+    cu = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    executable.clear()
+    out = _run(q, k, v, None, ring_size, cu_seqlens=cu, causal=True)
+    ref = ra.reference_attention(q, k, v, causal=True, cu_seqlens=cu)
+    assert ref.isnan().any() and ref[0, :70].isfinite().all()
+    torch.testing.assert_close(out, ref, **TOL, equal_nan=True)
+    ranks = [rank for plan in executable._CACHE.values() for rank in plan.ranks.values()]
+    assert ranks and not any(rank.splits_values for rank in ranks)
