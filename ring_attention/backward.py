@@ -16,7 +16,7 @@ from typing import Optional, cast
 import torch
 
 from . import kernels, views
-from .blocks import Block, Call, Index, Step, index
+from .blocks import Block, Call, Index, Step
 from .comm import Ring
 from .exchange import Returning, add_returned, post_kv, post_returns, wait
 from .executable import ExecutablePlan, RankExecution
@@ -38,7 +38,7 @@ def _block_backward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: tor
     ``accs = [None] * 3`` adopts the first call's gradients as the accumulators (the
     schedule's adopted call, when it covers every row and head of q, k and v).
     """
-    q_rows, k_rows, kv_index = index(blk.q_rows, q), index(blk.k_rows, q), index(blk.kv_index, q)
+    q_rows, k_rows, kv_index = rank.index(blk.q_rows, q), rank.index(blk.k_rows, q), rank.index(blk.kv_index, q)
     qb, dob, ob = (views.packed(t, q_rows, blk.heads, blk.offsets) for t in (q, dout, out))
     lb = views.packed(views.rows_major(lse), q_rows, blk.heads, blk.offsets)
     kb, vb = (views.source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
@@ -130,7 +130,8 @@ def _backward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[
         grads[r] = [None] * 3 if ranks[r].adopts_backward else [
             torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (qs[r], ks[r], vs[r])
         ]
-    pending = None if kept is not None else post_kv(ring, plans, 1, ks, vs)
+    index = ranks[ring.ranks[0]].index  # the plan's: its ranks share one cache
+    pending = None if kept is not None else post_kv(ring, plans, 1, ks, vs, index)
     for r in ring.ranks:
         for blk in plans[r].local:
             _block_backward(blk, ranks[r], qs[r], ks[r], vs[r], douts[r], outs[r], lses[r], grads[r], scale)
@@ -141,7 +142,7 @@ def _backward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[
             received = kept[shift - 1]
         else:
             received = wait(pending)
-            pending = post_kv(ring, plans, shift + 1, ks, vs, received)
+            pending = post_kv(ring, plans, shift + 1, ks, vs, index, received)
         passed_on = wait(returning[1]) if relay and returning is not None else {}
         back: dict[int, list[torch.Tensor]] = {}
         for r in ring.ranks:
@@ -157,7 +158,7 @@ def _backward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[
         if relay:
             returning = post_returns(ring, plans, shift, back, ks, acc, hop=1)
         else:
-            add_returned(returning, plans, grads)
+            add_returned(returning, plans, grads, index)
             returning = post_returns(ring, plans, shift, back, ks, acc, hop=-shift)
-    add_returned(returning, plans, grads)  # relay: after R-1 hops, each rank's own shard
+    add_returned(returning, plans, grads, index)  # relay: after R-1 hops, each rank's own shard
     return grads

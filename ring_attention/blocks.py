@@ -22,7 +22,6 @@ Vocabulary:
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Iterable
 from typing import Union
 
@@ -33,6 +32,8 @@ from .masks import KernelMask, kept_cells
 Index = Union[slice, torch.Tensor]
 # What tensors cached per device are keyed by: the device and the id of a fake-tensor mode.
 DeviceKey = tuple[torch.device, Union[int, None]]
+# CPU index tensors of row sets, per device and fake mode: an executable plan holds one.
+IndexCache = dict[tuple["Rows", DeviceKey], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,41 +93,34 @@ def merge_ranges(ranges: Iterable[range]) -> tuple[range, ...]:
     return tuple(out)
 
 
-# CPU index tensors per Rows object, per fake mode: a tensor made under one FakeTensorMode
-# is never handed to another mode or to a real run. Only CPU tensors are cached: a CUDA
-# tensor made while torch.compile(mode="reduce-overhead") captures a CUDA graph lives in
-# the graph's memory pool, which the next replay overwrites or frees.
-_INDEX_CACHE: weakref.WeakKeyDictionary[Rows, dict[DeviceKey, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
-def clear() -> None:
-    """Drop the cached CPU index tensors (:func:`ring_attention.executable.clear` calls this)."""
-    _INDEX_CACHE.clear()
-
-
 def device_key(like: torch.Tensor) -> DeviceKey:
     """What a tensor cached for ``like`` is keyed by: its device and its fake-tensor mode."""
     mode = getattr(like, "fake_mode", None)
     return (like.device, None if mode is None else id(mode))
 
 
-def index(rows: Rows, like: torch.Tensor) -> Index:
+def index(rows: Rows, like: torch.Tensor, cache: IndexCache | None = None) -> Index:
     """``rows`` as a slice, or as an int64 index tensor on ``like``'s device.
 
-    On the CPU the tensor is cached on ``rows``; on other devices it is built on the device
-    at every call, from ``arange`` (no host-to-device copy, which a CUDA graph cannot capture).
+    On the CPU the tensor is kept in ``cache`` (an executable plan's), per device and fake
+    mode: a tensor made under one FakeTensorMode is never handed to another mode or to a
+    real run. On other devices it is built on the device at every call, from ``arange``: no
+    host-to-device copy, which a CUDA graph cannot capture, and no CUDA tensor kept (one made
+    while torch.compile(mode="reduce-overhead") captures a graph lives in the graph's pool,
+    which the next replay overwrites or frees).
     """
     as_slice = rows.as_slice()
     if as_slice is not None:
         return as_slice
     if like.device.type != "cpu":
         return device_index(rows, like.device)
-    per_device = _INDEX_CACHE.setdefault(rows, {})
-    key = device_key(like)
-    hit = per_device.get(key)
+    key = (rows, device_key(like))
+    hit = None if cache is None else cache.get(key)
     if hit is None:
         # The tensor holds a reference to its fake mode, so the id in the key stays unique.
-        hit = per_device[key] = torch.tensor(rows.values(), dtype=torch.int64, device=like.device)
+        hit = torch.tensor(rows.values(), dtype=torch.int64, device=like.device)
+        if cache is not None:
+            cache[key] = hit
     return hit
 
 

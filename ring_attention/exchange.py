@@ -9,20 +9,22 @@ sides.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import cast
 
 import torch
 
 from . import views
-from .blocks import Message, RankPlan, index
+from .blocks import Index, Message, RankPlan, Rows
 from .comm import Pending, Ring, Spec
 
 # dK/dV on their way back: the shift they belong to and the exchange in flight.
 Returning = tuple[int, Pending]
+# A row set as a slice or index tensor on a tensor's device: the executable plan's index.
+Indexer = Callable[[Rows, torch.Tensor], Index]
 
 
-def _message_tensors(msgs: tuple[Message, ...], k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+def _message_tensors(msgs: tuple[Message, ...], k: torch.Tensor, v: torch.Tensor, index: Indexer) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for m in msgs:
         rows, heads = index(m.rows, k), index(m.kv_heads, k)
@@ -51,7 +53,7 @@ def _shapes(
 
 def post_kv(
     ring: Ring, plans: Mapping[int, RankPlan], shift: int, ks: Mapping[int, torch.Tensor],
-    vs: Mapping[int, torch.Tensor], held: Mapping[int, list[torch.Tensor]] | None = None,
+    vs: Mapping[int, torch.Tensor], index: Indexer, held: Mapping[int, list[torch.Tensor]] | None = None,
 ) -> Pending | None:
     """Post shift ``shift``'s exchange of k/v rows for every rank this process runs.
 
@@ -63,7 +65,7 @@ def post_kv(
     for r in ring.ranks:
         step = plans[r].step(shift)
         if step.sends:  # a relay passes on from shift 2 on: held is given then
-            sends[r] = cast(Mapping[int, list[torch.Tensor]], held)[r] if relay and shift > 1 else _message_tensors(step.sends, ks[r], vs[r])
+            sends[r] = cast(Mapping[int, list[torch.Tensor]], held)[r] if relay and shift > 1 else _message_tensors(step.sends, ks[r], vs[r], index)
         if step.receives:
             specs[r] = _shapes(ks[r], step.receives, ks[r].dtype)
     if not sends and not specs:
@@ -92,7 +94,8 @@ def post_returns(
 
 
 def add_returned(
-    returning: Returning | None, plans: Mapping[int, RankPlan], grads: Mapping[int, list[torch.Tensor | None]]
+    returning: Returning | None, plans: Mapping[int, RankPlan], grads: Mapping[int, list[torch.Tensor | None]],
+    index: Indexer,
 ) -> None:
     if returning is None:
         return

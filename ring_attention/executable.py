@@ -29,7 +29,7 @@ import torch
 
 from . import blocks, plans, schedule
 from . import layout as _layout
-from .blocks import Call, DeviceKey, RankPlan, device_key
+from .blocks import Call, DeviceKey, Index, IndexCache, RankPlan, Rows, device_key
 from .layout import Layout
 from .masks import SequenceMask
 from .merge import MERGE_LAUNCHES, accumulation_dtype
@@ -106,7 +106,14 @@ class RankExecution:
     forward_tiles: tuple[tuple[int, int, RankExecution], ...] | None = None
     backward_tiles: tuple[tuple[int, int, RankExecution], ...] | None = None
     recipes: dict[Hashable, Recipe] = dataclasses.field(default_factory=dict)  # see views.view
+    #: CPU index tensors of the plan's row sets, shared by its ranks and tiles (blocks.index)
+    indices: IndexCache = dataclasses.field(default_factory=dict)
     _empty_cells: dict[DeviceKey, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def index(self, rows: Rows, like: torch.Tensor) -> Index:
+        """``rows`` as a slice or an index tensor on ``like``'s device (:func:`~ring_attention.
+        blocks.index`), CPU tensors kept in the plan."""
+        return blocks.index(rows, like, self.indices)
 
     def cells_without_keys(self, q: torch.Tensor) -> torch.Tensor:
         """``[n, H]`` bool on ``q``'s device: the cells of the shard no call computes.
@@ -175,9 +182,10 @@ def build(key: PlanKey, rank_plans: tuple[RankPlan, ...]) -> ExecutablePlan:
     """An executable plan of ``rank_plans`` (one per rank of ``key.ranks``), uncached."""
     dtype, shard = key.dtype, key.shard
     tiled = key.ring_size == 1 and accumulation_dtype(dtype) != dtype
+    indices: IndexCache = {}  # one for the plan: its ranks' and tiles' row sets overlap
     ranks = {}
     for r, plan in zip(key.ranks, rank_plans):
-        ranks[r] = _rank(plan, shard, dtype, key.kv_heads == key.heads, key.options, tiled=tiled)
+        ranks[r] = _rank(plan, shard, dtype, key.kv_heads == key.heads, key.options, tiled=tiled, indices=indices)
     relay = any(plan.relay for plan in rank_plans)
     return ExecutablePlan(key, ranks, keeps_received=not relay and not tiled and keeps_received(key))
 
@@ -196,7 +204,6 @@ def clear() -> None:
     """Empty the cache of executable plans and every cache of the planner behind it."""
     _CACHE.clear()
     plans.clear()
-    blocks.clear()
     _layout.clear()
 
 
@@ -204,7 +211,7 @@ _CACHE: collections.OrderedDict[PlanKey, ExecutablePlan] = collections.OrderedDi
 
 
 def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, options: Options, *,
-          tiled: bool, source_rows: int | None = None) -> RankExecution:
+          tiled: bool, indices: IndexCache, source_rows: int | None = None) -> RankExecution:
     """``source_rows``: the rows of the K/V its calls read (a row tile's: the whole shard's)."""
     sched = schedule.analyse(plan)
     acc = accumulation_dtype(dtype)
@@ -223,17 +230,18 @@ def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, opt
             # Gathered copies: dout, q, k, v and out; putting a result: three adds.
             backward[c] = schedule.launches(blk, c, shard, options, adopted and adopts_backward, 5, 3)
     splits = schedule.splits_values(plan, shard.rows if source_rows is None else source_rows)
-    rank = RankExecution(plan, shard, sched, adopts_forward, adopts_backward, in_half, forward, backward, splits)
+    rank = RankExecution(plan, shard, sched, adopts_forward, adopts_backward, in_half, forward, backward, splits,
+                         indices=indices)
     if tiled:
         if sched.merges:
-            rank.forward_tiles = _tiles(plan, shard, dtype, kv_like_q, options, closed=False)
+            rank.forward_tiles = _tiles(plan, shard, dtype, kv_like_q, options, closed=False, indices=indices)
         if not in_half:
-            rank.backward_tiles = _tiles(plan, shard, dtype, kv_like_q, options, closed=True)
+            rank.backward_tiles = _tiles(plan, shard, dtype, kv_like_q, options, closed=True, indices=indices)
     return rank
 
 
 def _tiles(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, options: Options, *,
-           closed: bool) -> tuple[tuple[int, int, RankExecution], ...] | None:
+           closed: bool, indices: IndexCache) -> tuple[tuple[int, int, RankExecution], ...] | None:
     """The row tiles of a half-precision shard, each executable, or ``None`` (run it whole):
     none below ``options.min_tiled_bytes`` of float32 ``[B, n, H, D]``, else as many as
     leave each tile's over ``options.min_tile_bytes``, at most ``options.row_tiles``."""
@@ -246,6 +254,6 @@ def _tiles(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, op
         return None
     return tuple(
         (t.start, t.stop, _rank(t.plan, dataclasses.replace(shard, rows=t.stop - t.start), dtype, kv_like_q, options,
-                                tiled=False, source_rows=shard.rows))
+                                tiled=False, indices=indices, source_rows=shard.rows))
         for t in tiles
     )

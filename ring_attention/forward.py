@@ -19,7 +19,7 @@ from typing import Optional, cast
 import torch
 
 from . import kernels, nonfinite, views
-from .blocks import Block, Call, Index, index
+from .blocks import Block, Call, Index
 from .comm import Ring
 from .exchange import post_kv, wait
 from .executable import ExecutablePlan, RankExecution
@@ -72,8 +72,8 @@ def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torc
     poison added to the call's output (one scan); the other calls read ``v_src`` itself, as
     do causal ones where the split is per call (the kernel quarantines them).
     """
-    q_rows = index(blk.q_rows, q)
-    k_rows, kv_index = index(blk.k_rows, q), index(blk.kv_index, q)
+    q_rows = rank.index(blk.q_rows, q)
+    k_rows, kv_index = rank.index(blk.k_rows, q), rank.index(blk.kv_index, q)
     qb = views.packed(q, q_rows, blk.heads, blk.offsets)
     kb, vb = (views.source_packed(blk, t, k_rows, kv_index) for t in (k_src, v_src))
     clean_vb = bad_vb = None
@@ -258,14 +258,15 @@ def _forward_whole(ranks: Mapping[int, RankExecution], ring: Ring, qs: Mapping[i
         else:
             state[r] = _accumulators(qs[r], out_dtype, acc, covered, need_lse or schedule.merges)
     plans = {r: ranks[r].plan for r in ring.ranks}
-    pending = post_kv(ring, plans, 1, ks, vs)
+    index = ranks[ring.ranks[0]].index  # the plan's: its ranks share one cache
+    pending = post_kv(ring, plans, 1, ks, vs, index)
     for r in ring.ranks:  # own rows first, while the first exchange is in flight
         split = local_splits[r] if local_splits is not None else _SplitValues(ranks[r].splits_values)
         for blk in plans[r].local:
             _block_forward(blk, ranks[r], qs[r], ks[r], vs[r], state[r], scale, poisons.get(r), split)
     for shift in range(1, ring.size):
         received = wait(pending)
-        pending = post_kv(ring, plans, shift + 1, ks, vs, received)
+        pending = post_kv(ring, plans, shift + 1, ks, vs, index, received)
         if kept is not None:
             kept.append(received)
         for r in ring.ranks:

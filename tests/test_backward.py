@@ -21,10 +21,10 @@ def test_returned_key_gradients_add_up_in_float32(monkeypatch, dtype, layout):
 
     added_into = []
 
-    def spy(returning, plans, grads):
+    def spy(returning, plans, grads, index):
         if returning is not None:
             added_into.extend(grads[r][1].dtype for r in plans)
-        return real(returning, plans, grads)
+        return real(returning, plans, grads, index)
 
     real = backward.add_returned
     monkeypatch.setattr(backward, "add_returned", spy)

@@ -13,30 +13,31 @@ from ring_attention import blocks
 
 
 def test_cpu_index_tensors_are_cached_and_never_cross_fake_modes():
-    rows = blocks.Rows.of([0, 3, 4, 9])
-    assert blocks.index(blocks.Rows.of(range(2, 10, 2)), torch.zeros(1)) == slice(2, 10, 2)
-    real = blocks.index(rows, torch.zeros(1))
+    rows, cache = blocks.Rows.of([0, 3, 4, 9]), {}
+    assert blocks.index(blocks.Rows.of(range(2, 10, 2)), torch.zeros(1), cache) == slice(2, 10, 2)
+    real = blocks.index(rows, torch.zeros(1), cache)
     assert real.tolist() == [0, 3, 4, 9] and not isinstance(real, FakeTensor)
-    assert blocks.index(rows, torch.zeros(1)) is real
+    assert blocks.index(rows, torch.zeros(1), cache) is real
+    assert blocks.index(rows, torch.zeros(1)) is not real  # no cache given: none kept
     with FakeTensorMode() as mode_a:
-        fake_a = blocks.index(rows, torch.empty(1))
+        fake_a = blocks.index(rows, torch.empty(1), cache)
         assert isinstance(fake_a, FakeTensor) and fake_a.fake_mode is mode_a
-        assert blocks.index(rows, torch.empty(1)) is fake_a
+        assert blocks.index(rows, torch.empty(1), cache) is fake_a
     with FakeTensorMode() as mode_b:
-        fake_b = blocks.index(rows, torch.empty(1))  # a fake CPU tensor is not the real one
+        fake_b = blocks.index(rows, torch.empty(1), cache)  # a fake CPU tensor is not the real one
         assert fake_b is not fake_a and fake_b.fake_mode is mode_b
-    assert blocks.index(rows, torch.zeros(1)) is real
+    assert blocks.index(rows, torch.zeros(1), cache) is real
 
 
 def test_cuda_index_tensors_are_built_at_every_call_never_cached():
     """A cached CUDA tensor made while a CUDA graph is captured lives in the graph's pool."""
-    rows = blocks.Rows.of([0, 0, 1, 1])
+    rows, cache = blocks.Rows.of([0, 0, 1, 1]), {}
     with FakeTensorMode():
         like = torch.empty(1, device="cuda")
-        first = blocks.index(rows, like)
+        first = blocks.index(rows, like, cache)
         assert isinstance(first, FakeTensor) and first.device == like.device
-        assert blocks.index(rows, like) is not first
-    assert rows not in blocks._INDEX_CACHE
+        assert blocks.index(rows, like, cache) is not first
+    assert not cache
 
 
 def _grids():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ring_attention as ra
-from ring_attention import exchange, plans
+from ring_attention import blocks, exchange, plans
 from ring_attention.comm import SimulatedRing
 from ring_attention.masks import SequenceMask
 from tests.inputs import qkv
@@ -37,7 +37,7 @@ def test_what_arrives_at_each_shift_is_the_senders_rows(case):
     relay = rank_plans[0].relay
     received, moved = None, 0
     for shift in range(1, size):
-        received = exchange.wait(exchange.post_kv(ring, rank_plans, shift, ks, vs, received))
+        received = exchange.wait(exchange.post_kv(ring, rank_plans, shift, ks, vs, blocks.index, received))
         for dst in ring.ranks:
             step = rank_plans[dst].step(shift)
             src = (dst - shift) % size
@@ -64,7 +64,7 @@ def test_returned_gradients_add_into_the_rows_that_were_sent(case):
     grads = {r: [None, torch.ones_like(ks[r]), torch.ones_like(ks[r])] for r in ring.ranks}
     expected = {r: [g.clone() for g in grads[r][1:]] for r in ring.ranks}
     for shift in range(1, size):
-        received = exchange.wait(exchange.post_kv(ring, rank_plans, shift, ks, ks))
+        received = exchange.wait(exchange.post_kv(ring, rank_plans, shift, ks, ks, blocks.index))
         back = {r: [torch.randn_like(t) for t in tensors] for r, tensors in received.items()}
         for dst, tensors in back.items():  # the oracle: add each one into the sender's rows by hand
             src = (dst - shift) % size
@@ -75,7 +75,7 @@ def test_returned_gradients_add_into_the_rows_that_were_sent(case):
                         for j, head in enumerate(m.kv_heads.values()):
                             acc[:, rows, head + o] += (grad[:, o] if m.offsets > 1 else grad)[:, :, j]
         exchange.add_returned(exchange.post_returns(ring, rank_plans, shift, back, ks, ks[0].dtype, hop=-shift),
-                              rank_plans, grads)
+                              rank_plans, grads, blocks.index)
     for r in ring.ranks:
         for got, want in zip(grads[r][1:], expected[r]):
             torch.testing.assert_close(got, want)

@@ -63,6 +63,24 @@ def test_a_plan_run_on_cuda_holds_no_tensor_on_an_accelerator():
     executable.clear()
 
 
+def test_the_plan_holds_its_index_tensors():
+    """Row sets that are no progression (a dilated segment across zigzag chunks) become CPU
+    index tensors once, in the executable plan: a second call reuses them, one cache for all
+    of the plan's ranks."""
+    executable.clear()
+    q, k, v = (torch.randn(1, 60, 2, 8) for _ in range(3))  # zigzag chunks of 15, segments of 20
+    zigzag = lambda: ra.ring_dilated_attention(q, k, v, ra.DilatedPattern((20,), (2,)), ring_size=2,  # noqa: E731
+                                               layout="zigzag")
+    zigzag()
+    plan = next(p for p in executable._CACHE.values() if p.key.ring_size == 2)
+    ranks = list(plan.ranks.values())
+    assert ranks[0].indices and all(r.indices is ranks[0].indices for r in ranks)
+    held = {key: id(t) for key, t in ranks[0].indices.items()}
+    zigzag()
+    assert {key: id(t) for key, t in ranks[0].indices.items()} == held
+    executable.clear()
+
+
 def test_a_narrow_bands_received_kv_is_kept_for_the_backward():
     """Kept where a band reaches at most a shard (what a rank receives is then about one more
     shard): never for full attention, a wider band, or a ring of one."""
