@@ -29,10 +29,11 @@ def ring_dilated_attention(
     window: tuple[int, int] | None = None,
     cu_seqlens: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Dilated attention over a ring of ranks.
+    """Dilated attention over a ring of ranks: :func:`~ring_attention.ring_attention` with a
+    pattern's weights instead of full attention's.
 
-    :param q: queries ``[B, n, H, D]``. With ``group``, this rank's shard (``n = N / R``) in
-        ``layout``; without, the whole sequence in natural order.
+    :param q: queries ``[B, n, H, D]``, this rank's shard or the whole sequence, as for
+        :func:`~ring_attention.ring_attention`.
     :param k: keys ``[B, n, Hkv, D]``, held as ``q``.
     :param v: values, shaped as ``k``.
     :param pattern: a :class:`~ring_attention.DilatedPattern`.
