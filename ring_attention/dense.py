@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._checks import check_flag, check_qkv, check_scale
+from .checks import check_flag, check_qkv, check_scale
 from .kernels import CPU_FEW_KEYS, fold_scale
 from .nonfinite import known_finite, quarantine_values, query_row_poison
 

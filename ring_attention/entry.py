@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from . import ops
-from ._checks import check_documents_tensor
 from .autograd import run_on_ring
+from .checks import check_documents_tensor
 from .executable import PlanKey, executable_plan
 from .layout import Layout
 from .masks import SequenceMask

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import NamedEnum, check_documents, check_positive_int
+from .checks import NamedEnum, check_documents, check_positive_int
 
 
 class Layout(NamedEnum):

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import layout as _layout
 from . import pattern as _pattern
-from ._checks import check_flag, check_optional_scale, check_positive_int, check_window
+from .checks import check_flag, check_optional_scale, check_positive_int, check_window
 from .dilated import dilated_attention
 from .ring_dilated import ring_dilated_attention
 

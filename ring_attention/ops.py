@@ -31,8 +31,8 @@ from typing import Any, cast
 import torch
 
 from . import layout as _layout
-from ._checks import check_documents
 from .backward import run_backward
+from .checks import check_documents
 from .comm import SimulatedRing
 from .executable import ExecutablePlan, PlanKey, executable_plan
 from .forward import run_forward

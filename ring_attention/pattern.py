@@ -21,7 +21,7 @@ from collections.abc import Set as AbstractSet
 
 import torch
 
-from ._checks import NamedEnum, check_positive_int
+from .checks import NamedEnum, check_positive_int
 from .masks import SequenceMask
 
 

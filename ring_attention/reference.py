@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import pattern as _pattern
-from ._checks import check_documents, check_flag, check_qkv, check_scale, check_window
+from .checks import check_documents, check_flag, check_qkv, check_scale, check_window
 
 
 def reference_attention(

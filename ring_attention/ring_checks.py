@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from . import layout as _layout
 from . import pattern as _pattern
-from ._checks import Shapes, check_documents, check_flag, check_qkv, check_scale, check_window
+from .checks import Shapes, check_documents, check_flag, check_qkv, check_scale, check_window
 from .comm import ProcessGroupRing, Ring, SimulatedRing
 
 

@@ -39,6 +39,13 @@ def test_every_module_is_in_one_layer_of_the_doc():
     assert set(placed) == {p.stem for p in PACKAGE.glob("*.py")}
 
 
+def test_every_module_has_its_test_module():
+    """Tests mirror the package: ``ring_attention/x.py`` is tested in ``tests/test_x.py``."""
+    tests = PACKAGE.parent / "tests"
+    missing = [p.name for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init__" and not (tests / f"test_{p.stem}.py").exists()]
+    assert not missing, f"no tests/test_<module>.py for: {', '.join(missing)}"
+
+
 def test_no_module_imports_its_layer_or_one_above():
     layer_of = {m: i for i, layer in enumerate(_layers()) for m in layer}
     upward = [

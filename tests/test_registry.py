@@ -6,7 +6,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from ring_attention import registry
-from ring_attention._checks import check_documents
+from ring_attention.checks import check_documents
 
 SEED_NAMES = [
     "StandardRingAttention",

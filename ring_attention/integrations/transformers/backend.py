@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..._checks import check_documents
+from ...checks import check_documents
 from ...entry import FULL, attend
 from ...layout import Layout, shard
 from ...masks import SequenceMask

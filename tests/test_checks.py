@@ -1,4 +1,5 @@
-"""Malformed inputs raise ValueError/TypeError naming the problem, before any kernel runs."""
+"""ring_attention.checks: malformed inputs raise ValueError/TypeError naming the problem,
+before any kernel runs, through every public function that validates with them."""
 
 import pytest
 import torch
@@ -203,22 +204,3 @@ def test_errors_raised_before_any_work_on_large_bad_input():
     k = torch.empty(1, 1 << 20, 1, 8)
     with pytest.raises(ValueError, match="one device"):
         ra.dilated_attention(q, k, k, ra.DilatedPattern((64,), (1,)))
-
-
-# --- the ranks' agreement --------------------------------------------------------------
-
-
-@pytest.mark.parametrize("value, expected", [("every_call", "EVERY_CALL"), (" Cached ", "CACHED")])
-def test_agreement_policy_from_the_environment(monkeypatch, value, expected):
-    from ring_attention import ring_checks
-
-    monkeypatch.setenv(ring_checks.AGREEMENT_ENV, value)
-    assert ring_checks.agreement_policy(None) is ring_checks.Agreement[expected]
-
-
-def test_unknown_agreement_policy_names_the_variable(monkeypatch):
-    from ring_attention import ring_checks
-
-    monkeypatch.setenv(ring_checks.AGREEMENT_ENV, "sometimes")
-    with pytest.raises(ValueError, match="RING_ATTENTION_AGREEMENT='sometimes'.*every_call"):
-        ring_checks.agreement_policy(None)
