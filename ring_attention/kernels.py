@@ -50,7 +50,7 @@ import torch
 from . import fused_cuda
 from .masks import band_keeps
 from .nonfinite import (
-    band_values,
+    band_hits,
     causal_poison,
     known_finite,
     mark_query_rows_,
@@ -106,11 +106,12 @@ def attention_forward(
     """
     _check_block(q, k, causal)
     q, scale, _ = fold_scale(q, scale)
-    if band is not None:
-        v, poison = band_values(q.shape[-2], v, band)
-        out, lse = _forward(q, k, v, causal, scale, band)
-        if poison is not None:
-            out.add_(poison)
+    if band is not None:  # as below, the values' poison found after the kernel
+        clean = zeroed(v)
+        out, lse = _forward(q, k, clean, causal, scale, band)
+        if clean is not v:
+            del clean
+            out.masked_fill_(cast(torch.Tensor, band_hits(q.shape[-2], v, band)), float("nan"))
     elif not causal or quarantined:
         out, lse = _forward(q, k, v, causal, scale, band)
     else:  # the poison after the kernel: one copy of the values alive at a time

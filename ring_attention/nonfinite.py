@@ -6,8 +6,8 @@ kernel call here corrects both:
 - **Values.** A kernel multiplies a masked key's value by a zero probability, and ``0 * NaN``
   would spread a NaN (or inf) in value ``v[j, d]`` to rows that do not attend key ``j``. In a
   causal block or a band's block the non-finite values are zeroed before the kernel and their
-  NaN added back to exactly the rows that attend them (:func:`zeroed` then :func:`causal_poison`,
-  :func:`band_values`; or split once per source, :func:`split_values`, :func:`value_poison`,
+  NaN added back to exactly the rows that attend them (:func:`zeroed` then :func:`causal_poison`
+  or :func:`band_hits`; or split once per source, :func:`split_values`, :func:`value_poison`,
   where the causal calls read most of it: ``schedule.splits_values``).
 - **Query rows.** The reference gives NaN for a query row holding NaN or inf; a kernel can
   return such a row as a finite 0 (a row without keys). Rows are marked NaN after their
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
@@ -92,26 +91,36 @@ def causal_poison(v: torch.Tensor) -> torch.Tensor:
     return (v - v).cumsum_(-2)
 
 
-def band_values(
-    q_len: int, v: torch.Tensor, band: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(v with non-finite entries zeroed, poison [..., Lq, D])`` for a block with a band,
-    as :func:`quarantine_values` for a causal one: kernels multiply a masked value by a zero
-    probability, and 0 * NaN would reach rows whose band does not hold the key. ``poison``
-    is NaN at ``[i, d]`` where a key ``j`` in row ``i``'s band has a non-finite ``v[j, d]``,
-    else 0. ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`)."""
+def band_hits(q_len: int, v: torch.Tensor, band: tuple[int, int]) -> torch.Tensor | None:
+    """Where a block with a band must show NaN: a bool ``[..., Lq, D]``, true at ``[i, d]``
+    where a key ``j`` in row ``i``'s band holds a non-finite ``v[j, d]``; ``None`` where ``v``
+    is seen to be finite (:func:`known_finite`). The block runs on :func:`zeroed` values (a
+    kernel multiplies a masked value by a zero probability, and 0 * NaN would reach rows
+    whose band does not hold the key); its output is then NaN exactly here.
+
+    From a running count of bad values along the keys: O(L D), no matmul (on CUDA an
+    unfused path), and one float32 ``[Lq, D]`` beside the count, the row ranges written
+    piece by piece from views of the count (its clamp at the block's ends is constant or
+    the identity within each piece)."""
     if known_finite(v):
-        return v, None
-    # Bad values in each row's band [i + lo, i + hi], from a running count along the keys:
-    # O(L D), and no matmul (on CUDA that is an unfused path).
-    k_len, (lo, hi) = v.shape[-2], band
-    bad = F.pad((v - v).isnan().to(torch.float32), (0, 0, 1, 0)).cumsum_(-2)  # [..., 1 + Lk, D]
-    rows = torch.arange(q_len, device=v.device)
-    first = (rows + lo).clamp_(0, k_len)
-    end = torch.maximum((rows + hi + 1).clamp_(0, k_len), first)
-    hits = bad.index_select(-2, end) - bad.index_select(-2, first)  # [..., Lq, D]
-    poison = torch.zeros(hits.shape, dtype=v.dtype, device=v.device).masked_fill_(hits > 0, float("nan"))
-    return v.nan_to_num(0.0, 0.0, 0.0), poison
+        return None
+    k_len, d, (lo, hi) = v.shape[-2], v.shape[-1], band
+    lead = v.shape[:-2]
+    counts = torch.zeros(*lead, k_len + 1, d, dtype=torch.float32, device=v.device)  # bad keys before row j
+    counts[..., 1:, :] = (v - v).isnan()
+    counts.cumsum_(-2)
+    hits = torch.empty(*lead, q_len, d, dtype=torch.float32, device=v.device)
+    cuts = sorted({0, q_len, *(min(max(c, 0), q_len) for c in (-lo, k_len - lo, -hi - 1, k_len - hi - 1))})
+
+    def at(start: int, length: int) -> torch.Tensor:  # counts[clamp(start + t, 0, k_len)], t < length
+        if start >= k_len or start + length <= 0:  # every index past the end, or before 0
+            row = k_len if start >= k_len else 0
+            return counts[..., row : row + 1, :].expand(*lead, length, d)
+        return counts[..., start : start + length, :]
+
+    for s, e in zip(cuts, cuts[1:]):
+        torch.sub(at(s + hi + 1, e - s), at(s + lo, e - s), out=hits[..., s:e, :])
+    return hits > 0
 
 
 def split_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

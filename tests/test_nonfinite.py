@@ -55,3 +55,26 @@ def test_only_a_query_seen_finite_skips_marking_its_rows():
         assert nonfinite.marks_query_rows(torch.ones(1, 2, 32, 8))
         # CUDA: a row holding inf scoring -inf everywhere comes back as a row without keys
         assert nonfinite.marks_query_rows(torch.ones(1, 2, 32, 8, device="cuda"))
+
+
+def test_band_hits_are_the_rows_whose_band_holds_a_bad_value():
+    """Against the band as a dense block: every band of blocks up to 9 x 9, values bad at
+    random places (NaN, inf, -inf)."""
+    from ring_attention.masks import band_keeps
+
+    g = torch.Generator().manual_seed(0)
+    for q_len in range(1, 10):
+        for k_len in range(1, 10):
+            v = torch.randn(2, k_len, 3, generator=g, dtype=torch.float64)
+            bad = torch.rand(v.shape, generator=g) < 0.15
+            v[bad] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=v.dtype)[torch.arange(int(bad.sum())) % 3]
+            for lo in range(-q_len - 1, k_len + 1):
+                for hi in range(lo, k_len + 2):
+                    keep = band_keeps(q_len, k_len, (lo, hi), torch.device("cpu")).double()
+                    want = (keep @ (v - v).isnan().double()) > 0
+                    got = nonfinite.band_hits(q_len, v, (lo, hi))
+                    if not bad.any():  # seen to be finite: nothing to find
+                        assert got is None
+                        continue
+                    assert got is not None and torch.equal(got, want), (q_len, k_len, lo, hi)
+    assert nonfinite.band_hits(3, torch.ones(2, 4, 3), (0, 1)) is None  # finite: nothing to find
