@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from . import ops
 from .autograd import run_on_ring
 from .checks import check_documents_tensor
-from .executable import PlanKey, executable_plan
+from .executable import PlanKey, executable_plan, resolved
 from .layout import Layout
 from .masks import SequenceMask
 from .options import DEFAULT, Options
@@ -110,7 +110,7 @@ def attend(
     else:
         mask = SequenceMask(causal=causal, window=band, documents=documents)
         key = PlanKey(checked, shapes.seq_len, shapes.heads, shapes.kv_heads, mask, ring.size, layout, ring.ranks,
-                      q.shape[0], q.shape[3], q.dtype, options)
+                      q.shape[0], q.shape[3], q.dtype, resolved(options, q))
         plan = executable_plan(key)
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from collections.abc import Hashable
 
 import torch
 
-from . import blocks, plans, schedule
+from . import blocks, kernels, plans, schedule
 from . import layout as _layout
 from .blocks import Call, DeviceKey, Index, IndexCache, RankPlan, Rows, device_key
 from .layout import Layout
@@ -171,7 +171,7 @@ def executable_plan(key: PlanKey) -> ExecutablePlan:
         _CACHE.move_to_end(key)
         return hit
     rank_plans = plans.ring_plans(key.pattern, key.seq_len, key.heads, key.kv_heads, key.mask, key.ring_size,
-                                  key.layout, key.ranks)
+                                  key.layout, key.ranks, key.options.band_tiles or 16)
     built = _CACHE[key] = build(key, rank_plans)
     if len(_CACHE) > MAX_PLANS:
         _CACHE.popitem(last=False)
@@ -188,6 +188,15 @@ def build(key: PlanKey, rank_plans: tuple[RankPlan, ...]) -> ExecutablePlan:
         ranks[r] = _rank(plan, shard, dtype, key.kv_heads == key.heads, key.options, tiled=tiled, indices=indices)
     relay = any(plan.relay for plan in rank_plans)
     return ExecutablePlan(key, ranks, keeps_received=not relay and not tiled and keeps_received(key))
+
+
+def resolved(options: Options, q: torch.Tensor) -> Options:
+    """``options`` with what the backend of ``q``'s blocks decides filled in: a window's tiles
+    (:attr:`~ring_attention.options.Options.band_tiles`) wide where flash runs a band on its
+    own window, narrow where the kernel computes a masked block whole."""
+    if options.band_tiles:
+        return options
+    return dataclasses.replace(options, band_tiles=1 if kernels.backend(q) == "flash" else 16)
 
 
 def keeps_received(key: PlanKey) -> bool:

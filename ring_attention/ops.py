@@ -34,7 +34,7 @@ from . import layout as _layout
 from .backward import run_backward
 from .checks import check_documents
 from .comm import SimulatedRing
-from .executable import ExecutablePlan, PlanKey, executable_plan
+from .executable import ExecutablePlan, PlanKey, executable_plan, resolved
 from .forward import run_forward
 from .masks import SequenceMask
 from .merge import accumulation_dtype
@@ -52,7 +52,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, segment_lengths: Sequence[int], dila
         pattern.check(n, h, documents)  # the per-document rule, on values only known here
     band = (window[0], window[1]) if window else None
     key = PlanKey(pattern, n, h, k.shape[2], SequenceMask(causal, band, documents), ring_size, _layout.Layout(layout),
-                  tuple(range(ring_size)), b, d, q.dtype, Options(*options))
+                  tuple(range(ring_size)), b, d, q.dtype, resolved(Options(*options), q))
     return executable_plan(key)
 
 

@@ -34,6 +34,13 @@ class Options:
         than the memory. ``1`` turns tiling off.
     :param min_tile_bytes: see ``row_tiles``.
     :param min_tiled_bytes: see ``row_tiles``.
+    :param band_tiles: a sliding window's runs are cut into tiles of ``1/band_tiles`` of its
+        band's width (:func:`~ring_attention.runs.window_tile`). A kernel that computes a
+        masked block whole (the CPU op, math) wants narrow tiles, so that what it computes
+        stays near the band's pairs (16: within a few percent); one that skips a band's
+        masked blocks itself (flash's window on CUDA) wants wide ones, so that a row's band
+        takes two calls instead of seventeen (1). ``0``: chosen by the backend the call runs
+        on (:func:`~ring_attention.executable.resolved`).
     """
 
     max_gather_bytes: int = 4 * 2**20
@@ -42,6 +49,7 @@ class Options:
     row_tiles: int = 16
     min_tile_bytes: int = 2**20
     min_tiled_bytes: int = 64 * 2**20
+    band_tiles: int = 0
 
 
 DEFAULT = Options()

@@ -229,7 +229,7 @@ def _partners(spec: Spec, rank: int) -> set[int]:
 @functools.lru_cache(maxsize=256)
 def _spec(
     pattern: DilatedPattern | None, seq_len: int, num_heads: int, num_kv_heads: int, mask: SequenceMask,
-    ring_size: int, layout: Layout,
+    ring_size: int, layout: Layout, band_tiles: int,
 ) -> Spec:
     if pattern is None:
         pattern = DilatedPattern((seq_len,), (1,))
@@ -242,7 +242,7 @@ def _spec(
                 units.append(Unit(pair, range(first, heads.stop, rate)))
     return Spec(
         seq_len, ring_size, layout, mask, num_heads // num_kv_heads, bounds,
-        pattern.dilation_rates, tuple(units),
+        pattern.dilation_rates, tuple(units), band_tiles,
     )
 
 
@@ -256,16 +256,18 @@ def rank_plan(
     ring_size: int,
     layout: Layout | str,
     rank: int,
+    band_tiles: int = 16,
 ) -> RankPlan:
     """The plan of rank ``rank`` of dilated attention (full attention if ``pattern is None``)
-    under ``mask`` (a bool: causal or not).
+    under ``mask`` (a bool: causal or not); a window's runs in tiles of ``1/band_tiles`` of
+    its band (:attr:`~ring_attention.options.Options.band_tiles`).
 
     ``ring_size=1`` is single-device dilated attention: local blocks only. Shifts with no
     traffic for this rank have no step; every rank still walks the shifts in the same
     order (see :mod:`ring_attention.exchange`).
     """
     layout, mask = _layout.check_layout(layout), SequenceMask.of(mask)
-    spec = _spec(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout)
+    spec = _spec(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, band_tiles)
     # A window or documents: direct sends, so that a rank receives only the shards it attends.
     if (pattern is None and ring_size > 1 and mask.window is None and mask.documents is None
             and (not mask.causal or layout is Layout.ZIGZAG)):
@@ -329,7 +331,11 @@ def _gc_paused() -> Iterator[None]:
 
 def ring_plans(
     pattern: DilatedPattern | None, seq_len: int, num_heads: int, num_kv_heads: int, mask: SequenceMask | bool,
-    ring_size: int, layout: Layout | str, ranks: Iterable[int],
+    ring_size: int, layout: Layout | str, ranks: Iterable[int], band_tiles: int = 16,
 ) -> tuple[RankPlan, ...]:
     """The plans of the ranks this process runs, in the order of ``ranks``."""
-    return tuple(rank_plan(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, r) for r in ranks)
+    # The cache keys the arguments as passed: the default tiles leave theirs out, as every
+    # other caller of rank_plan does, so that both find the same plan.
+    tiles = () if band_tiles == 16 else (band_tiles,)
+    return tuple(rank_plan(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, r, *tiles)
+                 for r in ranks)

@@ -51,6 +51,7 @@ class Spec:
     bounds: tuple[tuple[int, ...], ...]  # per pair: its segments' starts, then N (DilatedPattern.segment_bounds)
     rates: tuple[int, ...]
     units: tuple[Unit, ...]
+    band_tiles: int = 16  # a window's tiles: 1/band_tiles of its band (window_tile)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -59,7 +60,7 @@ def kept(spec: Spec, rank: int, unit: int) -> Kept:
     pair = spec.units[unit].pair
     bounds, rate = spec.bounds[pair], spec.rates[pair]
     offset = spec.units[unit].heads.start % rate
-    tile = window_tile(spec.mask, rate)
+    tile = window_tile(spec.mask, rate, spec.band_tiles)
     ranges: list[range] = []
     runs: list[Run] = []
     last_first: dict[int, int] = {}
@@ -86,10 +87,11 @@ def kept(spec: Spec, rank: int, unit: int) -> Kept:
 MIN_WINDOW_TILE = 64
 
 
-def window_tile(mask: SequenceMask, rate: int) -> int | None:
+def window_tile(mask: SequenceMask, rate: int, share: int = 16) -> int | None:
     """Rows per run under a window whose band is finite (both sides bounded, or causal with
-    a left side): a sixteenth of the band's width in kept rows, rounded down to a power of
-    two, at least :data:`MIN_WINDOW_TILE`. A block of two whole shards cut by a narrow band
+    a left side): ``1/share`` of the band's width in kept rows, rounded down to a power of
+    two, at least :data:`MIN_WINDOW_TILE` (``share``: :attr:`~ring_attention.options.Options.
+    band_tiles`; 16 where the kernel computes masked blocks whole). A block of two whole shards cut by a narrow band
     computes mostly scores outside it, and sends keys no query reaches; in tiles, the pairs
     outside the band are neither computed nor sent, and the rest is within a few percent of
     the band's (a tile's edge block computes about half a tile more per row). A power of two
@@ -98,7 +100,7 @@ def window_tile(mask: SequenceMask, rate: int) -> int | None:
     left, right = mask.reach
     if left < 0 or right < 0:
         return None
-    rows = -(-(left + right + 1) // (16 * rate))
+    rows = -(-(left + right + 1) // (share * rate))
     return max(MIN_WINDOW_TILE, 1 << (rows.bit_length() - 1))
 
 

@@ -32,8 +32,9 @@ def _plans_of(options: Options, dtype: torch.dtype = torch.float16, n: int = 256
 
 
 def test_each_call_builds_its_plan_with_the_options_it_passes():
+    """What the backend decides filled in (a CPU op: narrow window tiles), the rest as passed."""
     _, (plan,) = _plans_of(Options(max_call_share=8, min_split_bytes=0))
-    assert plan.key.options == Options(max_call_share=8, min_split_bytes=0)
+    assert plan.key.options == Options(max_call_share=8, min_split_bytes=0, band_tiles=16)
 
 
 def test_row_tiles_follow_the_options():
@@ -49,3 +50,22 @@ def test_row_tiles_follow_the_options():
     _, (plan,) = _plans_of(Options())  # 256 rows: far below the default 64 MiB
     assert all(r.forward_tiles is None for r in plan.ranks.values())
     torch.testing.assert_close(tiled_out, whole_out, rtol=2e-3, atol=2e-3)
+
+
+def test_a_windows_tiles_are_chosen_by_the_backend():
+    """Wide (1) where flash runs a band on its own window: CUDA half precision on sm80+;
+    narrow (16) where a kernel computes masked blocks whole: the CPU op, math, CUDA float32
+    (efficient takes no band); what a caller sets, kept."""
+    from ring_attention.executable import resolved
+    from tests.fake_cuda import fake_cuda
+
+    assert resolved(Options(), torch.zeros(1, 8, 2, 16)).band_tiles == 16
+    assert resolved(Options(band_tiles=4), torch.zeros(1, 8, 2, 16)).band_tiles == 4
+    with fake_cuda(backward=False) as fc:
+        half, single = (fc.qkv(batch=1, seq_len=8, heads=2, kv_heads=2, head_dim=16, dtype=t)[0]
+                        for t in (torch.float16, torch.float32))
+        assert resolved(Options(), half).band_tiles == 1
+        assert resolved(Options(), single).band_tiles == 16
+    with fake_cuda(backward=False, capability=(7, 5)) as fc:  # no flash before sm80
+        half = fc.qkv(batch=1, seq_len=8, heads=2, kv_heads=2, head_dim=16, dtype=torch.float16)[0]
+        assert resolved(Options(), half).band_tiles == 16

@@ -22,7 +22,7 @@ def test_every_rank_keeps_the_rows_of_its_shard_that_the_pattern_selects(ring_si
     # segments that divide N, or with documents that cover each one whole (min(w, L_d) = L_d)
     lengths = (8, 16, 32) if documents is None else (64, 128, 256)
     pattern = ra.DilatedPattern(lengths[:pairs], (rate,) * pairs)
-    spec = plans._spec(pattern, n, 4, 4, SequenceMask(documents=documents), ring_size, L.check_layout(layout))
+    spec = plans._spec(pattern, n, 4, 4, SequenceMask(documents=documents), ring_size, L.check_layout(layout), 16)
     for u, unit in enumerate(spec.units):
         bounds, r = spec.bounds[unit.pair], spec.rates[unit.pair]
         offset = unit.heads.start % r
@@ -46,7 +46,7 @@ def test_a_window_of_finite_width_cuts_runs_into_tiles():
     assert runs.window_tile(SequenceMask(causal=True, window=(6000, 0)), 1) == 256  # 376, rounded down
     assert runs.window_tile(SequenceMask(window=(10, 10)), 1) == runs.MIN_WINDOW_TILE
     mask = SequenceMask(causal=True, window=(4095, 0))
-    spec = plans._spec(None, 8192, 1, 1, mask, 2, L.Layout.CONTIGUOUS)
+    spec = plans._spec(None, 8192, 1, 1, mask, 2, L.Layout.CONTIGUOUS, 16)
     lengths = [run.length for run in runs.kept(spec, 1, 0).runs]
     assert lengths == [256] * 16  # the shard of 4096 rows in tiles of 4096 / 16
 

@@ -93,6 +93,28 @@ def test_window_matches_reference_in_tiles(case):
             executable.clear()
 
 
+@settings(max_examples=40, deadline=None)
+@given(case=window_cases())
+def test_window_matches_reference_in_wide_tiles(case):
+    """Tiles as wide as the band (Options.band_tiles=1, what a GPU whose flash runs a band on
+    its own window is given): each tile meets a band block or two, every pair once."""
+    import dataclasses
+
+    from ring_attention import entry, executable, runs
+
+    q, k, v, g = make_qkv(case["seed"], 1, case["n"], case["h"], case["hkv"], 4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "MIN_WINDOW_TILE", 1)
+        mp.setattr(entry, "resolved", lambda options, q: dataclasses.replace(options, band_tiles=1))
+        executable.clear()
+        try:
+            _check(q, k, v, g, case["pattern"], case["causal"], case["window"], ring_size=case["ring_size"],
+                   layout=case["layout"])
+            assert all(p.key.options.band_tiles == 1 for p in executable._CACHE.values())
+        finally:
+            executable.clear()
+
+
 @settings(max_examples=25, deadline=None)
 @given(case=window_cases())
 def test_window_matches_reference_in_dilated_attention(case):
