@@ -10,7 +10,7 @@ with every batch, the packed documents ``cu_seqlens``, is an argument of ``forwa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -20,8 +20,7 @@ from torch import nn
 from . import layout as _layout
 from . import pattern as _pattern
 from .checks import check_flag, check_optional_scale, check_positive_int, check_window
-from .dilated import dilated_attention
-from .ring_dilated import ring_dilated_attention
+from .entry import attend
 
 
 class _Held(nn.Module):
@@ -36,6 +35,21 @@ class _Held(nn.Module):
         self.scale = check_optional_scale(scale)
         self.checkpoint = check_flag(checkpoint, "checkpoint")
         self.window = check_window(window)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The held attention of ``q [B, n, H, D]``, ``k``, ``v [B, n, Hkv, D]``; packed documents'
+        ``cu_seqlens``, as the functional API takes them."""
+        return attend(
+            q, k, v, self.pattern, causal=self.causal, scale=self.scale, checkpoint=self.checkpoint,
+            window=self.window, cu_seqlens=cu_seqlens, **self._ring(),
+        )
+
+    def _ring(self) -> dict[str, Any]:
+        """Where the attention runs: one device (a ring of one)."""
+        return {"ring_size": 1}
 
 
 class DilatedAttention(_Held):
@@ -59,15 +73,6 @@ class DilatedAttention(_Held):
         checkpoint: bool = False, window: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(pattern, causal, scale, checkpoint, window)
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        return dilated_attention(
-            q, k, v, self.pattern, causal=self.causal, scale=self.scale, checkpoint=self.checkpoint,
-            window=self.window, cu_seqlens=cu_seqlens,
-        )
 
     def extra_repr(self) -> str:
         window = "" if self.window is None else f", window={self.window}"
@@ -121,15 +126,8 @@ class RingDilatedAttention(_Held):
         self.group = _check_group(group, self.ring_size)
         self.layout = _layout.check_layout(layout)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        return ring_dilated_attention(
-            q, k, v, self.pattern, group=self.group, ring_size=self.ring_size, causal=self.causal,
-            scale=self.scale, layout=self.layout, checkpoint=self.checkpoint, window=self.window,
-            cu_seqlens=cu_seqlens,
-        )
+    def _ring(self) -> dict[str, Any]:
+        return {"group": self.group, "ring_size": self.ring_size, "layout": self.layout}
 
     def extra_repr(self) -> str:
         size = "group" if self.group is not None else f"ring_size={self.ring_size}"
