@@ -67,8 +67,8 @@ def quarantine_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
 
     Fused kernels multiply a masked key's value by a zero probability, and 0 * NaN would
     spread a NaN (or inf) in value ``v[j, d]`` to the rows before ``j``, which do not attend
-    it. ``poison [..., L, D]`` is NaN at ``[i, d]`` where some ``j <= i`` has a non-finite
-    ``v[j, d]`` and 0 elsewhere: added to the output, it marks exactly what the math does.
+    it. ``poison [..., L, D]`` (:func:`causal_poison`) is the sum of the non-finite ``v[j, d]``,
+    ``j <= i``, and 0 elsewhere: added to the output, it gives what the math does.
 
     ``(v, None)`` where ``v`` is seen to be finite (:func:`known_finite`): then there is
     nothing to quarantine, and the scan along L, the costliest of the four kernels, is saved.
@@ -84,11 +84,13 @@ def zeroed(v: torch.Tensor) -> torch.Tensor:
 
 
 def causal_poison(v: torch.Tensor) -> torch.Tensor:
-    """The poison of a causal block from its values ``v [..., L, D]``: NaN at ``[i, d]`` where
-    some ``j <= i`` holds a non-finite ``v[j, d]``, else 0 (one copy, scanned in place).
-    A caller that runs the kernel on :func:`zeroed` values first and computes this after
-    holds one copy of the values at a time, not two."""
-    return (v - v).cumsum_(-2)
+    """The poison of a causal block from its values ``v [..., L, D]``: at ``[i, d]`` the sum of
+    the non-finite ``v[j, d]``, ``j <= i`` (0 where there are none; an infinity where all are
+    that infinity, as the reference's sum of ``p * v`` gives; else NaN). One copy, made and
+    scanned in place: a caller that runs the kernel on :func:`zeroed` values first and
+    computes this after holds one copy of the values at a time, not two."""
+    bad = v.nan_to_num(0.0, 0.0, 0.0)
+    return torch.sub(v, bad, out=bad).cumsum_(-2)  # v minus its finite part: the non-finite values, else 0
 
 
 def band_hits(q_len: int, v: torch.Tensor, band: tuple[int, int]) -> torch.Tensor | None:
@@ -124,19 +126,19 @@ def band_hits(q_len: int, v: torch.Tensor, band: tuple[int, int]) -> torch.Tenso
 
 
 def split_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(v with its non-finite entries zeroed, bad)``, ``bad`` NaN exactly at those entries
-    (``inf - inf`` too) and 0 elsewhere; ``(v, None)`` where ``v`` is seen to be finite
+    """``(v with its non-finite entries zeroed, bad)``, ``bad`` those entries themselves and 0
+    elsewhere (``v`` minus its finite part); ``(v, None)`` where ``v`` is seen to be finite
     (:func:`known_finite`). Split once, a source serves every causal block that reads it:
     each block's poison is then one scan of its rows of ``bad`` (:func:`value_poison`)."""
     if known_finite(v):
         return v, None
-    return v.nan_to_num(0.0, 0.0, 0.0), v - v
+    clean = v.nan_to_num(0.0, 0.0, 0.0)
+    return clean, v - clean
 
 
 def value_poison(bad: torch.Tensor) -> torch.Tensor:
     """The poison of a causal block's rows from its keys' ``bad [..., L, D]``
-    (:func:`split_values`): NaN at ``[i, d]`` where some ``j <= i`` holds a non-finite
-    ``v[j, d]``, else 0; added to the block's output (:func:`quarantine_values`)."""
+    (:func:`split_values`): as :func:`causal_poison`, from one split of the source."""
     return bad.cumsum(-2)
 
 
