@@ -33,7 +33,7 @@ from .blocks import Call, DeviceKey, Index, IndexCache, RankPlan, Rows, device_k
 from .layout import Layout
 from .masks import SequenceMask
 from .merge import MERGE_LAUNCHES, accumulation_dtype
-from .options import DEFAULT, Options
+from .options import DEFAULT, NARROW_BAND_TILES, WIDE_BAND_TILES, Options
 from .pattern import DilatedPattern
 from .schedule import Schedule, Shard
 from .tiles import row_tiles
@@ -171,7 +171,7 @@ def executable_plan(key: PlanKey) -> ExecutablePlan:
         _CACHE.move_to_end(key)
         return hit
     rank_plans = plans.ring_plans(key.pattern, key.seq_len, key.heads, key.kv_heads, key.mask, key.ring_size,
-                                  key.layout, key.ranks, key.options.band_tiles or 16)
+                                  key.layout, key.ranks, key.options.band_tiles or NARROW_BAND_TILES)
     built = _CACHE[key] = build(key, rank_plans)
     if len(_CACHE) > MAX_PLANS:
         _CACHE.popitem(last=False)
@@ -196,7 +196,8 @@ def resolved(options: Options, q: torch.Tensor) -> Options:
     own window, narrow where the kernel computes a masked block whole."""
     if options.band_tiles:
         return options
-    return dataclasses.replace(options, band_tiles=1 if kernels.backend(q) == "flash" else 16)
+    flash = kernels.backend(q) == "flash"
+    return dataclasses.replace(options, band_tiles=WIDE_BAND_TILES if flash else NARROW_BAND_TILES)
 
 
 def keeps_received(key: PlanKey) -> bool:

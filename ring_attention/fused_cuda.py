@@ -30,6 +30,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .masks import band_rows
+
 aten = torch.ops.aten
 
 # The launch grid's y (flash) or z (efficient) dimension holds the batch: at most 2^16 - 1.
@@ -117,7 +119,7 @@ def band_call(q_len: int, k_len: int, band: tuple[int, int]) -> BandCall | None:
     ``j > i``: no window of the whole block, but one (``(0, Lk)``) of the block without its
     last row and first key."""
     lo, hi = band
-    r0, r1 = max(0, -hi), min(q_len, k_len - lo)  # rows i with a key j = i + lo .. i + hi in [0, Lk)
+    r0, r1 = band_rows(q_len, k_len, band)
     if r0 >= r1:
         return None
     k0, k1 = max(0, r0 + lo), min(k_len, r1 + hi)  # keys those rows keep

@@ -48,7 +48,7 @@ from typing import cast
 import torch
 
 from . import fused_cuda
-from .masks import band_keeps
+from .masks import band_keeps, band_rows
 from .nonfinite import (
     band_hits,
     causal_poison,
@@ -155,13 +155,20 @@ def _forward(
     call = cast(fused_cuda.BandCall, fused_cuda.band_call(q.shape[-2], k.shape[-2], band))  # flash: there is one
     rows, keys = call.rows, call.keys
     o, lse = fused_cuda.forward(kind, q[:, :, rows], k[:, :, keys], v[:, :, keys], False, scale, call.window)
-    if (rows.start, rows.stop) == (0, q.shape[-2]):
-        return o, lse
-    out = q.new_zeros(q.shape)  # rows without a key in the band: out 0, LSE -inf
-    out[:, :, rows] = o
-    lse_all = lse.new_full(q.shape[:-1], float("-inf"))
-    lse_all[..., rows] = lse
-    return out, lse_all
+    lq = q.shape[-2]  # rows without a key in the band: out 0, LSE -inf
+    return _placed(o, lq, rows, 0.0), _placed(lse, lq, rows, float("-inf"), dim=-1)
+
+
+def _placed(part: torch.Tensor, length: int, rows: slice, fill: float, dim: int = -2) -> torch.Tensor:
+    """``part``, the rows ``rows`` of a block's ``length`` along ``dim``, within a whole block
+    filled with ``fill`` elsewhere: ``part`` itself where it holds every row."""
+    if (rows.start, rows.stop) == (0, length):
+        return part
+    shape = list(part.shape)
+    shape[dim] = length
+    whole = part.new_full(shape, fill)
+    whole.narrow(dim, rows.start, rows.stop - rows.start).copy_(part)
+    return whole
 
 
 def attention_backward(
@@ -199,16 +206,8 @@ def _flash_band_backward(
         "flash", dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows], lse[..., rows],
         False, scale, call.window,
     )
-    whole = [(dq, q, rows), (dk, k, keys), (dv, v, keys)]
-    grads = []
-    for g, x, part in whole:
-        if (part.start, part.stop) == (0, x.shape[-2]):
-            grads.append(g)
-        else:
-            full = torch.zeros(x.shape, dtype=g.dtype, device=g.device)
-            full[:, :, part] = g
-            grads.append(full)
-    return grads[0], grads[1], grads[2]
+    lq, lk = q.shape[-2], k.shape[-2]
+    return _placed(dq, lq, rows, 0.0), _placed(dk, lk, keys, 0.0), _placed(dv, lk, keys, 0.0)
 
 
 # --- preconditions ----------------------------------------------------------------------
@@ -260,12 +259,12 @@ def _cpu_forward(
 
 
 def _no_key_rows_(lse: torch.Tensor, k_len: int, band: tuple[int, int]) -> None:
-    """Set ``lse [..., Lq]`` to ``-inf`` in the rows that have no key in ``band``: those
-    before ``-hi`` and from ``Lk - lo`` on (the band leaves the block): the CPU op gives
-    their outputs 0, as it should, but their LSE 0."""
-    lq = lse.shape[-1]
-    lse[..., : min(max(-band[1], 0), lq)] = float("-inf")
-    lse[..., max(k_len - band[0], 0) :] = float("-inf")
+    """Set ``lse [..., Lq]`` to ``-inf`` in the rows that have no key in ``band``
+    (:func:`~ring_attention.masks.band_rows`): the CPU op gives their outputs 0, as it
+    should, but their LSE 0."""
+    first, stop = band_rows(lse.shape[-1], k_len, band)
+    lse[..., :first] = float("-inf")
+    lse[..., stop:] = float("-inf")
 
 
 def _cpu_backward(

@@ -175,6 +175,14 @@ class SequenceMask:
         return Band(lo, hi)
 
 
+def band_rows(q_len: int, k_len: int, band: tuple[int, int]) -> tuple[int, int]:
+    """``(first, stop)``: the query rows of a ``q_len x k_len`` block that have a key in ``band``
+    (``i + lo <= j <= i + hi`` for some ``0 <= j < k_len``), both within ``[0, q_len]``; the rows
+    before ``-hi`` and from ``k_len - lo`` on have none (``first >= stop``: no row has one)."""
+    lo, hi = band
+    return min(max(-hi, 0), q_len), max(min(k_len - lo, q_len), 0)
+
+
 def band_keeps(q_len: int, k_len: int, band: tuple[int, int], device: torch.device) -> torch.Tensor:
     """``[q_len, k_len]`` bool: block-local key ``j`` kept for query ``i`` (``lo <= j - i <= hi``)."""
     d = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]

@@ -5,9 +5,9 @@ kernel call here corrects both:
 
 - **Values.** A kernel multiplies a masked key's value by a zero probability, and ``0 * NaN``
   would spread a NaN (or inf) in value ``v[j, d]`` to rows that do not attend key ``j``. In a
-  causal block or a band's block the non-finite values are zeroed before the kernel and their
-  NaN added back to exactly the rows that attend them (:func:`zeroed` then :func:`causal_poison`
-  or :func:`band_hits`; or split once per source, :func:`split_values`, :func:`value_poison`,
+  causal block or a band's block the non-finite values are zeroed before the kernel and added
+  back to exactly the rows that attend them (a causal block's as their sum, a band's as NaN:
+  :func:`zeroed` then :func:`causal_poison` or :func:`band_hits`; or split once per source, :func:`split_values`, :func:`value_poison`,
   where the causal calls read most of it: ``schedule.splits_values``).
 - **Query rows.** The reference gives NaN for a query row holding NaN or inf; a kernel can
   return such a row as a finite 0 (a row without keys). Rows are marked NaN after their

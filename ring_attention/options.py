@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
+# Options.band_tiles where the kernel computes a masked block whole (the CPU op, math) and
+# where it skips a band's masked blocks itself (flash's window).
+NARROW_BAND_TILES = 16
+WIDE_BAND_TILES = 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -37,10 +42,10 @@ class Options:
     :param band_tiles: a sliding window's runs are cut into tiles of ``1/band_tiles`` of its
         band's width (:func:`~ring_attention.runs.window_tile`). A kernel that computes a
         masked block whole (the CPU op, math) wants narrow tiles, so that what it computes
-        stays near the band's pairs (16: within a few percent); one that skips a band's
-        masked blocks itself (flash's window on CUDA) wants wide ones, so that a row's band
-        takes two calls instead of seventeen (1). ``0``: chosen by the backend the call runs
-        on (:func:`~ring_attention.executable.resolved`).
+        stays near the band's pairs (:data:`NARROW_BAND_TILES`: within a few percent); one that
+        skips a band's masked blocks itself (flash's window on CUDA) wants wide ones, so that a
+        row's band takes two calls instead of seventeen (:data:`WIDE_BAND_TILES`). ``0``: chosen
+        by the backend the call runs on (:func:`~ring_attention.executable.resolved`).
     """
 
     max_gather_bytes: int = 4 * 2**20

@@ -37,6 +37,7 @@ from . import runs as _runs
 from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_ranges
 from .layout import Layout
 from .masks import KernelMask, SequenceMask
+from .options import NARROW_BAND_TILES
 from .pattern import DilatedPattern
 from .runs import Run, Spec, batch_calls, block_pairs, classify, joined_runs, reached
 
@@ -246,7 +247,6 @@ def _spec(
     )
 
 
-@functools.lru_cache(maxsize=1024)
 def rank_plan(
     pattern: DilatedPattern | None,
     seq_len: int,
@@ -256,7 +256,7 @@ def rank_plan(
     ring_size: int,
     layout: Layout | str,
     rank: int,
-    band_tiles: int = 16,
+    band_tiles: int = NARROW_BAND_TILES,
 ) -> RankPlan:
     """The plan of rank ``rank`` of dilated attention (full attention if ``pattern is None``)
     under ``mask`` (a bool: causal or not); a window's runs in tiles of ``1/band_tiles`` of
@@ -264,9 +264,19 @@ def rank_plan(
 
     ``ring_size=1`` is single-device dilated attention: local blocks only. Shifts with no
     traffic for this rank have no step; every rank still walks the shifts in the same
-    order (see :mod:`ring_attention.exchange`).
+    order (see :mod:`ring_attention.exchange`). Cached on the arguments normalized, so
+    that every spelling of one shape (a layout's name, a bool mask, the default tiles
+    given or not) finds the same plan.
     """
-    layout, mask = _layout.check_layout(layout), SequenceMask.of(mask)
+    return _rank_plan(pattern, seq_len, num_heads, num_kv_heads, SequenceMask.of(mask), ring_size,
+                      _layout.check_layout(layout), rank, band_tiles)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rank_plan(
+    pattern: DilatedPattern | None, seq_len: int, num_heads: int, num_kv_heads: int, mask: SequenceMask,
+    ring_size: int, layout: Layout, rank: int, band_tiles: int,
+) -> RankPlan:
     spec = _spec(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, band_tiles)
     # A window or documents: direct sends, so that a rank receives only the shards it attends.
     if (pattern is None and ring_size > 1 and mask.window is None and mask.documents is None
@@ -313,7 +323,7 @@ def _relay_plan(spec: Spec, rank: int) -> RankPlan:
 
 def clear() -> None:
     """Empty the planner's caches (:func:`ring_attention.executable.clear` calls this)."""
-    for cached in (_runs.kept, _kv_rows, _message, _message_groups, _spec, rank_plan):
+    for cached in (_runs.kept, _kv_rows, _message, _message_groups, _spec, _rank_plan):
         cached.cache_clear()
 
 
@@ -331,11 +341,8 @@ def _gc_paused() -> Iterator[None]:
 
 def ring_plans(
     pattern: DilatedPattern | None, seq_len: int, num_heads: int, num_kv_heads: int, mask: SequenceMask | bool,
-    ring_size: int, layout: Layout | str, ranks: Iterable[int], band_tiles: int = 16,
+    ring_size: int, layout: Layout | str, ranks: Iterable[int], band_tiles: int = NARROW_BAND_TILES,
 ) -> tuple[RankPlan, ...]:
     """The plans of the ranks this process runs, in the order of ``ranks``."""
-    # The cache keys the arguments as passed: the default tiles leave theirs out, as every
-    # other caller of rank_plan does, so that both find the same plan.
-    tiles = () if band_tiles == 16 else (band_tiles,)
-    return tuple(rank_plan(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, r, *tiles)
+    return tuple(rank_plan(pattern, seq_len, num_heads, num_kv_heads, mask, ring_size, layout, r, band_tiles)
                  for r in ranks)

@@ -22,6 +22,7 @@ from . import pattern as _pattern
 from .blocks import Call, Rows, Unit, merge_ranges
 from .layout import Layout
 from .masks import Band, BlockMask, KernelMask, SequenceMask
+from .options import NARROW_BAND_TILES
 
 
 class Run(NamedTuple):
@@ -51,7 +52,7 @@ class Spec:
     bounds: tuple[tuple[int, ...], ...]  # per pair: its segments' starts, then N (DilatedPattern.segment_bounds)
     rates: tuple[int, ...]
     units: tuple[Unit, ...]
-    band_tiles: int = 16  # a window's tiles: 1/band_tiles of its band (window_tile)
+    band_tiles: int = NARROW_BAND_TILES  # a window's tiles: 1/band_tiles of its band (window_tile)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -87,11 +88,11 @@ def kept(spec: Spec, rank: int, unit: int) -> Kept:
 MIN_WINDOW_TILE = 64
 
 
-def window_tile(mask: SequenceMask, rate: int, share: int = 16) -> int | None:
+def window_tile(mask: SequenceMask, rate: int, share: int = NARROW_BAND_TILES) -> int | None:
     """Rows per run under a window whose band is finite (both sides bounded, or causal with
     a left side): ``1/share`` of the band's width in kept rows, rounded down to a power of
     two, at least :data:`MIN_WINDOW_TILE` (``share``: :attr:`~ring_attention.options.Options.
-    band_tiles`; 16 where the kernel computes masked blocks whole). A block of two whole shards cut by a narrow band
+    band_tiles`). A block of two whole shards cut by a narrow band
     computes mostly scores outside it, and sends keys no query reaches; in tiles, the pairs
     outside the band are neither computed nor sent, and the rest is within a few percent of
     the band's (a tile's edge block computes about half a tile more per row). A power of two

@@ -32,7 +32,7 @@ def test_a_key_gets_its_plan_once_and_other_options_another():
     assert other is not plan and other.key.options == Options(max_call_share=1)
     assert executable_plan(_key(mask=SequenceMask(causal=True))) is not plan
     executable.clear()  # and the planner's caches behind it
-    assert not executable._CACHE and plans.rank_plan.cache_info().currsize == 0
+    assert not executable._CACHE and plans._rank_plan.cache_info().currsize == 0
     assert executable_plan(_key()) is not plan
 
 

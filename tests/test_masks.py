@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ring_attention.masks import Band, BlockMask, SequenceMask, band_keeps
+from ring_attention.masks import Band, BlockMask, SequenceMask, band_keeps, band_rows
 from ring_attention.pattern import weights
 
 
@@ -92,3 +92,15 @@ def test_a_window_cuts_a_block_into_a_band_on_packed_indices():
     assert mask.keeps(q, k).equal(band_keeps(4, 4, (1, 3), q.device))
     assert _classify(SequenceMask(window=(3, -1)), q, k, 2, False) is None  # every key too far
     assert _classify(SequenceMask(window=(16, -1)), q, k, 2, False) is BlockMask.FULL
+
+
+def test_band_rows_are_the_rows_with_a_key_in_the_band():
+    """Against the band as a dense block, every band of blocks up to 7 x 7."""
+    for q_len in range(1, 8):
+        for k_len in range(1, 8):
+            for lo in range(-q_len - 2, k_len + 2):
+                for hi in range(lo, k_len + 3):
+                    has = band_keeps(q_len, k_len, (lo, hi), torch.device("cpu")).any(-1)
+                    first, stop = band_rows(q_len, k_len, (lo, hi))
+                    assert 0 <= first <= q_len and 0 <= stop <= q_len
+                    assert has.tolist() == [first <= i < stop for i in range(q_len)], (q_len, k_len, lo, hi)

@@ -9,6 +9,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ring_attention as ra
 from ring_attention import blocks, plans
+from ring_attention.layout import Layout
+from ring_attention.masks import SequenceMask
 from tests.inputs import walk
 
 LONGNET = ra.DilatedPattern((256, 512, 1024), (1, 2, 4))
@@ -52,11 +54,11 @@ def test_a_rank_plan_looks_only_at_the_ranks_it_shares_segments_with(monkeypatch
         return real(spec, rank, unit)
 
     monkeypatch.setattr(runs, "kept", spy)
-    plan = plans.rank_plan.__wrapped__(LONGNET, 16 * 4096, 8, 8, False, 16, "contiguous", 3)
+    plan = plans._rank_plan.__wrapped__(LONGNET, 16 * 4096, 8, 8, SequenceMask(), 16, Layout.CONTIGUOUS, 3, 16)
     assert looked_at == {3} and plan.steps == {}
     # A segment spanning 4 shards: rank 5 talks to ranks 4, 6 and 7, nobody else.
     looked_at.clear()
     spanning = ra.DilatedPattern((4 * 4096,), (2,))
-    plan = plans.rank_plan.__wrapped__(spanning, 16 * 4096, 8, 8, False, 16, "contiguous", 5)
+    plan = plans._rank_plan.__wrapped__(spanning, 16 * 4096, 8, 8, SequenceMask(), 16, Layout.CONTIGUOUS, 5, 16)
     assert looked_at == {4, 5, 6, 7}
     assert sorted(plan.steps) == [1, 2, 14, 15]
