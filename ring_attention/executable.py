@@ -33,7 +33,7 @@ from .blocks import Call, DeviceKey, Index, IndexCache, RankPlan, Rows, device_k
 from .layout import Layout
 from .masks import SequenceMask
 from .merge import MERGE_LAUNCHES, accumulation_dtype
-from .options import DEFAULT, NARROW_BAND_TILES, WIDE_BAND_TILES, Options
+from .options import DEFAULT, FLASH_CAUSAL_CHUNKS, NARROW_BAND_TILES, WHOLE_CAUSAL, WIDE_BAND_TILES, Options
 from .pattern import DilatedPattern
 from .schedule import Schedule, Shard
 from .tiles import row_tiles
@@ -193,11 +193,17 @@ def build(key: PlanKey, rank_plans: tuple[RankPlan, ...]) -> ExecutablePlan:
 def resolved(options: Options, q: torch.Tensor) -> Options:
     """``options`` with what the backend of ``q``'s blocks decides filled in: a window's tiles
     (:attr:`~ring_attention.options.Options.band_tiles`) wide where flash runs a band on its
-    own window, narrow where the kernel computes a masked block whole."""
-    if options.band_tiles:
+    own window, narrow where the kernel computes a masked block whole; a causal block's
+    forward (:attr:`~ring_attention.options.Options.causal_chunks`) in row chunks where flash
+    aligns their causal mask bottom-right itself, whole elsewhere."""
+    if options.band_tiles and options.causal_chunks:
         return options
     flash = kernels.backend(q) == "flash"
-    return dataclasses.replace(options, band_tiles=WIDE_BAND_TILES if flash else NARROW_BAND_TILES)
+    return dataclasses.replace(
+        options,
+        band_tiles=options.band_tiles or (WIDE_BAND_TILES if flash else NARROW_BAND_TILES),
+        causal_chunks=options.causal_chunks or (FLASH_CAUSAL_CHUNKS if flash else WHOLE_CAUSAL),
+    )
 
 
 def keeps_received(key: PlanKey) -> bool:
@@ -229,6 +235,8 @@ def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, opt
     adopts_forward = sched.covers(shard) and sched.adopted is not None and out_dtype == dtype
     in_half = schedule.exact_in_half(plan, sched)
     adopts_backward = sched.adopted_kv and kv_like_q and (in_half or acc == dtype)
+    splits = schedule.splits_values(plan, shard.rows if source_rows is None else source_rows)
+    chunk_rows = None if splits else schedule.chunk_rows(shard, options)
     forward: dict[bool, dict[Call, tuple[tuple[Call, slice], ...]]] = {False: {}, True: {}}
     backward: dict[Call, tuple[tuple[Call, slice], ...]] = {}
     for blk in schedule.blocks_in_order(plan):
@@ -236,10 +244,10 @@ def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, opt
             adopted = c is sched.adopted
             for lse in (False, True):  # launches per result: a merge, or a copy of out (and of lse)
                 per_result = 1 + lse if sched.writes[c] else MERGE_LAUNCHES
-                forward[lse][c] = schedule.launches(blk, c, shard, options, adopted and adopts_forward, 3, per_result)
+                forward[lse][c] = schedule.launches(blk, c, shard, options, adopted and adopts_forward, 3, per_result,
+                                                    chunk_rows=chunk_rows)
             # Gathered copies: dout, q, k, v and out; putting a result: three adds.
             backward[c] = schedule.launches(blk, c, shard, options, adopted and adopts_backward, 5, 3)
-    splits = schedule.splits_values(plan, shard.rows if source_rows is None else source_rows)
     rank = RankExecution(plan, shard, sched, adopts_forward, adopts_backward, in_half, forward, backward, splits,
                          indices=indices)
     if tiled:

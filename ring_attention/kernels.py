@@ -106,23 +106,33 @@ def attention_forward(
     """
     _check_block(q, k, causal)
     q, scale, _ = fold_scale(q, scale)
+    kernel_causal, kernel_band = _kernel_mask(q.shape[-2], k.shape[-2], causal, band)
     if band is not None:  # as below, the values' poison found after the kernel
         clean = zeroed(v)
-        out, lse = _forward(q, k, clean, causal, scale, band)
+        out, lse = _forward(q, k, clean, kernel_causal, scale, kernel_band)
         if clean is not v:
             del clean
             out.masked_fill_(cast(torch.Tensor, band_hits(q.shape[-2], v, band)), float("nan"))
     elif not causal or quarantined:
-        out, lse = _forward(q, k, v, causal, scale, band)
+        out, lse = _forward(q, k, v, kernel_causal, scale, kernel_band)
     else:  # the poison after the kernel: one copy of the values alive at a time
         clean = zeroed(v)
-        out, lse = _forward(q, k, clean, causal, scale, band)
+        out, lse = _forward(q, k, clean, kernel_causal, scale, kernel_band)
         if clean is not v:
             del clean
-            out.add_(causal_poison(v))
+            out.add_(causal_poison(v, q.shape[-2]))
     if mark_query_rows and marks_query_rows(q):
         mark_query_rows_(q, out, lse)
     return out, lse
+
+
+def _kernel_mask(q_len: int, k_len: int, causal: bool, band: tuple[int, int] | None) -> tuple[bool, tuple[int, int] | None]:
+    """``(causal, band)`` as the kernels take them: a causal block with fewer queries than keys
+    (aligned bottom-right) as the band that is its mask, since the CPU op aligns causal
+    top-left; a square causal block as it is, every kernel's own."""
+    if causal and q_len != k_len:
+        return False, (1 - q_len, k_len - q_len)
+    return causal, band
 
 
 def _kind(q: torch.Tensor, k: torch.Tensor, scale: float, band: tuple[int, int] | None, forward: bool) -> str:
@@ -178,6 +188,7 @@ def attention_backward(
     """Gradients ``(dq, dk, dv)`` of one block, given the rows' final ``out`` and ``lse``."""
     _check_block(q, k, causal)
     q, scale, q_factor = fold_scale(q, scale)
+    causal, band = _kernel_mask(q.shape[-2], k.shape[-2], causal, band)
     kind = fused_cuda.backward_kind(q, _kind(q, k, scale, band, forward=False))
     if band is not None and kind == "efficient":  # flash's backward cannot take this head dim
         kind = "math"
@@ -214,10 +225,10 @@ def _flash_band_backward(
 
 
 def _check_block(q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
-    if causal and q.shape[-2] != k.shape[-2]:
+    if causal and q.shape[-2] > k.shape[-2]:
         raise ValueError(
-            f"a causal block must be square, got {q.shape[-2]} query rows and {k.shape[-2]} key rows: "
-            "the CPU and CUDA kernels align non-square causal masks differently"
+            f"a causal block aligns bottom-right and needs at least as many keys as queries, got "
+            f"{q.shape[-2]} query rows and {k.shape[-2]} key rows"
         )
 
 

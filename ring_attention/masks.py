@@ -32,7 +32,10 @@ class BlockMask(enum.Enum):
     """The mask a kernel call applies inside its block."""
 
     FULL = "full"  # every key of the block
-    CAUSAL = "causal"  # a square diagonal block: block-local key j <= query i
+    # block-local key j <= query i + Lk - Lq: the lower triangle aligned bottom-right. The plan's
+    # diagonal blocks are square; the forward runs a long one in row chunks against the keys up
+    # to each chunk's last row (schedule.causal_chunks), which is why it aligns bottom-right.
+    CAUSAL = "causal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,7 @@ def kept_cells(mask: KernelMask, q_len: int, k_len: int) -> int:
     if mask is BlockMask.FULL:
         return q_len * k_len
     if mask is BlockMask.CAUSAL:
-        return q_len * (q_len + 1) // 2
+        return q_len * (q_len + 1) // 2 + q_len * (k_len - q_len)
     assert isinstance(mask, Band)
     # row a keeps keys max(0, a + lo) .. min(k_len - 1, a + hi)
     return sum(max(0, min(k_len - 1, a + mask.hi) - max(0, a + mask.lo) + 1) for a in range(q_len))

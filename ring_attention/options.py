@@ -14,6 +14,10 @@ import dataclasses
 # where it skips a band's masked blocks itself (flash's window).
 NARROW_BAND_TILES = 16
 WIDE_BAND_TILES = 1
+# Options.causal_chunks where flash runs a causal block's row chunk (causal aligned
+# bottom-right, its own) and where the kernel aligns causal top-left (the CPU op).
+FLASH_CAUSAL_CHUNKS = 16
+WHOLE_CAUSAL = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,16 @@ class Options:
         skips a band's masked blocks itself (flash's window on CUDA) wants wide ones, so that a
         row's band takes two calls instead of seventeen (:data:`WIDE_BAND_TILES`). ``0``: chosen
         by the backend the call runs on (:func:`~ring_attention.executable.resolved`).
+    :param causal_chunks: where a rank's causal calls quarantine their own keys (packed
+        documents, a window's diagonal tiles: :func:`~ring_attention.schedule.chunk_rows`), a
+        causal block of one run longer than ``1/causal_chunks`` of the shard's rows (and than
+        ``min_split_bytes`` of output) runs its forward in row chunks of at most that many
+        rows, each against the keys up to its last row (a causal mask aligned bottom-right;
+        the backward runs the block whole, from the rows' final output and LSE). A long
+        document then holds a chunk's output beside the shard's, not its own: on a GPU that is
+        most of the memory above flash's (:data:`FLASH_CAUSAL_CHUNKS`). The CPU op aligns
+        causal top-left and would run a chunk on an additive mask: there blocks stay whole
+        (:data:`WHOLE_CAUSAL`). ``0``: chosen by the backend, as ``band_tiles``.
     """
 
     max_gather_bytes: int = 4 * 2**20
@@ -55,6 +69,7 @@ class Options:
     min_tile_bytes: int = 2**20
     min_tiled_bytes: int = 64 * 2**20
     band_tiles: int = 0
+    causal_chunks: int = 0
 
 
 DEFAULT = Options()

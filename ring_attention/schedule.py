@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 
@@ -192,14 +193,17 @@ def exact_in_half(plan: RankPlan, schedule: Schedule) -> bool:
 
 
 def launches(blk: Block, c: Call, shard: Shard, options: Options, adopted: bool, copies: int,
-             per_result: int) -> tuple[tuple[Call, slice], ...]:
+             per_result: int, chunk_rows: int | None = None) -> tuple[tuple[Call, slice], ...]:
     """The launches of call ``c``: ``(call, head offsets)`` pairs, the call's runs split so
     that each launch computes at most ``1/options.max_call_share`` of the shard's cells (an
     ``adopted`` call, whose results become the accumulators, and a call whose output
     takes less than ``options.min_split_bytes``, whole). ``copies`` and ``per_result``: see
-    :func:`_offset_groups`.
+    :func:`_offset_groups`. ``chunk_rows`` (the forward's, :attr:`Options.causal_chunks`): a
+    causal call of one longer run, not adopted, runs in row chunks (:func:`causal_chunks`).
     """
     groups = _offset_groups(blk, c, shard, options, copies, per_result)
+    if not adopted and chunked(c, chunk_rows):
+        return tuple((piece, g) for piece in causal_chunks(c, cast(int, chunk_rows)) for g in groups)
     per_run = (groups[0].stop - groups[0].start) * c.q_len * len(range(*blk.heads.indices(shard.heads)))
     runs = max(1, shard.rows * shard.heads // options.max_call_share // per_run)
     small = shard.batch * c.runs * per_run * shard.head_dim * shard.itemsize < options.min_split_bytes
@@ -211,6 +215,43 @@ def launches(blk: Block, c: Call, shard: Shard, options: Options, adopted: bool,
         for i in range(0, c.runs, runs)
     ]
     return tuple((piece, g) for piece in calls for g in groups)
+
+
+def chunk_rows(shard: Shard, options: Options) -> int | None:
+    """The most rows of a causal call's forward chunk (:attr:`Options.causal_chunks`), or ``None``:
+    calls run whole. ``1/causal_chunks`` of the shard's rows, but no fewer than put
+    ``options.min_split_bytes`` in a chunk's output: smaller ones cost more launches than
+    the memory they save.
+
+    Only where a rank's causal calls quarantine their own keys (:func:`splits_values` false:
+    documents, a window's diagonal tiles) is this worth it: there a long call holds its
+    output and its zeroed keys beside the shard's output, and chunks hold a chunk's output
+    instead of the block's. A rank that splits its sources holds two copies of them anyway,
+    and each chunk would re-zero the keys before it."""
+    if options.causal_chunks <= 1:
+        return None
+    row_bytes = shard.batch * shard.heads * shard.head_dim * shard.itemsize
+    return max(-(-shard.rows // options.causal_chunks), -(-options.min_split_bytes // row_bytes), 1)
+
+
+def chunked(c: Call, chunk_rows: int | None) -> bool:
+    """Whether the forward runs call ``c`` in row chunks of ``chunk_rows`` (:func:`causal_chunks`;
+    ``None``: none is): a causal call of one run longer than that. A call of several runs is
+    split by runs instead (:func:`launches`)."""
+    return chunk_rows is not None and c.mask is BlockMask.CAUSAL and c.runs == 1 and c.q_len > chunk_rows
+
+
+def causal_chunks(c: Call, chunk_rows: int) -> tuple[Call, ...]:
+    """A square causal call of one run cut into row chunks of equal length (within one), at most
+    ``chunk_rows`` each: chunk ``[a, b)`` of the rows against keys ``[0, b)``, whose causal mask
+    aligned bottom-right (:data:`~ring_attention.masks.BlockMask.CAUSAL`) keeps what the block's
+    does in those rows."""
+    count = -(-c.q_len // chunk_rows)
+    cuts = [c.q_len * i // count for i in range(count + 1)]
+    return tuple(
+        dataclasses.replace(c, q_start=c.q_start + a, q_len=b - a, k_len=b, q_rows=c.q_rows.sub(a, b))
+        for a, b in zip(cuts, cuts[1:])
+    )
 
 
 def _offset_groups(blk: Block, c: Call, shard: Shard, options: Options, copies: int, per_result: int) -> list[slice]:

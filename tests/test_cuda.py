@@ -132,9 +132,12 @@ def test_kernels_against_float64(d, dtype, length, causal):
 # query, bottom-right aligned as flash's window is), one of a two-sided window, one whose
 # first rows have no key (out 0, LSE -inf), a window's far edge (j > i: flash runs it
 # without its last row and first key), one whose last keys no row keeps, and one flash
-# cannot run (more queries than keys, top-left aligned: math).
+# cannot run (more queries than keys, top-left aligned: math); and a causal block's row chunk
+# (rows [64, 112) against keys [0, 112): the band a causal call with fewer queries than keys
+# runs as, Options.causal_chunks).
 BANDS = {"causal-tile": (48, 112, (0, 64)), "two-sided": (64, 64, (-5, 9)), "rows-without-keys": (40, 24, (-30, -8)),
-         "far-edge": (64, 64, (1, 10**9)), "keys-cut": (64, 100, (-10, 26)), "math": (64, 8, (-100, 0))}
+         "far-edge": (64, 64, (1, 10**9)), "keys-cut": (64, 100, (-10, 26)), "math": (64, 8, (-100, 0)),
+         "causal-chunk": (48, 112, (-47, 64))}
 
 
 @pytest.mark.parametrize("case", BANDS, ids=list(BANDS))

@@ -26,15 +26,16 @@ def _plain(q, k, v, mask, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "causal, lq, lk", [(False, 7, 7), (False, 5, 11), (False, 12, 3), (True, 7, 7), (True, 16, 16)]
+    "causal, lq, lk", [(False, 7, 7), (False, 5, 11), (False, 12, 3), (True, 7, 7), (True, 16, 16), (True, 5, 11),
+                       (True, 1, 20)]
 )
 def test_attention_forward_matches_plain_math(dtype, causal, lq, lk):
-    # causal blocks are square diagonal blocks (top-left aligned)
+    # a causal block aligns bottom-right: a square diagonal block, or a row chunk of one
     b, h, d, scale = 2, 3, 8, 0.3
     q, k, v = (_rand((b, h, n, d), dtype, s) for s, n in ((0, lq), (1, lk), (2, lk)))
     mask = torch.ones(lq, lk, dtype=torch.bool)
     if causal:
-        mask = mask.tril()
+        mask = mask.tril(lk - lq)
     out, lse = kernels.attention_forward(q, k, v, causal=causal, scale=scale)
     assert out.dtype == dtype and out.shape == (b, h, lq, d)
     assert lse.dtype == torch.promote_types(dtype, torch.float32) and lse.shape == (b, h, lq)
@@ -155,13 +156,55 @@ def test_any_finite_scale_matches_plain_math(scale, causal, which):
         torch.testing.assert_close(got, exp)
 
 
-def test_causal_block_must_be_square():
-    q = _rand((1, 1, 4, 8), torch.float32, 0)
-    k = _rand((1, 1, 6, 8), torch.float32, 1)
-    with pytest.raises(ValueError, match="causal block must be square"):
+def test_a_causal_block_needs_as_many_keys_as_queries():
+    q = _rand((1, 1, 6, 8), torch.float32, 0)
+    k = _rand((1, 1, 4, 8), torch.float32, 1)
+    with pytest.raises(ValueError, match="at least as many keys as queries"):
         kernels.attention_forward(q, k, k, causal=True, scale=1.0)
-    with pytest.raises(ValueError, match="causal block must be square"):
+    with pytest.raises(ValueError, match="at least as many keys as queries"):
         kernels.attention_backward(q, q, k, k, q, q[..., 0], causal=True, scale=1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "math", "flash"])
+def test_a_causal_row_chunk_is_the_blocks_rows(monkeypatch, backend):
+    """Rows [a, b) of a square causal block against keys [0, b) (the forward's row chunks,
+    schedule.causal_chunks) give the block's own rows: output, LSE, and the gradients of
+    those rows' share, on each backend (flash emulated by its own mask, on CPU)."""
+    from ring_attention import fused_cuda
+
+    if backend != "cpu":
+        monkeypatch.setattr(kernels, "backend", lambda *args, **kwargs: backend)
+    monkeypatch.setattr(fused_cuda, "forward", _flash_on_cpu)
+    monkeypatch.setattr(fused_cuda, "backward", _flash_backward_on_cpu)
+    q, k, v, dout = (_rand((2, 3, 24, 16), torch.float64, s) for s in range(4))
+    whole_out, whole_lse = _plain(q, k, v, torch.ones(24, 24, dtype=torch.bool).tril(), 0.3)
+    a, b = 9, 17
+    out, lse = kernels.attention_forward(q[:, :, a:b], k[:, :, :b], v[:, :, :b], causal=True, scale=0.3)
+    torch.testing.assert_close(out, whole_out[:, :, a:b], **TOL[torch.float64])
+    torch.testing.assert_close(lse, whole_lse[:, :, a:b], **TOL[torch.float64])
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    rows = _plain(qs, ks, vs, torch.ones(24, 24, dtype=torch.bool).tril(), 0.3)[0][:, :, a:b]
+    ref = torch.autograd.grad(rows, (qs, ks, vs), dout[:, :, a:b])
+    grads = kernels.attention_backward(dout[:, :, a:b], q[:, :, a:b], k[:, :, :b], v[:, :, :b], out, lse,
+                                       causal=True, scale=0.3)
+    torch.testing.assert_close(grads[0], ref[0][:, :, a:b], **TOL[torch.float64])
+    for g, r in zip(grads[1:], ref[1:]):
+        torch.testing.assert_close(g, r[:, :, :b], **TOL[torch.float64])
+
+
+def test_a_causal_row_chunks_values_poison_only_the_rows_that_attend_them():
+    """A NaN and an inf among a row chunk's keys show in exactly the rows that attend them,
+    an inf as inf (the reference's IEEE sum), as in the square block's rows."""
+    import ring_attention as ra
+
+    q, k, v = (_rand((1, 24, 1, 8), torch.float64, s) for s in range(3))
+    v[0, 3, 0, 1], v[0, 12, 0, 2] = float("inf"), float("nan")
+    ref = ra.reference_attention(q, k, v, causal=True)
+    a, b = 9, 17
+    out, _ = kernels.attention_forward(*(x.transpose(1, 2) for x in (q[:, a:b], k[:, :b], v[:, :b])),
+                                       causal=True, scale=8 ** -0.5)
+    torch.testing.assert_close(out.transpose(1, 2), ref[:, a:b], equal_nan=True)
+    assert out[0, 0, :, 1].isposinf().all() and out[0, 0, :3, 2].isfinite().all() and out[0, 0, 3:, 2].isnan().all()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -278,12 +321,14 @@ def _flash_on_cpu(kind, q, k, v, causal, scale, window=None):
 
 
 def _flash_backward_on_cpu(kind, dout, q, k, v, out, lse, causal, scale, window=None):
-    qs, ks, vs = (x.detach().double().requires_grad_() for x in (q, k, v))
+    """flash's backward emulated: its own mask, the rows' final ``out`` and ``lse`` (this
+    block's share of the gradient, with the softmax's ``rowsum(dout * out)`` term)."""
+    q, k, v, dout, out = (x.double() for x in (q, k, v, dout, out))
     keep = flash_keeps(q.shape[-2], k.shape[-2], *window)
-    s = (qs @ ks.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
-    p = torch.exp(s - lse.double().unsqueeze(-1))  # the final LSE: this block's share of the gradient
-    grads = torch.autograd.grad(p @ vs, (qs, ks, vs), dout.double())
-    return tuple(g.to(q.dtype) for g in grads)
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    p = torch.exp(s - lse.double().unsqueeze(-1))
+    ds = p * (dout @ v.transpose(-1, -2) - (dout * out).sum(-1, keepdim=True)) * scale
+    return tuple(g.to(dout.dtype) for g in (ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ dout))
 
 
 @pytest.mark.parametrize("lq, lk, band", [
@@ -310,8 +355,8 @@ def test_a_band_on_flash_is_the_bands_attention(monkeypatch, lq, lk, band):
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])  # -inf where no key
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-    s = (qs @ ks.transpose(-1, -2) * 0.3).masked_fill(~keep, float("-inf"))
-    p = torch.exp(s - ref_lse.masked_fill(empty, 0).unsqueeze(-1))
-    ref_grads = torch.autograd.grad(p @ vs, (qs, ks, vs), dout)
+    rows = ~empty  # rows without keys: no gradient
+    ref_rows = _plain(qs[:, :, rows], ks, vs, keep[rows], 0.3)[0]
+    ref_grads = list(torch.autograd.grad(ref_rows, (qs, ks, vs), dout[:, :, rows]))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL[torch.float64])

@@ -34,7 +34,7 @@ def _plans_of(options: Options, dtype: torch.dtype = torch.float16, n: int = 256
 def test_each_call_builds_its_plan_with_the_options_it_passes():
     """What the backend decides filled in (a CPU op: narrow window tiles), the rest as passed."""
     _, (plan,) = _plans_of(Options(max_call_share=8, min_split_bytes=0))
-    assert plan.key.options == Options(max_call_share=8, min_split_bytes=0, band_tiles=16)
+    assert plan.key.options == Options(max_call_share=8, min_split_bytes=0, band_tiles=16, causal_chunks=1)
 
 
 def test_row_tiles_follow_the_options():
@@ -52,20 +52,28 @@ def test_row_tiles_follow_the_options():
     torch.testing.assert_close(tiled_out, whole_out, rtol=2e-3, atol=2e-3)
 
 
-def test_a_windows_tiles_are_chosen_by_the_backend():
-    """Wide (1) where flash runs a band on its own window: CUDA half precision on sm80+;
-    narrow (16) where a kernel computes masked blocks whole: the CPU op, math, CUDA float32
-    (efficient takes no band); what a caller sets, kept."""
+def test_window_tiles_and_causal_chunks_are_chosen_by_the_backend():
+    """Wide window tiles (1) and causal row chunks (16) where flash runs a band on its own
+    window and aligns a chunk's causal mask bottom-right: CUDA half precision on sm80+;
+    narrow tiles (16) and whole causal blocks (1) where a kernel computes masked blocks whole
+    and aligns causal top-left: the CPU op, math, CUDA float32 (efficient takes no band);
+    what a caller sets, kept."""
     from ring_attention.executable import resolved
     from tests.fake_cuda import fake_cuda
 
-    assert resolved(Options(), torch.zeros(1, 8, 2, 16)).band_tiles == 16
-    assert resolved(Options(band_tiles=4), torch.zeros(1, 8, 2, 16)).band_tiles == 4
+    def chosen(options, q):
+        got = resolved(options, q)
+        return got.band_tiles, got.causal_chunks
+
+    assert chosen(Options(), torch.zeros(1, 8, 2, 16)) == (16, 1)
+    assert chosen(Options(band_tiles=4), torch.zeros(1, 8, 2, 16)) == (4, 1)
+    assert chosen(Options(causal_chunks=3), torch.zeros(1, 8, 2, 16)) == (16, 3)
     with fake_cuda(backward=False) as fc:
         half, single = (fc.qkv(batch=1, seq_len=8, heads=2, kv_heads=2, head_dim=16, dtype=t)[0]
                         for t in (torch.float16, torch.float32))
-        assert resolved(Options(), half).band_tiles == 1
-        assert resolved(Options(), single).band_tiles == 16
+        assert chosen(Options(), half) == (1, 16)
+        assert chosen(Options(causal_chunks=2), half) == (1, 2)
+        assert chosen(Options(), single) == (16, 1)
     with fake_cuda(backward=False, capability=(7, 5)) as fc:  # no flash before sm80
         half = fc.qkv(batch=1, seq_len=8, heads=2, kv_heads=2, head_dim=16, dtype=torch.float16)[0]
-        assert resolved(Options(), half).band_tiles == 16
+        assert chosen(Options(), half) == (16, 1)

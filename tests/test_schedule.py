@@ -13,7 +13,7 @@ import torch
 import ring_attention as ra
 from ring_attention import autograd, blocks, executable, plans, schedule
 from ring_attention.comm import SimulatedRing
-from ring_attention.entry import attend
+from ring_attention.entry import FULL, attend
 from ring_attention.executable import PlanKey
 from ring_attention.masks import SequenceMask
 from ring_attention.options import Options
@@ -212,3 +212,86 @@ def test_launches_cover_each_run_of_a_call_once_per_head_offset(options, batch):
                 per_run = (g.stop - g.start) * c.q_len * len(range(*blk.heads.indices(8)))
                 if not adopted and options.min_split_bytes == 0:  # a share of the shard's cells, or one run
                     assert piece.runs * per_run <= max(per_run, shard.cells // options.max_call_share)
+
+
+@pytest.mark.parametrize("q_len, chunk_rows", [(10, 3), (10, 5), (10, 9), (7, 1), (64, 16)])
+def test_causal_chunks_cut_a_causal_call_into_rows_against_the_keys_up_to_each(q_len, chunk_rows):
+    """Row chunks partition the call's rows in order, each at most chunk_rows (and within one
+    of each other), against keys from the call's first to the chunk's last row."""
+    c = blocks.Call(5, 5, 1, q_len, q_len, ra.masks.BlockMask.CAUSAL, blocks.Rows.of(range(100, 100 + 2 * q_len, 2)))
+    chunks = schedule.causal_chunks(c, chunk_rows)
+    assert [r for piece in chunks for r in piece.q_rows.values()] == c.q_rows.values()
+    assert sum(piece.q_len for piece in chunks) == q_len and max(piece.q_len for piece in chunks) <= chunk_rows
+    assert max(p.q_len for p in chunks) - min(p.q_len for p in chunks) <= 1
+    for piece in chunks:
+        assert (piece.k_start, piece.runs, piece.mask) == (5, 1, c.mask)
+        assert piece.k_len == piece.q_start - c.q_start + piece.q_len  # keys up to the chunk's last row
+
+
+def test_only_a_long_causal_call_of_one_run_not_adopted_runs_in_chunks():
+    causal, full = ra.masks.BlockMask.CAUSAL, ra.masks.BlockMask.FULL
+    rows = blocks.Rows.of(range(64))
+    one = blocks.Call(0, 0, 1, 64, 64, causal, rows)
+    assert schedule.chunked(one, 16) and not schedule.chunked(one, 64) and not schedule.chunked(one, None)
+    assert not schedule.chunked(blocks.Call(0, 0, 4, 16, 16, causal, rows), 8)  # split by runs instead
+    assert not schedule.chunked(blocks.Call(0, 0, 1, 64, 64, full, rows), 16)
+    plan = plans.rank_plan(None, 64, 2, 2, SequenceMask(True), 1, "contiguous", 0)
+    blk = plan.local[0]
+    shard = schedule.Shard(1, 64, 2, 8, 8)
+    assert len(schedule.launches(blk, blk.calls[0], shard, Options(), False, 3, 2, chunk_rows=16)) == 4
+    assert len(schedule.launches(blk, blk.calls[0], shard, Options(), True, 3, 2, chunk_rows=16)) == 1  # adopted
+    assert len(schedule.launches(blk, blk.calls[0], shard, Options(), False, 3, 2)) == 1  # the backward's
+
+
+@pytest.mark.parametrize("pattern, documents, ring_size, layout, chunks", [
+    # documents under a quarter of the shard: each causal call quarantines its own keys
+    (None, (0, 9, 29, 30, 52, 73, 96), 1, "contiguous", True),
+    (None, (0, 9, 19, 20, 30, 41, 50, 60, 70, 80, 90, 96), 2, "zigzag", True),
+    (ra.DilatedPattern((32,), (2,)), (0, 12, 32, 46, 64, 80, 96), 1, "contiguous", True),
+    # a rank that splits its sources (a causal call reads a quarter of one or more) runs whole
+    (None, None, 1, "contiguous", False),
+    (None, None, 4, "contiguous", False),
+    (ra.DilatedPattern((8, 64), (1, 1)), (0, 32, 96), 1, "contiguous", False),
+])
+def test_a_causal_blocks_forward_in_row_chunks_matches_the_reference(monkeypatch, pattern, documents, ring_size,
+                                                                     layout, chunks):
+    """Options.causal_chunks forced on the CPU (where chunks run on an additive mask): the
+    reference's output, NaN (and inf, in a block no merge meets) where it has them, and
+    gradients; more launches than whole blocks take where the rank quarantines per call
+    (the chunks ran), as many where it splits its sources."""
+    launches = recording(monkeypatch, "attention_forward")
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 96, 2, 8, dtype=torch.float64) for _ in range(3))
+    g = torch.randn(1, 96, 2, 8, dtype=torch.float64)
+    bad = v.clone()
+    bad[0, 20, 0, 1], bad[0, 60, 1, 2] = float("nan"), float("nan")
+    if pattern is None and ring_size == 1:  # an inf's sum: a merge's lerp makes it NaN (merge.py)
+        bad[0, 61, 1, 2] = float("inf")
+    counts = []
+    for causal_chunks in (1, 16):
+        options = Options(causal_chunks=causal_chunks, min_split_bytes=0)
+        with torch.no_grad():
+            launches.clear()
+            out = attend(q, k, bad, FULL if pattern is None else pattern, causal=True, ring_size=ring_size,
+                         layout=layout, options=options, cu_seqlens=documents)
+            counts.append(len(launches))
+        ref = ra.reference_attention(q, k, bad, pattern=pattern, causal=True, cu_seqlens=documents)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, equal_nan=True)
+        assert torch.equal(out.isposinf(), ref.isposinf())
+        leaves_ = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves_, FULL if pattern is None else pattern, causal=True, ring_size=ring_size, layout=layout,
+                     options=options, cu_seqlens=documents)
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = ra.reference_attention(*ref_leaves, pattern=pattern, causal=True, cu_seqlens=documents)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        for a, e in zip(torch.autograd.grad((out * g).sum(), leaves_), torch.autograd.grad((ref * g).sum(), ref_leaves)):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+    assert (counts[1] > counts[0]) == chunks, counts
+
+
+def test_chunk_rows_are_a_share_of_the_shard_but_not_below_the_split_bytes():
+    shard = schedule.Shard(1, 1024, 4, 16, 2)  # a row: 128 bytes
+    assert schedule.chunk_rows(shard, Options(causal_chunks=1)) is None
+    assert schedule.chunk_rows(shard, Options(causal_chunks=16, min_split_bytes=0)) == 64
+    assert schedule.chunk_rows(shard, Options(causal_chunks=16, min_split_bytes=128 * 100)) == 100
+    assert schedule.chunk_rows(shard, Options(causal_chunks=3, min_split_bytes=0)) == 342
