@@ -118,9 +118,8 @@ def attention_forward(
     else:  # the poison after the kernel: one copy of the values alive at a time
         clean = zeroed(v)
         out, lse = _forward(q, k, clean, kernel_causal, scale, kernel_band)
-        if clean is not v:
-            del clean
-            out.add_(causal_poison(v, q.shape[-2]))
+        if clean is not v:  # the kernel is done with its copy: the poison is scanned in it
+            out.add_(causal_poison(v, q.shape[-2], clean))
     if mark_query_rows and marks_query_rows(q):
         mark_query_rows_(q, out, lse)
     return out, lse

@@ -83,14 +83,15 @@ def zeroed(v: torch.Tensor) -> torch.Tensor:
     return v if known_finite(v) else v.nan_to_num(0.0, 0.0, 0.0)
 
 
-def causal_poison(v: torch.Tensor, q_len: int | None = None) -> torch.Tensor:
+def causal_poison(v: torch.Tensor, q_len: int | None = None, clean: torch.Tensor | None = None) -> torch.Tensor:
     """The poison of a causal block from its values ``v [..., Lk, D]``: at ``[i, d]`` the sum of
     the non-finite ``v[j, d]`` its row attends (0 where there are none; an infinity where all
     are that infinity, as the reference's sum of ``p * v`` gives; else NaN). ``q_len`` rows
     (``Lk`` if ``None``), the mask aligned bottom-right: row ``i`` attends ``j <= i + Lk - q_len``.
-    One copy, made and scanned in place: a caller that runs the kernel on :func:`zeroed` values
-    first and computes this after holds one copy of the values at a time, not two."""
-    bad = v.nan_to_num(0.0, 0.0, 0.0)
+    One copy, scanned in place: ``clean``, the :func:`zeroed` copy of ``v`` the caller's kernel
+    has read (then overwritten), else a new one. A caller that runs the kernel first and
+    computes this after holds one copy of the values at a time, not two."""
+    bad = v.nan_to_num(0.0, 0.0, 0.0) if clean is None else clean
     poison = torch.sub(v, bad, out=bad).cumsum_(-2)  # v minus its finite part: the non-finite values, else 0
     return poison if q_len is None else poison[..., v.shape[-2] - q_len :, :]
 
