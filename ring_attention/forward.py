@@ -55,6 +55,38 @@ class _SplitValues:
         return hit[1]
 
 
+class _ChunkValues:
+    """The values of a causal call whose forward runs in row chunks (``schedule.causal_chunks``)
+    and quarantines its own keys: zeroed once for the call, each chunk reading their prefix,
+    and each chunk's poison scanned in its own rows of that copy after its kernel
+    (:func:`nonfinite.add_chunk_poison_`). The call's quarantine costs one copy of its keys and
+    O(L) work, as a whole call's does. Chunks come in order for one group of head offsets
+    after another; one group's copy is alive at a time."""
+
+    def __init__(self, call: Call, vb: torch.Tensor) -> None:
+        self._call, self._vb = call, vb
+        self._group: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._carry: torch.Tensor | None = None
+
+    def keys(self, c: Call, g: slice) -> torch.Tensor:
+        """Chunk ``c``'s (head offsets ``g``) zeroed values: the call's, up to its last row."""
+        if self._group is None or self._group[0] != g.start:
+            self._group = self._carry = None  # the previous group's copy goes first
+            v = views.runs(self._vb[:, g], self._call.k_start, 1, self._call.k_len)
+            self._group = (g.start, v, nonfinite.zeroed(v))
+        return self._group[2][..., : c.k_len, :]
+
+    def add_poison_(self, out: torch.Tensor, c: Call) -> None:
+        """Add chunk ``c``'s poison to its kernel's ``out``, after the kernel (of the group
+        :meth:`keys` last took)."""
+        _, v, clean = cast(tuple[int, torch.Tensor, torch.Tensor], self._group)
+        if clean is v:  # seen to be finite
+            return
+        a, b = c.q_start - self._call.q_start, c.k_len  # the chunk's rows, within the call's keys
+        self._carry = nonfinite.add_chunk_poison_(out, v[..., a:b, :], clean[..., a:b, :], self._carry,
+                                                  restore=b < self._call.k_len)
+
+
 def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor,
                    acc: Accumulators, scale: float, poison: torch.Tensor | None = None,
                    split: _SplitValues | None = None) -> None:
@@ -88,34 +120,37 @@ def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torc
     for call in blk.calls:
         write = rank.schedule.writes[call]
         mark = poison if write else None
-        for c, g in rank.forward_launches[acc[1] is not None][call]:
+        launches = rank.forward_launches[acc[1] is not None][call]
+        in_chunks = call.mask is BlockMask.CAUSAL and call.runs == 1 and launches[0][0].q_len < call.q_len
+        chunks = _ChunkValues(call, vb) if in_chunks and per_call else None
+        for c, g in launches:
             causal = c.mask is BlockMask.CAUSAL
             split_here = causal and not per_call
+            v_from = cast(torch.Tensor, clean_vb) if split_here else vb  # split above
             o, lse = kernels.attention_forward(
-                *_kernel_inputs(rank.recipes, c, g, qb, kb, cast(torch.Tensor, clean_vb) if split_here else vb),  # split above
+                _kernel_input(rank.recipes, c, g, qb, "q"),
+                _kernel_input(rank.recipes, c, g, kb, "k"),
+                _kernel_input(rank.recipes, c, g, v_from, "v") if chunks is None else chunks.keys(c, g),
                 causal=causal,
                 scale=scale,
                 mark_query_rows=False,  # marked once, at the end
-                quarantined=split_here,
+                quarantined=split_here or chunks is not None,
                 band=band_bounds(c.mask),
             )
             if causal and bad_vb is not None:  # the scan runs on the runs' view: no gather copy
                 bad_runs = views.run_view(bad_vb[:, g], c.k_start, c.runs, c.k_len)
                 o.add_(nonfinite.value_poison(bad_runs).flatten(0, 2))
+            if chunks is not None:
+                chunks.add_poison_(o, c)
             _put_result(rank.recipes, blk, c, g, q, q_rows, write, mark, acc, o, lse)
             del o, lse  # before the next offset's results: one block result alive at a time
 
 
-def _kernel_inputs(
-    recipes: dict[Hashable, Recipe], c: Call, g: slice, qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Call ``c``'s (head offsets ``g``) query, key and value runs of the packed ``qb``,
-    ``kb``, ``vb [B, O, M, h, D]``, as the kernel takes them: ``[B*O*runs, h, L, D]``."""
-    return (
-        views.view(recipes, (c, g.start, g.stop, "q"), qb, lambda x: views.runs(x[:, g], c.q_start, c.runs, c.q_len)),
-        views.view(recipes, (c, g.start, g.stop, "k"), kb, lambda x: views.runs(x[:, g], c.k_start, c.runs, c.k_len)),
-        views.view(recipes, (c, g.start, g.stop, "v"), vb, lambda x: views.runs(x[:, g], c.k_start, c.runs, c.k_len)),
-    )
+def _kernel_input(recipes: dict[Hashable, Recipe], c: Call, g: slice, x: torch.Tensor, name: str) -> torch.Tensor:
+    """Call ``c``'s (head offsets ``g``) query (``name`` "q") or key or value runs of the packed
+    ``x [B, O, M, h, D]``, as the kernel takes them: ``[B*O*runs, h, L, D]``."""
+    start, length = (c.q_start, c.q_len) if name == "q" else (c.k_start, c.k_len)
+    return views.view(recipes, (c, g.start, g.stop, name), x, lambda t: views.runs(t[:, g], start, c.runs, length))
 
 
 def _put_result(recipes: dict[Hashable, Recipe], blk: Block, c: Call, g: slice, q: torch.Tensor, q_rows: Index,

@@ -8,7 +8,7 @@ kernel call here corrects both:
   causal block or a band's block the non-finite values are zeroed before the kernel and added
   back to exactly the rows that attend them (a causal block's as their sum, a band's as NaN:
   :func:`zeroed` then :func:`causal_poison` or :func:`band_hits`; or split once per source, :func:`split_values`, :func:`value_poison`,
-  where the causal calls read most of it: ``schedule.splits_values``).
+  where several causal calls read much of it: ``schedule.splits_values``).
 - **Query rows.** The reference gives NaN for a query row holding NaN or inf; a kernel can
   return such a row as a finite 0 (a row without keys). Rows are marked NaN after their
   blocks merge (:func:`marks_query_rows`, :func:`mark_query_rows_`).
@@ -94,6 +94,28 @@ def causal_poison(v: torch.Tensor, q_len: int | None = None, clean: torch.Tensor
     bad = v.nan_to_num(0.0, 0.0, 0.0) if clean is None else clean
     poison = torch.sub(v, bad, out=bad).cumsum_(-2)  # v minus its finite part: the non-finite values, else 0
     return poison if q_len is None else poison[..., v.shape[-2] - q_len :, :]
+
+
+def add_chunk_poison_(
+    out: torch.Tensor, v: torch.Tensor, clean: torch.Tensor, carry: torch.Tensor | None, restore: bool
+) -> torch.Tensor:
+    """Add to ``out [..., L, D]`` the poison of a chunk of a causal call's rows (the forward's
+    row chunks, ``schedule.causal_chunks``) and return the carry the next chunk takes.
+
+    ``v`` and ``clean`` are the chunk's own rows of the call's values and of their
+    :func:`zeroed` copy, which its kernel has read: the poison is scanned in ``clean`` (no
+    other copy), ``carry`` (the sum of every row before, ``None`` for the first chunk) added,
+    and ``clean`` zeroed again where later chunks read it (``restore``). The call's work stays
+    O(L), not O(L) per chunk. The terms are 0, infinities and NaN, whose sums are exact in any
+    grouping: chunk by chunk this is :func:`causal_poison` of the whole call."""
+    poison = torch.sub(v, clean, out=clean).cumsum_(-2)
+    if carry is not None:
+        poison.add_(carry)
+    out.add_(poison)
+    carry = poison[..., -1:, :].clone()
+    if restore:
+        torch.nan_to_num(v, 0.0, 0.0, 0.0, out=clean)
+    return carry
 
 
 def band_hits(q_len: int, v: torch.Tensor, band: tuple[int, int]) -> torch.Tensor | None:

@@ -176,14 +176,18 @@ def splits_values(plan: RankPlan, source_rows: int) -> bool:
     """Whether the causal calls of a rank quarantine their values (:mod:`~ring_attention.
     nonfinite`) from one split of each source, or each call from its own keys.
 
-    A split costs two copies of a source of ``source_rows`` rows, kept while its blocks run,
-    and saves two launches per causal call; a call's own quarantine costs two copies of its
-    keys. Where the widest causal call reads a quarter of a source or more (a whole-shard
-    causal block, a dilated pattern's batched segments) the split is the cheaper; where the
-    causal calls are small next to it (a sliding window's diagonal tiles, packed documents)
-    it would hold twice the source for little, and on a GPU that is most of the memory."""
+    A split holds two copies of a source of ``source_rows`` rows while its blocks run (its
+    zeroed values and their non-finite rest), and each causal call scans its rows of the
+    latter into a third: two launches for the source, two per call. A call's own quarantine
+    holds one copy of its keys (zeroed, then scanned in place after its kernel): four
+    launches. So a split pays where several causal calls read much of one source (a dilated
+    pattern's batched segments: two launches saved per call after the first) and nowhere
+    else: one causal call (a whole-shard causal block, a ring's diagonal block) quarantines
+    its own, as do calls small next to their source (a sliding window's diagonal tiles,
+    packed documents), for which a split would hold twice the source for little. On a GPU
+    that is most of the memory above the output."""
     causal = [c.runs * c.k_len for blk in blocks_in_order(plan) for c in blk.calls if c.mask is BlockMask.CAUSAL]
-    return 4 * max(causal, default=0) >= source_rows
+    return len(causal) > 1 and 4 * max(causal) >= source_rows
 
 
 def exact_in_half(plan: RankPlan, schedule: Schedule) -> bool:
@@ -202,8 +206,8 @@ def launches(blk: Block, c: Call, shard: Shard, options: Options, adopted: bool,
     causal call of one longer run, not adopted, runs in row chunks (:func:`causal_chunks`).
     """
     groups = _offset_groups(blk, c, shard, options, copies, per_result)
-    if not adopted and chunked(c, chunk_rows):
-        return tuple((piece, g) for piece in causal_chunks(c, cast(int, chunk_rows)) for g in groups)
+    if not adopted and chunked(c, chunk_rows):  # by head offsets, then chunks: in order, one group's keys at a time
+        return tuple((piece, g) for g in groups for piece in causal_chunks(c, cast(int, chunk_rows)))
     per_run = (groups[0].stop - groups[0].start) * c.q_len * len(range(*blk.heads.indices(shard.heads)))
     runs = max(1, shard.rows * shard.heads // options.max_call_share // per_run)
     small = shard.batch * c.runs * per_run * shard.head_dim * shard.itemsize < options.min_split_bytes
@@ -241,12 +245,18 @@ def chunked(c: Call, chunk_rows: int | None) -> bool:
     return chunk_rows is not None and c.mask is BlockMask.CAUSAL and c.runs == 1 and c.q_len > chunk_rows
 
 
+# The most row chunks a causal call's forward runs in: each costs a kernel and the launches
+# that quarantine and place its rows, so a call as long as the shard (a ring's diagonal block)
+# holds a quarter of it beside the output rather than a sixteenth, for a quarter of the launches.
+MAX_CALL_CHUNKS = 4
+
+
 def causal_chunks(c: Call, chunk_rows: int) -> tuple[Call, ...]:
     """A square causal call of one run cut into row chunks of equal length (within one), at most
-    ``chunk_rows`` each: chunk ``[a, b)`` of the rows against keys ``[0, b)``, whose causal mask
-    aligned bottom-right (:data:`~ring_attention.masks.BlockMask.CAUSAL`) keeps what the block's
-    does in those rows."""
-    count = -(-c.q_len // chunk_rows)
+    ``chunk_rows`` each but no more than :data:`MAX_CALL_CHUNKS`: chunk ``[a, b)`` of the rows
+    against keys ``[0, b)``, whose causal mask aligned bottom-right
+    (:data:`~ring_attention.masks.BlockMask.CAUSAL`) keeps what the block's does in those rows."""
+    count = min(-(-c.q_len // chunk_rows), MAX_CALL_CHUNKS)
     cuts = [c.q_len * i // count for i in range(count + 1)]
     return tuple(
         dataclasses.replace(c, q_start=c.q_start + a, q_len=b - a, k_len=b, q_rows=c.q_rows.sub(a, b))

@@ -80,7 +80,7 @@ def test_band_hits_are_the_rows_whose_band_holds_a_bad_value():
     assert nonfinite.band_hits(3, torch.ones(2, 4, 3), (0, 1)) is None  # finite: nothing to find
 
 
-@pytest.mark.parametrize("path", ["whole-shard split", "per call", "dense"])
+@pytest.mark.parametrize("path", ["split per source", "per call", "dense"])
 def test_an_infinite_value_reaches_the_rows_attending_it_as_that_infinity(path):
     """The reference's sum of ``p * v`` over a row's keys is +inf where one of them is +inf,
     NaN where +inf meets -inf or NaN: a causal block's poison is that sum of the non-finite
@@ -93,17 +93,21 @@ def test_an_infinite_value_reaches_the_rows_attending_it_as_that_infinity(path):
     v[0, 40, 0, 1] = float("inf")
     v[0, 90, 0, 1] = -float("inf")  # rows 90 on: +inf meets -inf, NaN
     v[0, 60, 1, 2] = -float("inf")
-    cu = None
+    cu = pattern = None
     if path == "per call":  # distinct lengths: no two documents batch, each call quarantines its own
         lengths = [11, 12, 13, 14, 15, 16, 17, 10, 20]
         cu = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     executable.clear()
     if path == "dense":
         out = ra.dense_attention(q, k, v, causal=True)
-    else:
+    elif path == "per call":
         out = ra.ring_attention(q, k, v, causal=True, cu_seqlens=cu)
+    else:  # several causal calls over much of the source (a dilated pattern): one split
+        pattern = ra.DilatedPattern((64, 128), (1, 1), mode="head_groups")
+        out = ra.dilated_attention(q, k, v, pattern, causal=True)
+    if path != "dense":
         ranks = [r for p in executable._CACHE.values() for r in p.ranks.values()]
-        assert [r.splits_values for r in ranks] == [path == "whole-shard split"]
-    ref = ra.reference_attention(q, k, v, causal=True, cu_seqlens=cu)
+        assert [r.splits_values for r in ranks] == [path == "split per source"]
+    ref = ra.reference_attention(q, k, v, pattern=pattern, causal=True, cu_seqlens=cu)
     assert ref.isposinf().any() and ref.isneginf().any()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, equal_nan=True)

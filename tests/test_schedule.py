@@ -214,14 +214,16 @@ def test_launches_cover_each_run_of_a_call_once_per_head_offset(options, batch):
                     assert piece.runs * per_run <= max(per_run, shard.cells // options.max_call_share)
 
 
-@pytest.mark.parametrize("q_len, chunk_rows", [(10, 3), (10, 5), (10, 9), (7, 1), (64, 16)])
+@pytest.mark.parametrize("q_len, chunk_rows", [(10, 3), (10, 5), (10, 9), (7, 1), (64, 16), (65, 16)])
 def test_causal_chunks_cut_a_causal_call_into_rows_against_the_keys_up_to_each(q_len, chunk_rows):
     """Row chunks partition the call's rows in order, each at most chunk_rows (and within one
-    of each other), against keys from the call's first to the chunk's last row."""
+    of each other) unless that takes more than MAX_CALL_CHUNKS, against keys from the call's
+    first to the chunk's last row."""
     c = blocks.Call(5, 5, 1, q_len, q_len, ra.masks.BlockMask.CAUSAL, blocks.Rows.of(range(100, 100 + 2 * q_len, 2)))
     chunks = schedule.causal_chunks(c, chunk_rows)
     assert [r for piece in chunks for r in piece.q_rows.values()] == c.q_rows.values()
-    assert sum(piece.q_len for piece in chunks) == q_len and max(piece.q_len for piece in chunks) <= chunk_rows
+    assert sum(piece.q_len for piece in chunks) == q_len
+    assert len(chunks) == min(-(-q_len // chunk_rows), schedule.MAX_CALL_CHUNKS)
     assert max(p.q_len for p in chunks) - min(p.q_len for p in chunks) <= 1
     for piece in chunks:
         assert (piece.k_start, piece.runs, piece.mask) == (5, 1, c.mask)
@@ -248,7 +250,9 @@ def test_only_a_long_causal_call_of_one_run_not_adopted_runs_in_chunks():
     (None, (0, 9, 29, 30, 52, 73, 96), 1, "contiguous", True),
     (None, (0, 9, 19, 20, 30, 41, 50, 60, 70, 80, 90, 96), 2, "zigzag", True),
     (ra.DilatedPattern((32,), (2,)), (0, 12, 32, 46, 64, 80, 96), 1, "contiguous", True),
-    # a rank that splits its sources (a causal call reads a quarter of one or more) runs whole
+    # whole: an adopted call (its results become the accumulators: one device, and in float64
+    # a ring's local block), and a rank that splits its sources (several causal calls over a
+    # quarter of one or more)
     (None, None, 1, "contiguous", False),
     (None, None, 4, "contiguous", False),
     (ra.DilatedPattern((8, 64), (1, 1)), (0, 32, 96), 1, "contiguous", False),
@@ -257,8 +261,7 @@ def test_a_causal_blocks_forward_in_row_chunks_matches_the_reference(monkeypatch
                                                                      layout, chunks):
     """Options.causal_chunks forced on the CPU (where chunks run on an additive mask): the
     reference's output, NaN (and inf, in a block no merge meets) where it has them, and
-    gradients; more launches than whole blocks take where the rank quarantines per call
-    (the chunks ran), as many where it splits its sources."""
+    gradients; more launches than whole blocks take where the chunks ran."""
     launches = recording(monkeypatch, "attention_forward")
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 96, 2, 8, dtype=torch.float64) for _ in range(3))
