@@ -227,15 +227,16 @@ _CACHE: collections.OrderedDict[PlanKey, ExecutablePlan] = collections.OrderedDi
 
 
 def _rank(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, options: Options, *,
-          tiled: bool, indices: IndexCache, source_rows: int | None = None) -> RankExecution:
-    """``source_rows``: the rows of the K/V its calls read (a row tile's: the whole shard's)."""
+          tiled: bool, indices: IndexCache, splits: bool | None = None) -> RankExecution:
+    """``splits``: whether the plan splits its value sources (:func:`schedule.splits_values`);
+    a row tile's is its shard's, which all its tiles share (one split of the K/V they read)."""
     sched = schedule.analyse(plan)
     acc = accumulation_dtype(dtype)
     out_dtype = acc if sched.merges else dtype
     adopts_forward = sched.covers(shard) and sched.adopted is not None and out_dtype == dtype
     in_half = schedule.exact_in_half(plan, sched)
     adopts_backward = sched.adopted_kv and kv_like_q and (in_half or acc == dtype)
-    splits = schedule.splits_values(plan, shard.rows if source_rows is None else source_rows)
+    splits = schedule.splits_values(plan, shard.rows) if splits is None else splits
     chunk_rows = None if splits else schedule.chunk_rows(shard, options)
     forward: dict[bool, dict[Call, tuple[tuple[Call, slice], ...]]] = {False: {}, True: {}}
     backward: dict[Call, tuple[tuple[Call, slice], ...]] = {}
@@ -270,8 +271,11 @@ def _tiles(plan: RankPlan, shard: Shard, dtype: torch.dtype, kv_like_q: bool, op
     tiles = row_tiles(plan, shard.rows, count, closed=closed)
     if tiles is None:
         return None
+    # The tiles share one split of the shard's values (the forward's): split if any tile's
+    # calls would, and none chunks its causal calls then (a chunk reads its own copy).
+    splits = any(schedule.splits_values(t.plan, shard.rows) for t in tiles)
     return tuple(
         (t.start, t.stop, _rank(t.plan, dataclasses.replace(shard, rows=t.stop - t.start), dtype, kv_like_q, options,
-                                tiled=False, indices=indices, source_rows=shard.rows))
+                                tiled=False, indices=indices, splits=splits))
         for t in tiles
     )

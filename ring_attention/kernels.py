@@ -4,13 +4,15 @@ Layout here is the fused ops' ``[B, H, L, D]``; the public functions use ``[B, N
 and transpose (a free view) at the boundary. ``q``, ``k`` and ``v`` of a block have the
 same number of heads.
 
-``causal`` here is the block-local mask of a *square* diagonal block (``j <= i`` in block
-coordinates); ``band=(lo, hi)`` keeps block-local key ``j`` for query ``i`` when
-``lo <= j - i <= hi`` (a block cut by a sliding window), and a row with no key in it gives
-out 0 and LSE ``-inf``. A band runs on the CPU op with an additive mask, or on ``math``
-(CUDA: flash's ``window_size``, or ``math``). Which blocks are diagonal, full or skipped
-is the caller's business: this module knows nothing of global positions. Square blocks matter: the CPU op aligns a
-causal mask top-left and CUDA flash bottom-right, which agree only when ``Lq == Lk``.
+``causal`` here is the block-local lower triangle aligned bottom-right (``j <= i + Lk - Lq``,
+``Lq <= Lk``): a square diagonal block, or a row chunk of one against the keys up to its last
+row. ``band=(lo, hi)`` keeps block-local key ``j`` for query ``i`` when ``lo <= j - i <= hi``
+(a block cut by a sliding window), and a row with no key in it gives out 0 and LSE ``-inf``.
+A band runs on the CPU op with an additive mask, or on ``math`` (CUDA: flash's
+``window_size``, or ``math``). Which blocks are diagonal, full or skipped is the caller's
+business: this module knows nothing of global positions. The CPU op aligns a causal mask
+top-left and CUDA flash bottom-right, which agree only when ``Lq == Lk``: a causal block with
+fewer queries than keys runs as its band (:func:`_kernel_mask`).
 
 Backends (:func:`backend`), each called only with inputs its kernel accepts:
 

@@ -59,7 +59,9 @@ class Options:
         document then holds a chunk's output beside the shard's, not its own: on a GPU that is
         most of the memory above flash's (:data:`FLASH_CAUSAL_CHUNKS`). The CPU op aligns
         causal top-left and would run a chunk on an additive mask: there blocks stay whole
-        (:data:`WHOLE_CAUSAL`). ``0``: chosen by the backend, as ``band_tiles``.
+        (:data:`WHOLE_CAUSAL`), as on CUDA's efficient kernel, which would run it on math.
+        Forced there (tests do on the CPU), chunks are exact, only slower. ``0``: chosen by
+        the backend, as ``band_tiles``.
     """
 
     max_gather_bytes: int = 4 * 2**20

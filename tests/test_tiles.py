@@ -94,3 +94,27 @@ def test_tiled_half_precision_matches_the_reference(monkeypatch, name, causal, d
     with torch.no_grad():
         out = ra.dilated_attention(q, k, v, pattern, causal=causal)
     torch.testing.assert_close(out.double(), _reference(q, k, v, g, pattern, causal)[0], **TOL[dtype], equal_nan=True)
+
+
+def test_row_tiles_share_one_split_and_then_run_their_causal_calls_whole():
+    """A half-precision shard's row tiles read one split of its values (the forward's): where
+    any tile's causal calls would split, every tile's read that split, and none runs a causal
+    call in row chunks (Options.causal_chunks), whose chunks read their own zeroed keys. The
+    reference's result, its NaN where a value is NaN."""
+    from ring_attention import executable
+
+    pattern = ra.DilatedPattern((32, 192), (2, 1))
+    documents = (0, 64, 160, 192)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 192, 2, 8, dtype=torch.float16) for _ in range(3))
+    v[0, 5, 0, 1] = float("nan")
+    executable.clear()
+    options = Options(causal_chunks=16, min_split_bytes=0, min_tile_bytes=1, min_tiled_bytes=0)
+    with torch.no_grad():
+        out = attend(q, k, v, pattern, causal=True, options=options, cu_seqlens=documents)
+    (plan,) = executable._CACHE.values()
+    (rank,) = plan.ranks.values()
+    assert rank.forward_tiles is not None and len({t.splits_values for *_, t in rank.forward_tiles}) == 1
+    ref = ra.reference_attention(*(t.double() for t in (q, k, v)), pattern=pattern, causal=True, cu_seqlens=documents)
+    assert ref.isnan().any()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3, equal_nan=True)
