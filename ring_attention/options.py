@@ -48,7 +48,8 @@ class Options:
         masked block whole (the CPU op, math) wants narrow tiles, so that what it computes
         stays near the band's pairs (:data:`NARROW_BAND_TILES`: within a few percent); one that
         skips a band's masked blocks itself (flash's window on CUDA) wants wide ones, so that a
-        row's band takes two calls instead of seventeen (:data:`WIDE_BAND_TILES`). ``0``: chosen
+        row's band takes one call instead of seventeen (:data:`WIDE_BAND_TILES`; a tile's key
+        runs then join into one block, :func:`~ring_attention.runs.joined_keys`). ``0``: chosen
         by the backend the call runs on (:func:`~ring_attention.executable.resolved`).
     :param causal_chunks: where a rank's causal calls quarantine their own keys (packed
         documents, a window's diagonal tiles: :func:`~ring_attention.schedule.chunk_rows`), a

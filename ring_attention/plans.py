@@ -37,9 +37,9 @@ from . import runs as _runs
 from .blocks import Block, Call, Message, RankPlan, Rows, Step, Unit, merge_ranges
 from .layout import Layout
 from .masks import KernelMask, SequenceMask
-from .options import NARROW_BAND_TILES
+from .options import NARROW_BAND_TILES, WIDE_BAND_TILES
 from .pattern import DilatedPattern
-from .runs import Run, Spec, batch_calls, block_pairs, classify, joined_runs, reached
+from .runs import Run, Spec, batch_calls, block_pairs, classify, joined_keys, joined_runs, reached
 
 
 def _kv_heads(spec: Spec, unit: int) -> list[int]:
@@ -106,6 +106,8 @@ def _local_blocks(spec: Spec, rank: int) -> tuple[Block, ...]:
         # Joined runs are no progression: only the window-free classification takes them.
         runs = joined_runs(kept.runs) if spec.mask.causal and spec.mask.window is None else kept.runs
         pairs = block_pairs(runs, runs, spec.mask, same_rank=True, rate=_rate(spec, u))
+        if spec.mask.window is not None and spec.band_tiles == WIDE_BAND_TILES:
+            pairs = joined_keys(pairs, spec.mask, _rate(spec, u))
         offsets = _shifted_units(spec, rank, u)
         if pairs:
             kv_index = _kv_rows(spec, u)[0]

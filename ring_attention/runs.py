@@ -183,6 +183,31 @@ def block_pairs(q_runs: Iterable[Run], k_runs: Iterable[Run], mask: SequenceMask
     return pairs
 
 
+def joined_keys(pairs: list[tuple[Run, Run, KernelMask]], mask: SequenceMask,
+                rate: int) -> list[tuple[Run, Run, KernelMask]]:
+    """``pairs`` (:func:`block_pairs`) with a query run's key runs that follow each other, in
+    packed order and in positions, joined into one block, its mask classified anew.
+
+    For a kernel that skips a band's masked pairs itself (flash's window; tiles as wide as the
+    band, :attr:`~ring_attention.options.Options.band_tiles`): a window's query tile then
+    meets its band in one call (the tile before and its own diagonal block, one band) instead
+    of two whose results merge, so its rows are written once and need no float32
+    accumulators. A kernel that computes masked blocks whole would compute the joined block's
+    masked half too: there blocks stay apart."""
+    out: list[tuple[Run, Run, KernelMask]] = []
+    for q, k, m in pairs:
+        prev = out[-1] if out else None
+        if prev is not None and prev[0] == q and prev[1].segment == k.segment \
+                and prev[1].start + prev[1].length == k.start and prev[1].first + rate * prev[1].length == k.first:
+            joined = prev[1]._replace(length=prev[1].length + k.length)
+            block = classify(mask, q, joined, rate, diagonal=False)
+            assert block is not None  # it holds the pairs of both
+            out[-1] = (q, joined, block)
+        else:
+            out.append((q, k, m))
+    return out
+
+
 def reached(k: Run, queries: Iterable[Run], mask: SequenceMask, rate: int) -> Run:
     """Key run ``k`` cut to the keys the band of ``mask.window`` lets some of ``queries`` reach
     (runs of ``k``'s segment, rows ``rate`` apart): a message carries no key outside every

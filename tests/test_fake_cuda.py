@@ -804,7 +804,7 @@ def _flash_anchor(n: int, window: tuple[int, int] | None = None, cu_seqlens=None
 
 
 # Issue 30's goal: packed documents and a sliding window on fake CUDA float16 at N = 128K,
-# forward, against one flash call that computes the same attention natively: 1.26x and 1.24x
+# forward, against one flash call that computes the same attention natively: 1.24x each
 # (1.39x when each document ran whole: its output and zeroed values beside the shard's output;
 # its forward now runs in row chunks, Options.causal_chunks). Causal attention without a mask
 # holds one copy of the shard's values (zeroed: a NaN or inf must not reach rows before it;
@@ -831,21 +831,23 @@ def test_masks_on_a_gpu_stay_near_flash_with_the_same_mask(mask):
 
 @pytest.mark.timeout(180)
 def test_a_windows_backward_on_a_gpu_stays_near_flashs():
-    """Forward and backward of window (4095, 0) at N = 128K: 1.30x flash's own (wide tiles: a
-    row's gradient sums two kernel calls, so it stays in half precision; 1.89x in narrow
-    tiles, whose float32 gradients the shard holds whole)."""
+    """Forward and backward of window (4095, 0) at N = 128K: 1.06x flash's own (wide tiles,
+    each query tile's band one call: its rows written once, nothing merged, and a key's
+    gradient the sum of two calls', exact in half precision; 1.30x when a tile's two blocks
+    merged, 1.89x in narrow tiles, whose float32 gradients the shard holds whole)."""
     n = 128 * 1024
     fn = functools.partial(ra.ring_attention, causal=True, window=(4095, 0))
     peak, anchor = _peak_bytes(fn, n, backward=True), _flash_anchor(n, window=(4095, 0), backward=True)
-    assert peak <= 1.35 * anchor, f"{peak / anchor:.3f}x flash's forward and backward"
+    assert peak <= 1.15 * anchor, f"{peak / anchor:.3f}x flash's forward and backward"
 
 
 def test_a_window_on_a_gpu_takes_few_launches():
     """Flash runs a band on its own window, so a window's tiles are as wide as its band
-    (Options.band_tiles, chosen by the backend): window (4095, 0) at N = 128K, forward and
-    backward, in 970 launches (7,490 in the CPU op's sixteenth-of-a-band tiles)."""
+    (Options.band_tiles, chosen by the backend) and each query tile meets its band in one
+    call: window (4095, 0) at N = 128K, forward and backward, in 699 launches (970 in two
+    merged calls a tile, in row tiles; 7,490 in the CPU op's sixteenth-of-a-band tiles)."""
     fn = functools.partial(ra.ring_attention, causal=True, window=(4095, 0))
-    assert _launches(fn, 128 * 1024, backward=True) <= 1_200
+    assert _launches(fn, 128 * 1024, backward=True) <= 800
 
 
 def test_packed_documents_on_a_gpu_take_few_launches():

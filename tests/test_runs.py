@@ -94,3 +94,20 @@ def test_a_windows_tiles_batch_their_edge_blocks_into_one_call_per_mask():
     edges = [c for c in calls if isinstance(c.mask, Band)]
     assert len(diagonal) == 1 and diagonal[0].runs == tiles
     assert len(edges) == 1 and edges[0].runs == tiles // 2  # the tiles a band's edge cuts on this rank
+
+
+def test_in_wide_tiles_a_query_tile_meets_its_band_in_one_call():
+    """Tiles as wide as the band (flash's window): a query tile's key runs that follow each
+    other join into one block (runs.joined_keys), so each tile's rows are written by one call
+    and nothing merges; narrow tiles (the CPU op) keep them apart, where the joined block's
+    masked half would be computed."""
+    from ring_attention import schedule
+
+    mask = SequenceMask(causal=True, window=(255, 0))
+    wide = plans.rank_plan(None, 2048, 1, 1, mask, 1, "contiguous", 0, band_tiles=1)
+    calls = [c for blk in wide.local for c in blk.calls]
+    assert sorted(c.q_start for c in calls for _ in range(c.runs)) == list(range(0, 2048, 256))
+    assert [(c.q_len, c.k_len) for c in calls] == [(256, 256)] + [(256, 512)] * 7
+    assert not schedule.analyse(wide).merges
+    narrow = plans.rank_plan(None, 2048, 1, 1, mask, 1, "contiguous", 0, band_tiles=16)
+    assert schedule.analyse(narrow).merges
