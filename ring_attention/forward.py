@@ -18,7 +18,7 @@ from typing import Optional, cast
 
 import torch
 
-from . import kernels, nonfinite, views
+from . import kernels, nonfinite, schedule, views
 from .blocks import Block, Call, Index
 from .comm import Ring
 from .exchange import post_kv, wait
@@ -121,8 +121,7 @@ def _block_forward(blk: Block, rank: RankExecution, q: torch.Tensor, k_src: torc
         write = rank.schedule.writes[call]
         mark = poison if write else None
         launches = rank.forward_launches[acc[1] is not None][call]
-        in_chunks = call.mask is BlockMask.CAUSAL and call.runs == 1 and launches[0][0].q_len < call.q_len
-        chunks = _ChunkValues(call, vb) if in_chunks and per_call else None
+        chunks = _ChunkValues(call, vb) if per_call and schedule.in_chunks(call, launches) else None
         for c, g in launches:
             causal = c.mask is BlockMask.CAUSAL
             split_here = causal and not per_call

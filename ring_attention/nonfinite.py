@@ -108,7 +108,7 @@ def add_chunk_poison_(
     and ``clean`` zeroed again where later chunks read it (``restore``). The call's work stays
     O(L), not O(L) per chunk. The terms are 0, infinities and NaN, whose sums are exact in any
     grouping: chunk by chunk this is :func:`causal_poison` of the whole call."""
-    poison = torch.sub(v, clean, out=clean).cumsum_(-2)
+    poison = causal_poison(v, clean=clean)
     if carry is not None:
         poison.add_(carry)
     out.add_(poison)

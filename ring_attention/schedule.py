@@ -230,8 +230,8 @@ def chunk_rows(shard: Shard, options: Options) -> int | None:
     Only where a rank's causal calls quarantine their own keys (:func:`splits_values` false:
     documents, a window's diagonal tiles) is this worth it: there a long call holds its
     output and its zeroed keys beside the shard's output, and chunks hold a chunk's output
-    instead of the block's. A rank that splits its sources holds two copies of them anyway,
-    and each chunk would re-zero the keys before it."""
+    instead of the block's. A rank that splits its sources holds two copies of them anyway:
+    there chunks would save little and cost launches."""
     if options.causal_chunks <= 1:
         return None
     row_bytes = shard.batch * shard.heads * shard.head_dim * shard.itemsize
@@ -243,6 +243,12 @@ def chunked(c: Call, chunk_rows: int | None) -> bool:
     ``None``: none is): a causal call of one run longer than that. A call of several runs is
     split by runs instead (:func:`launches`)."""
     return chunk_rows is not None and c.mask is BlockMask.CAUSAL and c.runs == 1 and c.q_len > chunk_rows
+
+
+def in_chunks(c: Call, pieces: tuple[tuple[Call, slice], ...]) -> bool:
+    """Whether ``pieces``, the launches of call ``c`` (:func:`launches`), are its row chunks
+    (:func:`causal_chunks`): a causal call of one run, whose pieces hold fewer rows."""
+    return c.mask is BlockMask.CAUSAL and c.runs == 1 and pieces[0][0].q_len < c.q_len
 
 
 # The most row chunks a causal call's forward runs in: each costs a kernel and the launches
